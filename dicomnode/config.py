@@ -1,0 +1,233 @@
+"""Typed settings for the node: a YAML file plus ``DICOMNODE_*`` environment overrides.
+
+Precedence, highest first: keyword arguments, environment variables, the YAML file
+(``--config`` or ``DICOMNODE_CONFIG``), the embedded defaults below (which are the same
+as ``config/node.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str, name: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(value) or len(value) > 16:
+        raise ValueError(
+            f"Invalid '{name}' value '{value}' - an AE title is 1 to 16 printable ASCII "
+            "characters without backslash"
+        )
+    return stripped
+
+
+class Peer(BaseModel):
+    """A DICOM peer that results can be sent to."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str | None = Field(
+        default=None, description="Called AE title; defaults to the peer table key."
+    )
+
+
+class Destination(BaseModel):
+    """A further destination for results, by name in ``destinations``."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    pipelines: list[str] | None = Field(
+        default=None, description="Only results of these pipelines; None means all."
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v, "ae_title")
+
+
+class CompletionSettings(BaseModel):
+    """When a study counts as complete (see ``workflow/completion.py``)."""
+
+    quiet_period_s: float = Field(default=10.0, gt=0)
+    on_association_release: bool = Field(
+        default=True,
+        description="Complete at association release when every series is contiguous.",
+    )
+    expected_count: bool = Field(
+        default=True, description="Complete when Images in Acquisition is reached."
+    )
+    min_slices: int = Field(default=3, ge=1, description="Contiguity needs at least this many.")
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+class ExportSettings(BaseModel):
+    """Outbox behaviour (see ``workflow/export.py``)."""
+
+    return_to_sender: bool = True
+    max_attempts: int = Field(default=12, ge=1)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=600.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All settings of one node.
+
+    Every field can be set in the YAML file or as ``DICOMNODE_<FIELD>`` in the
+    environment (nested fields as ``DICOMNODE_COMPLETION__QUIET_PERIOD_S``).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMNODE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    ae_title: str = "DICOMNODE"
+    port: int = Field(default=11112, ge=0, le=65535)
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = Path("./var")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default SQLite under data_dir."
+    )
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu: int = Field(default=0, ge=0, description="Maximum PDU length; 0 = unlimited.")
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    allowed_calling_aets: list[str] | None = Field(
+        default=None,
+        description="Calling AE allow-list; None accepts any AE (embedded default).",
+    )
+    disk_reserve_mb: int = Field(
+        default=1024, ge=0, description="Refuse stores (0xA700) below this much free space."
+    )
+    peers: dict[str, Peer] = Field(default_factory=dict)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    workers: int = Field(default=1, ge=0, description="Embedded job worker threads.")
+    device: str = Field(default="auto", description="'auto', 'cpu' or a torch device string.")
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v, "ae_title")
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        return [_check_ae_title(a, "allowed_calling_aets") for a in v]
+
+    @model_validator(mode="after")
+    def _default_db(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'dicomnode.db'}"
+        for key in self.peers:
+            _check_ae_title(key, "peers")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL in use (never None after validation)."""
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances are kept."""
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where result objects are written before export."""
+        return self.data_dir / "results"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``DICOMNODE_CONFIG`` (set by ``load_settings``)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("DICOMNODE_CONFIG")
+        if not path:
+            return {}
+        return read_yaml(Path(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a config file and check that it is a mapping.
+
+    Parameters
+    ----------
+    path : Path
+        The YAML file.
+
+    Returns
+    -------
+    dict
+        The parsed mapping (empty for an empty file).
+    """
+    if not path.is_file():
+        raise ValueError(f"Invalid 'config' value '{path}' - no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"Invalid 'config' value '{path}' - not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Invalid 'config' value '{path}' - the top level must be a mapping")
+    return data
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from a YAML file, the environment and keyword overrides.
+
+    Parameters
+    ----------
+    config : Path, optional
+        YAML file; falls back to ``DICOMNODE_CONFIG``; without either the embedded
+        defaults apply.
+    **overrides
+        Field values that win over everything else.
+
+    Returns
+    -------
+    Settings
+    """
+    previous = os.environ.get("DICOMNODE_CONFIG")
+    if config is not None:
+        os.environ["DICOMNODE_CONFIG"] = str(config)
+    try:
+        return Settings(**overrides)
+    finally:
+        if config is not None:
+            if previous is None:
+                os.environ.pop("DICOMNODE_CONFIG", None)
+            else:
+                os.environ["DICOMNODE_CONFIG"] = previous

@@ -1,0 +1,103 @@
+"""Structured logging without patient-identifying values.
+
+Modules log events as ``log.info("instance.stored", extra=fields(sop=uid, bytes=n))``;
+the formatter renders the fields as ``key=value`` (text) or as one JSON object per
+line (json). Only UIDs, counts, states and AE titles are passed as fields: never a
+patient name, ID or birth date. ``PhiFilter`` is a last line of defence that drops
+any field whose name looks like a patient attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS = "dn_fields"
+_PHI_KEYS = ("patientname", "patientid", "patientbirthdate", "patient_name", "patient_id",
+             "birth", "otherpatient")
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """Wrap structured fields for the ``extra`` argument of a logging call.
+
+    Parameters
+    ----------
+    **values
+        Field names and values (UIDs, counts, states; never patient identifiers).
+
+    Returns
+    -------
+    dict
+        ``{"dn_fields": values}``, to pass as ``extra=``.
+    """
+    return {_FIELDS: values}
+
+
+class PhiFilter(logging.Filter):
+    """Drop structured fields whose names look like patient attributes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        values = getattr(record, _FIELDS, None)
+        if values:
+            setattr(record, _FIELDS, {
+                k: v for k, v in values.items()
+                if not any(p in k.lower() for p in _PHI_KEYS)
+            })
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T10:00:00Z INFO dicomnode.net.scp instance.stored sop=1.2.3 bytes=5``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [f"{ts}Z", record.levelname, record.name, record.getMessage()]
+        for key, value in (getattr(record, _FIELDS, None) or {}).items():
+            text = str(value)
+            parts.append(f"{key}={json.dumps(text) if ' ' in text or not text else text}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        doc.update(getattr(record, _FIELDS, None) or {})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Send the package's logs to stderr in the chosen format.
+
+    Parameters
+    ----------
+    level : str
+        Logging level name.
+    fmt : {"text", "json"}
+        Output format.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(PhiFilter())
+    root = logging.getLogger("dicomnode")
+    for old in list(root.handlers):
+        if not isinstance(old, logging.NullHandler):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # pynetdicom is chatty at INFO and its identifiers may include patient values.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

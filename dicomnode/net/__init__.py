@@ -1,0 +1,1 @@
+"""net stage of dicomnode."""

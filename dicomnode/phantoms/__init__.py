@@ -1,0 +1,1 @@
+"""phantoms stage of dicomnode."""

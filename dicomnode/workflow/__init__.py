@@ -1,0 +1,1 @@
+"""workflow stage of dicomnode."""
