@@ -12,6 +12,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """A DICOM AI node for CT studies."""
+
+
 @app.command()
 def version() -> None:
     """Print the dicomnode version."""
