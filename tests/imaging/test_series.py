@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.pixels.encoders.base import get_encoder
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicomnode.imaging.series import (
     IssueCode,
@@ -66,8 +67,11 @@ def test_reversed_and_shuffled_order_give_identical_volume(tmp_path: Path, hu: n
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
 def test_compressed_transfer_syntax_gives_identical_volume(
-    tmp_path: Path, hu: np.ndarray, syntax: str
+    tmp_path: Path, hu: np.ndarray, syntax: UID
 ) -> None:
+    encoder = get_encoder(syntax)
+    if not encoder.is_available:
+        pytest.skip(f"no encoder for {syntax.name} installed (decoding is tested with dcmtk)")
     ref = load_series(write_series(tmp_path / "raw", hu[:6]))
     paths = write_series(tmp_path / "c", hu[:6], transfer_syntax=syntax)
     assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == syntax
