@@ -40,12 +40,12 @@ KERNEL_CLASSES = ("soft", "bone", "lung", "unknown")
 # DETAIL; Philips: A/B/C (soft), D/E/YA (sharp), L (lung); Canon/Toshiba: FC01-FC26 soft
 # tissue, FC30+ bone/lung.
 _SOFT = re.compile(
-    r"^(standard|soft|smooth|stnd|std|body|brain|b[0-4]\d[fs]?|br[0-4]\d|hr[0-3]\d|"
-    r"i[0-4]\d[fs]?|j[0-4]\d|h[0-3]\d[fs]?|qr[0-4]\d|[abc]|ub|fc[0-2]\d|fl0\d)$"
+    r"^(standard|soft|smooth|stnd|std|body|brain|(b|br|hr|i|j|h|qr|bv|bf)[0-4]\d[a-z]?|"
+    r"[abc]|ub|fc[0-2]\d|fl0\d)$"
 )
-_BONE = re.compile(r"^(bone|boneplus|detail|edge|sharp|b[6-9]\d[fs]?|br[6-9]\d|hr[6-9]\d|"
-                   r"h[6-9]\d[fs]?|i[6-9]\d[fs]?|d|e|ya|yb|fc[3-9]\d)$")
-_LUNG = re.compile(r"^(lung|l|yc|b[5]\d[fs]?|br5\d|i5\d[fs]?|bl\d\d|fc5\d|fc8\d)$")
+_LUNG = re.compile(r"^(lung|l|yc|(b|br|i|bl)5\d[a-z]?|fc5\d|fc8\d)$")
+_BONE = re.compile(r"^(bone|boneplus|detail|edge|sharp|(b|br|hr|h|i|j|qr)[6-9]\d[a-z]?|d|e|ya|yb|"
+                   r"fc[3-9]\d)$")
 
 
 def kernel_class(kernel: str | Sequence[str] | None) -> str:
