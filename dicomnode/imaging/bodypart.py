@@ -1,0 +1,275 @@
+"""Body region from the image itself: head, head-and-neck, chest, abdomen or other.
+
+An explainable axial-profile method, no trained weights. Each axial slice is measured
+(body cross-section area, bone and enclosed-by-bone area, internal air, soft-tissue
+fraction) and labelled:
+
+- ``head``: bone closes a ring (the skull) around at least 35% of the body section,
+  and the section is head-sized;
+- ``chest``: air inside the body (lungs) covers a large part of a trunk-sized section;
+- ``neck``: a small section (neck, face, skull base) with neither a skull ring nor lungs;
+- ``abdomen``: a trunk-sized section without lungs and with little bone;
+- ``pelvis``: a trunk-sized section with much bone (iliac wings, femoral heads).
+
+The study region follows from how many slices carry each label and how far they extend
+along the body axis. ``confidence`` is the share of slices whose own label supports the
+decision, reduced when the decision was close to a threshold; it is an agreement score,
+not a calibrated probability. ``evidence`` holds the numbers behind the decision so a
+person can check it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from dicomnode.imaging.series import Volume
+from dicomnode.logs import fields
+
+log = logging.getLogger(__name__)
+
+REGIONS = ("head", "headneck", "chest", "abdomen", "other")
+SLICE_LABELS = ("head", "neck", "chest", "abdomen", "pelvis", "empty")
+
+#: HU thresholds.
+BODY_HU = -300.0
+BONE_HU = 250.0
+AIR_HU = -400.0
+#: A body section smaller than this (cm2) counts as head or neck sized.
+SMALL_SECTION_CM2 = 330.0
+#: A slice is ``head`` when bone encloses at least this share of the body section.
+SKULL_ENCLOSED_SHARE = 0.35
+#: A slice is ``chest`` when internal air covers at least this share of the section.
+LUNG_AIR_SHARE = 0.12
+#: A trunk slice is ``pelvis`` when bone covers at least this share of the section.
+PELVIS_BONE_SHARE = 0.09
+#: A head-only study has neck-like slices over at most this length (skull base, face).
+HEAD_ONLY_MAX_NECK_MM = 45.0
+#: Target in-plane sampling for the measurements (mm); finer images are strided down.
+TARGET_PIXEL_MM = 2.0
+
+
+@dataclass
+class RegionEstimate:
+    """The body region seen in a volume."""
+
+    region: str
+    confidence: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable form."""
+        return {"region": self.region, "confidence": round(self.confidence, 3),
+                "evidence": self.evidence}
+
+
+@dataclass
+class SliceMeasures:
+    """What was measured on one axial slice."""
+
+    body_cm2: float
+    bone_share: float
+    enclosed_share: float
+    enclosed_hu: float
+    air_share: float
+    label: str
+
+
+def _axial(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Return ``(hu [S, ., .], spacing)`` with array axis 0 along the body axis, inferior first."""
+    hu = np.asarray(volume.hu)
+    dz, dy, dx = volume.spacing
+    # direction rows: x-index axis (row cosine), y-index axis (col cosine), z-index axis (normal)
+    index_axis_for = {2: 0, 1: 1, 0: 2}  # array axis -> direction row
+    patient_axis = [int(np.argmax(np.abs(volume.direction[index_axis_for[a]]))) for a in range(3)]
+    spacing_by_array_axis = {0: dz, 1: dy, 2: dx}
+    if len(set(patient_axis)) < 3:
+        return hu, (dz, dy, dx)
+    z_axis = patient_axis.index(2)
+    others = [a for a in range(3) if a != z_axis]
+    order = [z_axis, *others]
+    out = np.transpose(hu, order)
+    sign = volume.direction[index_axis_for[z_axis]][2]
+    if sign < 0:  # the array runs head to feet: flip so index 0 is inferior
+        out = out[::-1]
+    spacing = tuple(spacing_by_array_axis[a] for a in order)
+    return out, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def measure_slice(img: np.ndarray, pixel_area_mm2: float) -> SliceMeasures:
+    """Measure one axial slice and label it.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        2D HU image.
+    pixel_area_mm2 : float
+        Area of one pixel.
+
+    Returns
+    -------
+    SliceMeasures
+    """
+    body = img > BODY_HU
+    body = ndimage.binary_opening(body, iterations=1)
+    lab, n = ndimage.label(body)
+    if n == 0:
+        return SliceMeasures(0.0, 0.0, 0.0, 0.0, 0.0, "empty")
+    sizes = ndimage.sum(body, lab, index=np.arange(1, n + 1))
+    body = lab == (int(np.argmax(sizes)) + 1)
+    body = ndimage.binary_fill_holes(body)
+    area_px = float(body.sum())
+    body_cm2 = area_px * pixel_area_mm2 / 100.0
+    if body_cm2 < 20.0:
+        return SliceMeasures(body_cm2, 0.0, 0.0, 0.0, 0.0, "empty")
+    bone = (img > BONE_HU) & body
+    bone_share = float(bone.sum()) / area_px
+    enclosed = ndimage.binary_fill_holes(bone) & ~bone
+    # only large enclosed regions count (a vertebral canal or a rib loop is not a skull)
+    lab_e, n_e = ndimage.label(enclosed)
+    if n_e:
+        sizes_e = ndimage.sum(enclosed, lab_e, index=np.arange(1, n_e + 1))
+        biggest = lab_e == (int(np.argmax(sizes_e)) + 1)
+        enclosed_share = float(biggest.sum()) / area_px
+        enclosed_hu = float(np.median(img[biggest]))
+    else:
+        enclosed_share, enclosed_hu = 0.0, 0.0
+    air = (img < AIR_HU) & body
+    air_share = float(air.sum()) / area_px
+
+    if (enclosed_share >= SKULL_ENCLOSED_SHARE and body_cm2 < SMALL_SECTION_CM2
+            and -20.0 < enclosed_hu < 100.0):
+        label = "head"
+    elif air_share >= LUNG_AIR_SHARE and body_cm2 >= SMALL_SECTION_CM2:
+        label = "chest"
+    elif body_cm2 < SMALL_SECTION_CM2:
+        label = "neck"
+    elif bone_share >= PELVIS_BONE_SHARE:
+        label = "pelvis"
+    else:
+        label = "abdomen"
+    return SliceMeasures(body_cm2, bone_share, enclosed_share, enclosed_hu, air_share, label)
+
+
+def _runs_mm(labels: list[str], label: str, dz: float) -> float:
+    """Length (mm) of the longest run of consecutive slices with ``label``."""
+    best = run = 0
+    for lab in labels:
+        run = run + 1 if lab == label else 0
+        best = max(best, run)
+    return best * dz
+
+
+def detect_region(volume: Volume) -> RegionEstimate:
+    """Estimate the body region of a CT volume from its axial profile.
+
+    Parameters
+    ----------
+    volume : Volume
+        From :func:`dicomnode.imaging.series.load_series`; any plane (it is turned to
+        axial first).
+
+    Returns
+    -------
+    RegionEstimate
+        ``region`` in ``head``, ``headneck``, ``chest``, ``abdomen``, ``other``;
+        ``confidence`` in [0, 1]; ``evidence`` with per-label slice counts and extents.
+    """
+    hu, (dz, dy, dx) = _axial(volume)
+    if hu.ndim != 3 or hu.shape[0] == 0:
+        raise ValueError(f"Invalid 'volume' value - HU array of shape {hu.shape} is not 3D")
+    sy = max(1, int(TARGET_PIXEL_MM // max(dy, 1e-3)))
+    sx = max(1, int(TARGET_PIXEL_MM // max(dx, 1e-3)))
+    sz = max(1, hu.shape[0] // 160)  # at most ~160 slices measured
+    sub = hu[::sz, ::sy, ::sx]
+    pixel_area = dy * sy * dx * sx
+    step = dz * sz
+    measures = [measure_slice(np.asarray(s, dtype=np.float32), pixel_area) for s in sub]
+    labels = [m.label for m in measures]
+    counts = {lab: labels.count(lab) for lab in SLICE_LABELS}
+    valid = len(labels) - counts["empty"]
+    evidence: dict[str, Any] = {
+        "slices_measured": len(labels),
+        "slice_step_mm": round(step, 3),
+        "slice_labels": {k: v for k, v in counts.items() if v},
+        "extent_mm": {lab: round(counts[lab] * step, 1) for lab in SLICE_LABELS
+                      if counts[lab] and lab != "empty"},
+        "longest_run_mm": {lab: round(_runs_mm(labels, lab, step), 1) for lab in SLICE_LABELS
+                           if counts[lab] and lab != "empty"},
+        "profile": _profile(labels),
+    }
+    if valid:
+        bodies = [m.body_cm2 for m in measures if m.label != "empty"]
+        evidence["body_section_cm2"] = {"min": round(min(bodies), 1),
+                                        "median": round(float(np.median(bodies)), 1),
+                                        "max": round(max(bodies), 1)}
+        evidence["max_skull_enclosed_share"] = round(max(m.enclosed_share for m in measures), 3)
+        evidence["max_internal_air_share"] = round(max(m.air_share for m in measures), 3)
+    if valid < 3:
+        est = RegionEstimate("other", 0.0, {**evidence, "rule": "fewer than 3 slices with body"})
+        _log(volume, est)
+        return est
+
+    share = {lab: counts[lab] / valid for lab in SLICE_LABELS if lab != "empty"}
+    head_neck = share["head"] + share["neck"]
+    neck_mm = counts["neck"] * step
+    if head_neck >= 0.6 and counts["head"] > 0:
+        if neck_mm <= HEAD_ONLY_MAX_NECK_MM and share["neck"] < 0.4:
+            region = "head"
+            support = share["head"] + share["neck"]
+            margin = 1.0 - neck_mm / (2 * HEAD_ONLY_MAX_NECK_MM)
+            rule = (f"skull ring on {counts['head']} slices, neck-like sections over only "
+                    f"{neck_mm:.0f} mm (<= {HEAD_ONLY_MAX_NECK_MM:.0f} mm)")
+        else:
+            region = "headneck"
+            support = head_neck + share["chest"] * 0.5  # shoulders/apices belong to an H&N scan
+            margin = min(1.0, neck_mm / (2 * HEAD_ONLY_MAX_NECK_MM))
+            rule = (f"skull ring on {counts['head']} slices and neck sections over "
+                    f"{neck_mm:.0f} mm (> {HEAD_ONLY_MAX_NECK_MM:.0f} mm)")
+    elif share["neck"] >= 0.6:
+        region, support, margin = "headneck", share["neck"] + share["head"], 0.6
+        rule = "neck-sized sections without skull or lungs"
+    elif share["abdomen"] >= 0.35 and share["abdomen"] >= share["chest"] * 0.5:
+        region = "abdomen"
+        support = share["abdomen"] + 0.5 * (share["chest"] + share["pelvis"])
+        margin = min(1.0, share["abdomen"] / 0.7)
+        rule = (f"trunk sections without lungs over {counts['abdomen'] * step:.0f} mm "
+                f"({share['abdomen']:.0%} of slices)")
+    elif share["chest"] >= 0.5:
+        region, support, margin = "chest", share["chest"] + 0.5 * share["abdomen"], min(
+            1.0, share["chest"] / 0.8)
+        rule = f"lungs on {share['chest']:.0%} of slices"
+    else:
+        best = max(share, key=lambda k: share[k])
+        region, support, margin = "other", share.get("pelvis", 0.0) + 0.25, 0.5
+        rule = f"no region dominates (most slices: {best})"
+    confidence = float(np.clip(min(1.0, support) * (0.5 + 0.5 * np.clip(margin, 0.0, 1.0)),
+                               0.0, 1.0))
+    est = RegionEstimate(region, confidence, {**evidence, "rule": rule})
+    _log(volume, est)
+    return est
+
+
+def _profile(labels: list[str]) -> str:
+    """Run-length summary of the slice labels, inferior to superior: ``neck x12, head x20``."""
+    out: list[str] = []
+    prev, n = None, 0
+    for lab in [*labels, None]:
+        if lab == prev:
+            n += 1
+            continue
+        if prev is not None:
+            out.append(f"{prev} x{n}")
+        prev, n = lab, 1
+    return ", ".join(out)
+
+
+def _log(volume: Volume, est: RegionEstimate) -> None:
+    log.info("bodypart.detected",
+             extra=fields(series=volume.series_instance_uid, region=est.region,
+                          confidence=round(est.confidence, 3),
+                          slices=est.evidence.get("slice_labels")))
