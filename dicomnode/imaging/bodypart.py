@@ -8,6 +8,8 @@ fraction) and labelled:
   and the section is head-sized;
 - ``chest``: air inside the body (lungs) covers a large part of a trunk-sized section;
 - ``neck``: a small section (neck, face, skull base) with neither a skull ring nor lungs;
+- ``shoulder``: a trunk-sized section without lungs, at least twice as wide as deep
+  (shoulders and the base of the neck of a head-and-neck scan);
 - ``abdomen``: a trunk-sized section without lungs and with little bone;
 - ``pelvis``: a trunk-sized section with much bone (iliac wings, femoral heads).
 
@@ -33,7 +35,7 @@ from dicomnode.logs import fields
 log = logging.getLogger(__name__)
 
 REGIONS = ("head", "headneck", "chest", "abdomen", "other")
-SLICE_LABELS = ("head", "neck", "chest", "abdomen", "pelvis", "empty")
+SLICE_LABELS = ("head", "neck", "shoulder", "chest", "abdomen", "pelvis", "empty")
 
 #: HU thresholds.
 BODY_HU = -300.0
@@ -47,6 +49,8 @@ SKULL_ENCLOSED_SHARE = 0.35
 LUNG_AIR_SHARE = 0.12
 #: A trunk slice is ``pelvis`` when bone covers at least this share of the section.
 PELVIS_BONE_SHARE = 0.09
+#: A trunk section without lungs this many times wider than deep is a shoulder section.
+SHOULDER_ASPECT = 2.0
 #: A head-only study has neck-like slices over at most this length (skull base, face).
 HEAD_ONLY_MAX_NECK_MM = 45.0
 #: Target in-plane sampling for the measurements (mm); finer images are strided down.
@@ -76,6 +80,7 @@ class SliceMeasures:
     enclosed_share: float
     enclosed_hu: float
     air_share: float
+    aspect: float
     label: str
 
 
@@ -100,15 +105,15 @@ def _axial(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
     return out, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
 
-def measure_slice(img: np.ndarray, pixel_area_mm2: float) -> SliceMeasures:
+def measure_slice(img: np.ndarray, pixel_mm: tuple[float, float]) -> SliceMeasures:
     """Measure one axial slice and label it.
 
     Parameters
     ----------
     img : numpy.ndarray
         2D HU image.
-    pixel_area_mm2 : float
-        Area of one pixel.
+    pixel_mm : tuple of float
+        Pixel size (between rows, between columns) in mm.
 
     Returns
     -------
@@ -118,14 +123,14 @@ def measure_slice(img: np.ndarray, pixel_area_mm2: float) -> SliceMeasures:
     body = ndimage.binary_opening(body, iterations=1)
     lab, n = ndimage.label(body)
     if n == 0:
-        return SliceMeasures(0.0, 0.0, 0.0, 0.0, 0.0, "empty")
+        return SliceMeasures(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "empty")
     sizes = ndimage.sum(body, lab, index=np.arange(1, n + 1))
     body = lab == (int(np.argmax(sizes)) + 1)
     body = ndimage.binary_fill_holes(body)
     area_px = float(body.sum())
-    body_cm2 = area_px * pixel_area_mm2 / 100.0
+    body_cm2 = area_px * pixel_mm[0] * pixel_mm[1] / 100.0
     if body_cm2 < 20.0:
-        return SliceMeasures(body_cm2, 0.0, 0.0, 0.0, 0.0, "empty")
+        return SliceMeasures(body_cm2, 0.0, 0.0, 0.0, 0.0, 0.0, "empty")
     bone = (img > BONE_HU) & body
     bone_share = float(bone.sum()) / area_px
     enclosed = ndimage.binary_fill_holes(bone) & ~bone
@@ -140,6 +145,11 @@ def measure_slice(img: np.ndarray, pixel_area_mm2: float) -> SliceMeasures:
         enclosed_share, enclosed_hu = 0.0, 0.0
     air = (img < AIR_HU) & body
     air_share = float(air.sum()) / area_px
+    rows = np.nonzero(body.any(axis=1))[0]
+    cols = np.nonzero(body.any(axis=0))[0]
+    extents = sorted([float(rows[-1] - rows[0] + 1) * pixel_mm[0],
+                      float(cols[-1] - cols[0] + 1) * pixel_mm[1]])
+    aspect = extents[1] / max(extents[0], 1e-6)
 
     if (enclosed_share >= SKULL_ENCLOSED_SHARE and body_cm2 < SMALL_SECTION_CM2
             and -20.0 < enclosed_hu < 100.0):
@@ -148,11 +158,14 @@ def measure_slice(img: np.ndarray, pixel_area_mm2: float) -> SliceMeasures:
         label = "chest"
     elif body_cm2 < SMALL_SECTION_CM2:
         label = "neck"
+    elif aspect >= SHOULDER_ASPECT:
+        label = "shoulder"
     elif bone_share >= PELVIS_BONE_SHARE:
         label = "pelvis"
     else:
         label = "abdomen"
-    return SliceMeasures(body_cm2, bone_share, enclosed_share, enclosed_hu, air_share, label)
+    return SliceMeasures(body_cm2, bone_share, enclosed_share, enclosed_hu, air_share, aspect,
+                         label)
 
 
 def _runs_mm(labels: list[str], label: str, dz: float) -> float:
@@ -186,9 +199,8 @@ def detect_region(volume: Volume) -> RegionEstimate:
     sx = max(1, int(TARGET_PIXEL_MM // max(dx, 1e-3)))
     sz = max(1, hu.shape[0] // 160)  # at most ~160 slices measured
     sub = hu[::sz, ::sy, ::sx]
-    pixel_area = dy * sy * dx * sx
     step = dz * sz
-    measures = [measure_slice(np.asarray(s, dtype=np.float32), pixel_area) for s in sub]
+    measures = [measure_slice(np.asarray(s, dtype=np.float32), (dy * sy, dx * sx)) for s in sub]
     labels = [m.label for m in measures]
     counts = {lab: labels.count(lab) for lab in SLICE_LABELS}
     valid = len(labels) - counts["empty"]
@@ -215,12 +227,13 @@ def detect_region(volume: Volume) -> RegionEstimate:
         return est
 
     share = {lab: counts[lab] / valid for lab in SLICE_LABELS if lab != "empty"}
-    head_neck = share["head"] + share["neck"]
-    neck_mm = counts["neck"] * step
+    neck_like = share["neck"] + share["shoulder"]
+    head_neck = share["head"] + neck_like
+    neck_mm = (counts["neck"] + counts["shoulder"]) * step
     if head_neck >= 0.6 and counts["head"] > 0:
-        if neck_mm <= HEAD_ONLY_MAX_NECK_MM and share["neck"] < 0.4:
+        if neck_mm <= HEAD_ONLY_MAX_NECK_MM and neck_like < 0.4:
             region = "head"
-            support = share["head"] + share["neck"]
+            support = head_neck
             margin = 1.0 - neck_mm / (2 * HEAD_ONLY_MAX_NECK_MM)
             rule = (f"skull ring on {counts['head']} slices, neck-like sections over only "
                     f"{neck_mm:.0f} mm (<= {HEAD_ONLY_MAX_NECK_MM:.0f} mm)")
@@ -228,10 +241,10 @@ def detect_region(volume: Volume) -> RegionEstimate:
             region = "headneck"
             support = head_neck + share["chest"] * 0.5  # shoulders/apices belong to an H&N scan
             margin = min(1.0, neck_mm / (2 * HEAD_ONLY_MAX_NECK_MM))
-            rule = (f"skull ring on {counts['head']} slices and neck sections over "
+            rule = (f"skull ring on {counts['head']} slices and neck/shoulder sections over "
                     f"{neck_mm:.0f} mm (> {HEAD_ONLY_MAX_NECK_MM:.0f} mm)")
-    elif share["neck"] >= 0.6:
-        region, support, margin = "headneck", share["neck"] + share["head"], 0.6
+    elif neck_like >= 0.6:
+        region, support, margin = "headneck", head_neck, 0.6
         rule = "neck-sized sections without skull or lungs"
     elif share["abdomen"] >= 0.35 and share["abdomen"] >= share["chest"] * 0.5:
         region = "abdomen"

@@ -70,6 +70,9 @@ def test_measure_slice_labels() -> None:
     for kind, label in [("head", "head"), ("neck", "neck"), ("chest", "chest"),
                         ("abdomen", "abdomen"), ("pelvis", "pelvis")]:
         img = anatomy_slice(kind, (128, 128), 400 / 128, rng)
-        m = measure_slice(img, (400 / 128) ** 2)
+        m = measure_slice(img, (400 / 128, 400 / 128))
         assert m.label == label, (kind, m)
-    assert measure_slice(np.full((16, 16), -1000.0), 1.0).label == "empty"
+    assert measure_slice(np.full((16, 16), -1000.0), (1.0, 1.0)).label == "empty"
+    shoulders = np.full((128, 128), -1000.0)
+    shoulders[44:84, 4:124] = 40.0  # 360 x 120 mm at 3 mm pixels
+    assert measure_slice(shoulders, (3.0, 3.0)).label == "shoulder"
