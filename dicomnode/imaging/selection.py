@@ -24,7 +24,10 @@ from pydicom.errors import InvalidDicomError
 
 from dicomnode.imaging.series import (
     CT_IMAGE_STORAGE,
+    IssueCode,
     SeriesCheck,
+    SeriesIssue,
+    Severity,
     _check,
     is_localizer,
     orientation_label,
@@ -212,7 +215,14 @@ def describe_series(headers: Sequence[Dataset], paths: Sequence[Path] = ()) -> S
     coverage = 0.0
     step: float | None = None
     if modality == "CT" and is_image:
-        check, ordered = _check(list(headers), min_slices=1)
+        try:
+            check, ordered = _check(list(headers), min_slices=1)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            # Malformed geometry values (non-numeric positions, odd VM): unusable, not fatal.
+            check, ordered = SeriesCheck(str(first.get("SeriesInstanceUID", ""))), None
+            check.issues.append(SeriesIssue(
+                IssueCode.MISSING_GEOMETRY, Severity.ERROR,
+                f"Image geometry could not be read: {type(exc).__name__}: {exc}"))
         if ordered is not None and len(ordered.positions) > 1:
             coverage = float(ordered.positions[-1] - ordered.positions[0])
             steps = np.diff(ordered.positions)

@@ -740,7 +740,8 @@ def route_study(
             volume = load_series(by_uid[uid].paths or by_uid[uid].headers)
             chosen = by_uid[uid]
             break
-        except SeriesError as exc:
+        except (SeriesError, ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
+            # Bad data in one series (truncated pixels, odd values) must not stop routing.
             decision.rejected_series[uid] = f"could not build a volume: {exc}"
     if chosen is None or volume is None:
         decision.reason = f"not routed: {choice.reason}" if choice.series is None else (

@@ -32,6 +32,7 @@ TAGS = {
 }
 EXPECTED = {"head": "brain_ich", "headneck": "headneck_oar", "abdomen": "liver_tumor"}
 SPACING = {"head": 3.0, "headneck": 2.5, "abdomen": 3.0}
+PIX = 400 / 96
 
 
 def _study(root: Path, region: str, tags: dict[str, Any] | None, **kw: Any) -> Path:
@@ -245,3 +246,33 @@ def test_condition_semantics() -> None:
     assert Condition.from_spec("X", {"min": 1, "max": 2}).evaluate("1.5")[0]
     assert not Condition.from_spec("X", {"max": 2}).evaluate("abc")[0]
     assert Condition.from_spec("X", {"regex": "B30"}).evaluate(["B30f", "3"])[0]
+
+
+def test_broken_files_do_not_raise(tmp_path: Path) -> None:
+    import pydicom
+
+    hu = anatomy("abdomen", slices=30, matrix=96, seed=9)
+    bad_geometry = generate_uid()
+    paths = write_series(tmp_path / "geo", hu, series_uid=bad_geometry, series_number=2,
+                         spacing=(2.0, PIX, PIX))
+    ds = pydicom.dcmread(paths[3])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[3])
+    short_pixels = generate_uid()
+    paths = write_series(tmp_path / "px", hu, series_uid=short_pixels, series_number=3,
+                         spacing=(3.0, PIX, PIX))
+    ds = pydicom.dcmread(paths[5])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(paths[5])
+    trunc = tmp_path / "truncated.dcm"
+    trunc.write_bytes(paths[6].read_bytes()[:400])
+    d = route_study([tmp_path])
+    assert not d.routed
+    assert "missing" in d.rejected_series[bad_geometry].lower()
+    assert "could not build a volume" in d.rejected_series[short_pixels]
+    assert d.reason == "not routed: no candidate series could be read"
+    # a good series next to the broken ones is still routed
+    good = generate_uid()
+    write_series(tmp_path / "ok", hu, series_uid=good, series_number=4, spacing=(3.0, PIX, PIX))
+    d = route_study([tmp_path])
+    assert d.routed and d.series_instance_uid == good
