@@ -168,7 +168,8 @@ class Volume:
     sop_instance_uids : list of str
         In slice order.
     datasets : list of pydicom.dataset.Dataset
-        The source headers in slice order, pixel data removed.
+        The source headers in slice order; pixel data removed from the files this module
+        read (datasets passed in with their pixels are returned unchanged).
     check : SeriesCheck
         What was found while building the volume.
     """
@@ -596,7 +597,8 @@ def _phase_sort_key(value: str) -> tuple[int, float | str]:
 # Pixels
 
 
-def _hu(ds: Dataset) -> np.ndarray:
+def _stored(ds: Dataset) -> np.ndarray:
+    """Decode one frame of stored values (no rescale)."""
     try:
         arr = ds.pixel_array
     except (RuntimeError, NotImplementedError, ValueError) as exc:
@@ -610,9 +612,29 @@ def _hu(ds: Dataset) -> np.ndarray:
             f"Pixel data of shape {arr.shape} does not match Rows x Columns "
             f"{int(ds.Rows)} x {int(ds.Columns)}"
         )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return arr.astype(np.float64) * slope + intercept
+    return arr
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    return (float(ds.get("RescaleSlope", 1.0) or 1.0),
+            float(ds.get("RescaleIntercept", 0.0) or 0.0))
+
+
+def _int16_fits(datasets: Sequence[Dataset]) -> bool:
+    """Whether every possible stored value rescales to an integer within int16."""
+    for ds in datasets:
+        slope, intercept = _rescale(ds)
+        if not (slope.is_integer() and intercept.is_integer()):
+            return False
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+        if int(ds.get("PixelRepresentation") or 0):
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            lo, hi = 0, 2**bits - 1
+        ends = (lo * slope + intercept, hi * slope + intercept)
+        if min(ends) < -32768 or max(ends) > 32767:
+            return False
+    return True
 
 
 def load_series(
@@ -659,24 +681,33 @@ def load_series(
             ))
             raise SeriesError(check.errors[-1].message, check)
 
-    full = _as_datasets(ordered.datasets, pixels=True)
-    planes = [_hu(ds) for ds in full]
-    stack = np.stack(planes)
-    integral = all(
-        float(ds.get("RescaleSlope", 1.0) or 1.0).is_integer()
-        and float(ds.get("RescaleIntercept", 0.0) or 0.0).is_integer()
-        for ds in full
-    )
-    if integral and stack.min() >= -32768 and stack.max() <= 32767:
-        hu = stack.astype(np.int16)
-    else:
-        hu = stack.astype(np.float32)
-
+    # One slice at a time into a preallocated array: peak memory is the volume plus one
+    # decoded slice, and each header drops its pixel data as soon as it has been used.
+    first_header = ordered.datasets[0]
+    shape = (len(ordered.datasets), int(first_header.Rows), int(first_header.Columns))
+    hu: np.ndarray = np.empty(shape, dtype=np.int16 if _int16_fits(ordered.datasets)
+                              else np.float32)
     headers: list[Dataset] = []
-    for ds in full:
-        if not keep_pixel_data and "PixelData" in ds:
+    for k, header in enumerate(ordered.datasets):
+        (ds,) = _as_datasets([header], pixels=True)
+        arr = _stored(ds)
+        slope, intercept = _rescale(ds)
+        if hu.dtype == np.int16:
+            plane = arr.astype(np.int32)
+            if slope != 1.0:
+                plane *= int(slope)
+            plane += int(intercept)
+            if plane.min() < -32768 or plane.max() > 32767:
+                # stored values beyond Bits Stored: fall back to float
+                hu = hu.astype(np.float32)
+            hu[k] = plane
+        else:
+            hu[k] = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        # Datasets the caller passed in with their pixels are never modified.
+        if not keep_pixel_data and ds is not header and "PixelData" in ds:
             del ds.PixelData
         headers.append(ds)
+    full = headers
 
     steps = np.diff(ordered.positions)
     dz = float(np.median(steps)) if len(steps) else float(
