@@ -635,6 +635,46 @@ class RoutingDecision:
         }
 
 
+def explain(decision: RoutingDecision | Mapping[str, Any]) -> str:
+    """Render a routing decision as a few lines for people (CLI, status pages).
+
+    Parameters
+    ----------
+    decision : RoutingDecision or mapping
+        A decision or its ``to_dict()`` form (as stored with a job).
+
+    Returns
+    -------
+    str
+    """
+    d = decision.to_dict() if isinstance(decision, RoutingDecision) else dict(decision)
+    lines = [("routed: " if d.get("routed") else "") + str(d.get("reason", ""))]
+    region = d.get("region") or {}
+    image = region.get("image") or {}
+    tags = region.get("tags") or {}
+    if region.get("used"):
+        lines.append(
+            f"region: {region['used']} from {region.get('source')}"
+            + (f" (image {image.get('region')} {image.get('confidence', 0):.2f}: "
+               f"{(image.get('evidence') or {}).get('rule', '')})" if image else "")
+            + (f"; tags {tags.get('region')}" if tags.get("region") else "")
+        )
+    series = d.get("series") or {}
+    if series.get("series_instance_uid"):
+        lines.append(f"series: {series['series_instance_uid']} ({series.get('why')})")
+    if d.get("matched_rule"):
+        lines.append(f"rule: {', '.join(d.get('matched_rules') or [d['matched_rule']])}")
+    for action in d.get("actions") or []:
+        lines.append(f"  -> {action['pipeline']} [{action['priority']}] to "
+                     f"{', '.join(action['destinations'])} on {action['series_instance_uid']}")
+    for dis in d.get("disagreements") or []:
+        lines.append(f"disagreement: {dis['message']}")
+    if not d.get("routed"):
+        for name, why in (d.get("rules_not_matched") or {}).items():
+            lines.append(f"  rule {name}: {why}")
+    return "\n".join(lines)
+
+
 def _decide_region(image: RegionEstimate | None, tags: TagRegion,
                    rules: RoutingRules) -> tuple[str | None, str | None, list[dict[str, Any]]]:
     disagreements: list[dict[str, Any]] = []

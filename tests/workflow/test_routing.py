@@ -14,6 +14,7 @@ from dicomnode.workflow.routing import (
     DEFAULT_RULES,
     Condition,
     RoutingRules,
+    explain,
     load_rules,
     region_from_text,
     route_study,
@@ -276,3 +277,13 @@ def test_broken_files_do_not_raise(tmp_path: Path) -> None:
     write_series(tmp_path / "ok", hu, series_uid=good, series_number=4, spacing=(3.0, PIX, PIX))
     d = route_study([tmp_path])
     assert d.routed and d.series_instance_uid == good
+
+
+def test_explain_lists_rule_region_series_and_disagreement(tmp_path: Path) -> None:
+    d = route_study([_study(tmp_path, "head", {"body_part": "ABDOMEN"})])
+    text = explain(d)
+    assert text.startswith("routed: brain_ich (urgent)")
+    assert "region: head from image" in text and "tags abdomen" in text
+    assert "rule: head_noncontrast_ich" in text
+    assert "disagreement: tags say abdomen, image says head" in text
+    assert explain(json.loads(json.dumps(d.to_dict()))) == text
