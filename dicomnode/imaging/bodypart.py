@@ -51,8 +51,9 @@ LUNG_AIR_SHARE = 0.12
 PELVIS_BONE_SHARE = 0.09
 #: A trunk section without lungs this many times wider than deep is a shoulder section.
 SHOULDER_ASPECT = 2.0
-#: A head-only study has neck-like slices over at most this length (skull base, face).
-HEAD_ONLY_MAX_NECK_MM = 45.0
+#: A head-only study has neck-sized sections below the skull ring over at most this length
+#: (foramen magnum, C1-C2, face); a head-and-neck scan continues to the shoulders.
+HEAD_ONLY_MAX_NECK_MM = 70.0
 #: Target in-plane sampling for the measurements (mm); finer images are strided down.
 TARGET_PIXEL_MM = 2.0
 
@@ -228,23 +229,34 @@ def detect_region(volume: Volume) -> RegionEstimate:
 
     share = {lab: counts[lab] / valid for lab in SLICE_LABELS if lab != "empty"}
     neck_like = share["neck"] + share["shoulder"]
-    head_neck = share["head"] + neck_like
-    neck_mm = (counts["neck"] + counts["shoulder"]) * step
-    if head_neck >= 0.6 and counts["head"] > 0:
-        if neck_mm <= HEAD_ONLY_MAX_NECK_MM and neck_like < 0.4:
+    head_idx = [i for i, lab in enumerate(labels) if lab == "head"]
+    below_mm, head_neck = 0.0, 0.0
+    if head_idx:
+        lowest = head_idx[0]
+        # Small sections among and above the skull-ring slices are skull base, orbits and
+        # vertex: they belong to the head. Only neck sections below the skull count as neck.
+        below = sum(1 for lab in labels[:lowest] if lab in ("neck", "shoulder"))
+        cranial = sum(1 for lab in labels[lowest:] if lab in ("head", "neck", "shoulder"))
+        below_mm = below * step
+        head_neck = (below + cranial) / valid
+        evidence["skull_ring_slices"] = len(head_idx)
+        evidence["neck_below_skull_mm"] = round(below_mm, 1)
+    if head_idx and head_neck >= 0.6:
+        limit = HEAD_ONLY_MAX_NECK_MM
+        if below_mm <= limit:
             region = "head"
             support = head_neck
-            margin = 1.0 - neck_mm / (2 * HEAD_ONLY_MAX_NECK_MM)
-            rule = (f"skull ring on {counts['head']} slices, neck-like sections over only "
-                    f"{neck_mm:.0f} mm (<= {HEAD_ONLY_MAX_NECK_MM:.0f} mm)")
+            margin = (limit - below_mm) / (0.5 * limit)
+            rule = (f"skull ring on {len(head_idx)} slices, neck sections below the skull over "
+                    f"only {below_mm:.0f} mm (<= {limit:.0f} mm)")
         else:
             region = "headneck"
             support = head_neck + share["chest"] * 0.5  # shoulders/apices belong to an H&N scan
-            margin = min(1.0, neck_mm / (2 * HEAD_ONLY_MAX_NECK_MM))
-            rule = (f"skull ring on {counts['head']} slices and neck/shoulder sections over "
-                    f"{neck_mm:.0f} mm (> {HEAD_ONLY_MAX_NECK_MM:.0f} mm)")
+            margin = (below_mm - limit) / (0.5 * limit)
+            rule = (f"skull ring on {len(head_idx)} slices and neck/shoulder sections below "
+                    f"the skull over {below_mm:.0f} mm (> {limit:.0f} mm)")
     elif neck_like >= 0.6:
-        region, support, margin = "headneck", head_neck, 0.6
+        region, support, margin = "headneck", neck_like + share["head"], 0.6
         rule = "neck-sized sections without skull or lungs"
     elif share["abdomen"] >= 0.35 and share["abdomen"] >= share["chest"] * 0.5:
         region = "abdomen"

@@ -80,7 +80,7 @@ def anatomy_slice(kind: str, shape: tuple[int, int], spacing: float,
 REGION_LAYOUT: dict[str, list[tuple[str, float]]] = {
     # (slice kind, fraction of slices), listed inferior to superior.
     "head": [("head", 1.0)],
-    "headneck": [("neck", 0.45), ("jaw", 0.15), ("head", 0.4)],
+    "headneck": [("neck", 0.6), ("jaw", 0.15), ("head", 0.25)],
     "chest": [("chest", 1.0)],
     "abdomen": [("abdomen", 1.0)],
     "pelvis": [("pelvis", 1.0)],
