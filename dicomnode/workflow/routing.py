@@ -108,7 +108,10 @@ DEFAULT_RULES: dict[str, Any] = {
                     "Modality": {"in": ["CT"]},
                     "ContrastBolusAgent": {"present": False},
                     "SeriesDescription": {
-                        "not_regex": r"(?i)(contrast|kontrast|\bKM\b|\bC\+|\bCE\b|\bCTA\b|angio)"
+                        # a contrast word, unless negated (w/o, non-contrast, nativ, ohne)
+                        "not_regex": (r"(?i)^(?!.*(without|w/o|\bnon[- ]?con|\bnc\b|nativ|"
+                                      r"ohne|sans|\bsin\b)).*(contrast|kontrast|\bKM\b|"
+                                      r"\bC\+|\bCE\b|\bCTA\b|angio)"),
                     },
                 },
             },

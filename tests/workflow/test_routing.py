@@ -287,3 +287,15 @@ def test_explain_lists_rule_region_series_and_disagreement(tmp_path: Path) -> No
     assert "rule: head_noncontrast_ich" in text
     assert "disagreement: tags say abdomen, image says head" in text
     assert explain(json.loads(json.dumps(d.to_dict()))) == text
+
+
+@pytest.mark.parametrize(
+    ("description", "non_contrast"),
+    [("Head w/o contrast", True), ("Schädel nativ 5.0", True), ("Non-contrast head", True),
+     ("Axial brain 5 mm", True), ("CT Head with contrast", False), ("Kopf mit KM", False),
+     ("CTA Circle of Willis", False), ("Head C+", False)],
+)
+def test_default_ich_rule_reads_contrast_in_descriptions(description: str,
+                                                         non_contrast: bool) -> None:
+    (cond,) = [c for c in load_rules().rules[0].tags if c.name == "SeriesDescription"]
+    assert cond.evaluate(description)[0] is non_contrast
