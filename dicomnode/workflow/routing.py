@@ -840,6 +840,40 @@ def route_study(
     return _finish(decision)
 
 
+def route_directory(study_dir: Path | str, rules_path: Path | str | None = None,
+                    calling_aet: str | None = None, *, as_json: bool = False) -> tuple[int, str]:
+    """Route one study directory and render the decision (``dicomnode route``).
+
+    Parameters
+    ----------
+    study_dir : Path or str
+        A directory with the study's files (searched recursively).
+    rules_path : Path or str, optional
+        A routing YAML; the embedded defaults without it.
+    calling_aet : str, optional
+        Route as if this AE had sent the study.
+    as_json : bool
+        Render ``to_dict()`` as JSON instead of :func:`explain` text.
+
+    Returns
+    -------
+    (int, str)
+        Exit status (0 routed, 1 not routed, 2 bad arguments) and the text to print.
+    """
+    import json
+
+    try:
+        directory = Path(study_dir)
+        if not directory.is_dir():
+            raise ValueError(f"Invalid 'study_dir' value '{directory}' - not a directory")
+        rules = load_rules(rules_path)
+        decision = route_study([directory], rules, calling_aet)
+    except ValueError as exc:
+        return 2, f"dicomnode: {exc}"
+    text = json.dumps(decision.to_dict(), indent=2) if as_json else explain(decision)
+    return (0 if decision.routed else 1), text
+
+
 def _finish(decision: RoutingDecision) -> RoutingDecision:
     log.info("routing.decided",
              extra=fields(study=decision.study_instance_uid, routed=decision.routed,

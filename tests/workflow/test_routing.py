@@ -17,6 +17,7 @@ from dicomnode.workflow.routing import (
     explain,
     load_rules,
     region_from_text,
+    route_directory,
     route_study,
 )
 from tests.imaging.conftest import anatomy, write_series
@@ -299,3 +300,19 @@ def test_default_ich_rule_reads_contrast_in_descriptions(description: str,
                                                          non_contrast: bool) -> None:
     (cond,) = [c for c in load_rules().rules[0].tags if c.name == "SeriesDescription"]
     assert cond.evaluate(description)[0] is non_contrast
+
+
+def test_route_directory(tmp_path: Path) -> None:
+    study = _study(tmp_path / "s", "abdomen", TAGS["abdomen"])
+    code, text = route_directory(study)
+    assert code == 0 and text.startswith("routed: liver_tumor (normal)")
+    code, text = route_directory(study, as_json=True)
+    assert code == 0 and json.loads(text)["actions"][0]["pipeline"] == "liver_tumor"
+    rules = tmp_path / "r.yaml"
+    rules.write_text(yaml.safe_dump({"rules": [
+        {"name": "only_ct1", "when": {"calling_aet": {"in": ["CT1"]}},
+         "actions": [{"pipeline": "liver_tumor"}]}]}))
+    code, text = route_directory(study, rules, "CT2")
+    assert code == 1 and "rule only_ct1: calling_aet is not one of ['CT1']" in text
+    assert route_directory(tmp_path / "missing")[0] == 2
+    assert route_directory(study, tmp_path / "nope.yaml")[0] == 2
