@@ -1,0 +1,246 @@
+"""Store one received instance: check it, spool it durably, index it.
+
+``InstanceStore.store`` is what the C-STORE handler calls; when it returns, the
+instance is on disk (fsynced, renamed into place) and its row is committed, so the
+sender can be told "success". ``InstanceStore.recover`` runs at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dicomnode.logs import fields
+from dicomnode.store.db import Database
+from dicomnode.store.header import InstanceHeader, InstanceRejectedError, parse_header
+from dicomnode.store.models import (
+    AuditEvent,
+    Instance,
+    Job,
+    JobState,
+    Patient,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from dicomnode.store.spool import Spool, SpooledFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one received instance."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    duplicate: bool
+    reopened: bool
+    study_version: int
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What start-up recovery found."""
+
+    partial_files_removed: int
+    missing_files: int
+    orphans_indexed: int
+    jobs_requeued: int
+    deliveries_requeued: int
+
+
+class InstanceStore:
+    """The spool and the index, kept consistent.
+
+    Parameters
+    ----------
+    db : Database
+        The index.
+    spool : Spool
+        The durable file store.
+    """
+
+    def __init__(self, db: Database, spool: Spool) -> None:
+        self.db = db
+        self.spool = spool
+
+    def store(
+        self,
+        encoded: bytes | memoryview,
+        calling_aet: str = "",
+        *,
+        expected_sop_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> StoreOutcome:
+        """Check, spool and index one encoded instance.
+
+        Parameters
+        ----------
+        encoded : bytes
+            The instance as a DICOM file (preamble, file meta, dataset).
+        calling_aet : str
+            Who sent it (the results go back there by default).
+        expected_sop_uid, expected_sop_class_uid : str, optional
+            From the C-STORE request, checked against the dataset.
+
+        Returns
+        -------
+        StoreOutcome
+
+        Raises
+        ------
+        InstanceRejectedError
+            The dataset is not acceptable (nothing is written).
+        SpoolFullError
+            Free space is below the reserve (nothing is written).
+        """
+        header = parse_header(
+            encoded, expected_sop_uid=expected_sop_uid,
+            expected_sop_class_uid=expected_sop_class_uid,
+        )
+        self.spool.check_reserve(len(encoded))
+        spooled = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, [encoded])
+        try:
+            return self._index(header, spooled, calling_aet)
+        except BaseException:
+            if spooled.created:
+                self.spool.remove(spooled.relative)
+            raise
+
+    def _index(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
+               ) -> StoreOutcome:
+        with self.db.transaction() as session:
+            existing = session.execute(
+                select(Instance.path).where(Instance.sop_uid == header.sop_uid)
+            ).scalar_one_or_none()
+            if existing is not None:
+                if spooled.created and spooled.relative != existing:
+                    self.spool.remove(spooled.relative)
+                return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
+                                    duplicate=True, reopened=False, study_version=0)
+            study, reopened = _study_for(session, header, calling_aet)
+            series = session.execute(
+                select(Series).where(Series.series_uid == header.series_uid)
+            ).scalar_one_or_none()
+            if series is None:
+                series = Series(
+                    series_uid=header.series_uid, study=study, modality=header.modality,
+                    series_number=header.series_number,
+                    description=header.series_description, body_part=header.body_part,
+                    instance_count=0,
+                )
+                session.add(series)
+            series.instance_count += 1
+            now = utcnow()
+            session.add(Instance(
+                sop_uid=header.sop_uid, series=series, sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid, path=spooled.relative,
+                size=spooled.size, instance_number=header.instance_number,
+                image_type=header.image_type, orientation=header.orientation,
+                slice_position=header.slice_position,
+                images_in_acquisition=header.images_in_acquisition,
+                study_version=study.version, calling_aet=calling_aet, received_at=now,
+            ))
+            study.instance_count += 1
+            study.last_received_at = now
+            return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
+                                duplicate=False, reopened=reopened, study_version=study.version)
+
+    def recover(self) -> RecoveryReport:
+        """Make the spool and the index agree after a crash or power loss.
+
+        Removes half-written temporary files, reports indexed instances whose file
+        is gone, indexes complete spool files that were never indexed (written but
+        not acknowledged), puts running jobs and sending deliveries back in the queue.
+
+        Returns
+        -------
+        RecoveryReport
+        """
+        from dicomnode.store.models import Delivery, DeliveryState
+
+        partial = self.spool.recover()
+        with self.db.session() as session:
+            indexed = set(session.execute(select(Instance.path)).scalars())
+        missing = sum(1 for rel in indexed if not (self.spool.root / rel).is_file())
+        if missing:
+            log.error("spool.missing_files", extra=fields(count=missing))
+        orphans = 0
+        for rel in self.spool.iter_instances():
+            if rel in indexed:
+                continue
+            path = self.spool.root / rel
+            try:
+                header = parse_header(path.read_bytes())
+            except (InstanceRejectedError, OSError) as exc:
+                log.warning("spool.orphan_unreadable", extra=fields(path=rel, reason=str(exc)))
+                continue
+            self._index(header, SpooledFile(path, rel, path.stat().st_size, False), "")
+            orphans += 1
+        with self.db.transaction() as session:
+            jobs = session.execute(
+                update(Job).where(Job.state == JobState.RUNNING.value)
+                .values(state=JobState.QUEUED.value)
+            ).rowcount
+            deliveries = session.execute(
+                update(Delivery).where(Delivery.state == DeliveryState.SENDING.value)
+                .values(state=DeliveryState.PENDING.value)
+            ).rowcount
+            report = RecoveryReport(partial, missing, orphans, jobs or 0, deliveries or 0)
+            if partial or missing or orphans or jobs or deliveries:
+                session.add(AuditEvent(event="node.recovered", detail=report.__dict__))
+        log.info("node.recovered", extra=fields(**report.__dict__))
+        return report
+
+    def path_of(self, relative: str) -> Path:
+        """Absolute path of a spooled instance."""
+        return self.spool.root / relative
+
+
+def _study_for(session: Session, header: InstanceHeader, calling_aet: str,
+               ) -> tuple[Study, bool]:
+    study = session.execute(
+        select(Study).where(Study.study_uid == header.study_uid)
+    ).scalar_one_or_none()
+    if study is None:
+        patient = session.execute(
+            select(Patient).where(Patient.patient_id == header.patient_id,
+                                  Patient.issuer == header.issuer)
+        ).scalar_one_or_none()
+        if patient is None:
+            patient = Patient(patient_id=header.patient_id, issuer=header.issuer)
+            session.add(patient)
+        study = Study(
+            study_uid=header.study_uid, patient=patient,
+            accession_number=header.accession_number, study_date=header.study_date,
+            calling_aet=calling_aet, state=StudyState.RECEIVING.value, version=1,
+            instance_count=0,
+        )
+        session.add(study)
+        session.add(AuditEvent(event="study.receiving", study_uid=header.study_uid,
+                               calling_aet=calling_aet))
+        return study, False
+    if study.state == StudyState.COMPLETE.value:
+        study.state = StudyState.RECEIVING.value
+        study.version += 1
+        study.completion_trigger = None
+        study.completed_at = None
+        superseded = session.execute(
+            update(Job)
+            .where(Job.study_pk == study.id, Job.state == JobState.QUEUED.value)
+            .values(state=JobState.SUPERSEDED.value, reason="a later instance re-opened the study")
+        ).rowcount
+        session.add(AuditEvent(
+            event="study.reopened", study_uid=study.study_uid, calling_aet=calling_aet,
+            detail={"version": study.version, "jobs_superseded": superseded},
+        ))
+        log.info("study.reopened", extra=fields(study=study.study_uid, version=study.version))
+        return study, True
+    return study, False
