@@ -34,7 +34,7 @@ class Node:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
         self.spool = Spool(settings.spool_dir, reserve_bytes=settings.disk_reserve_mb * 2**20)
-        self.store = InstanceStore(self.db, self.spool)
+        self.store = InstanceStore(self.db, self.spool, io_threads=settings.max_associations)
         self.outbox = Outbox(self.db, settings)
         self.runner = JobRunner(self.db, settings, self.outbox, processor)
         self.completion = CompletionMonitor(self.db, settings.completion,
@@ -67,6 +67,7 @@ class Node:
         self.completion.stop()
         self.runner.stop()
         self.outbox.stop()
+        self.store.close()
         self.db.dispose()
         log.info("node.stopped")
 

@@ -135,11 +135,9 @@ def parse_header(
     size = len(encoded)
     fp = io.BytesIO(encoded)
     try:
+        # Large values are skipped, not read; a malformed value of an attribute the node
+        # does not use is kept as received (refusing it would lose the study).
         ds = pydicom.dcmread(fp, defer_size=1024)
-        # Touch every element so that malformed values surface here.
-        for tag, raw in list(ds._dict.items()):
-            if getattr(raw, "value", b"") is not None:  # deferred (large) values stay unread
-                _ = ds[tag].value
     except Exception as exc:
         raise InstanceRejectedError(f"Dataset cannot be decoded: {type(exc).__name__}",
                                     "undecodable") from exc

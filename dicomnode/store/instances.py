@@ -7,11 +7,14 @@ sender can be told "success". ``InstanceStore.recover`` runs at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicomnode.logs import fields
@@ -31,6 +34,24 @@ from dicomnode.store.models import (
 from dicomnode.store.spool import Spool, SpooledFile
 
 log = logging.getLogger(__name__)
+
+
+class _NeedsFullPathError(Exception):
+    """Internal: roll the fast path back and take the full one."""
+
+
+# The fast path's statements, built once (SQLAlchemy then reuses their compiled form).
+_INSERT_INSTANCE = insert(Instance)
+_TOUCH_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("pk"), Study.state == bindparam("receiving"),
+           Study.version == bindparam("v"))
+    .values(instance_count=Study.instance_count + 1, last_received_at=bindparam("now"))
+)
+_TOUCH_SERIES = (
+    update(Series).where(Series.id == bindparam("pk"))
+    .values(instance_count=Series.instance_count + 1)
+)
 
 
 @dataclass(frozen=True)
@@ -67,9 +88,13 @@ class InstanceStore:
         The durable file store.
     """
 
-    def __init__(self, db: Database, spool: Spool) -> None:
+    def __init__(self, db: Database, spool: Spool, io_threads: int = 16) -> None:
         self.db = db
         self.spool = spool
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="spool-io")
+        # Primary keys of rows that never move, and the study version last seen here.
+        self._series_pk: dict[str, int] = {}
+        self._study_key: dict[str, tuple[int, int]] = {}
 
     def store(
         self,
@@ -101,12 +126,20 @@ class InstanceStore:
         SpoolFullError
             Free space is below the reserve (nothing is written).
         """
-        header = parse_header(
-            encoded, expected_sop_uid=expected_sop_uid,
-            expected_sop_class_uid=expected_sop_class_uid,
-        )
         self.spool.check_reserve(len(encoded))
-        spooled = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, [encoded])
+        # The disk flushes the bytes while the header is checked; nothing is placed
+        # under instances/ unless the check passes.
+        pending = self._io.submit(self.spool.write_temp, [encoded])
+        try:
+            header = parse_header(
+                encoded, expected_sop_uid=expected_sop_uid,
+                expected_sop_class_uid=expected_sop_class_uid,
+            )
+        except BaseException:
+            _discard_when_written(pending)
+            raise
+        tmp = pending.result()
+        spooled = self.spool.place(tmp, header.study_uid, header.series_uid, header.sop_uid)
         try:
             return self._index(header, spooled, calling_aet)
         except BaseException:
@@ -116,6 +149,49 @@ class InstanceStore:
 
     def _index(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
                ) -> StoreOutcome:
+        with self.db.write_lock:
+            fast = self._index_fast(header, spooled, calling_aet)
+            return fast if fast is not None else self._index_full(header, spooled, calling_aet)
+
+    def _index_fast(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
+                    ) -> StoreOutcome | None:
+        """The common case in three statements: the study is receiving, the series known.
+
+        Returns None (having written nothing) when the full path is needed: a new
+        study or series, a study to re-open, or a duplicate.
+        """
+        known = self._study_key.get(header.study_uid)
+        series_pk = self._series_pk.get(header.series_uid)
+        if known is None or series_pk is None:
+            return None
+        study_pk, version = known
+        now = utcnow()
+        try:
+            with self.db.engine.begin() as conn:
+                conn.execute(_INSERT_INSTANCE, {
+                    "sop_uid": header.sop_uid, "series_pk": series_pk,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "path": spooled.relative, "size": spooled.size,
+                    "instance_number": header.instance_number,
+                    "image_type": header.image_type, "orientation": header.orientation,
+                    "slice_position": header.slice_position,
+                    "images_in_acquisition": header.images_in_acquisition,
+                    "study_version": version, "calling_aet": calling_aet, "received_at": now,
+                })
+                touched = conn.execute(_TOUCH_STUDY, {"pk": study_pk, "v": version, "now": now,
+                                                      "receiving": StudyState.RECEIVING.value},
+                                       ).rowcount
+                if touched != 1:
+                    raise _NeedsFullPathError
+                conn.execute(_TOUCH_SERIES, {"pk": series_pk})
+        except (IntegrityError, _NeedsFullPathError):
+            return None  # rolled back: a duplicate or a study that is not receiving
+        return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
+                            duplicate=False, reopened=False, study_version=version)
+
+    def _index_full(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
+                    ) -> StoreOutcome:
         with self.db.transaction() as session:
             existing = session.execute(
                 select(Instance.path).where(Instance.sop_uid == header.sop_uid)
@@ -150,8 +226,18 @@ class InstanceStore:
             ))
             study.instance_count += 1
             study.last_received_at = now
-            return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
+            session.flush()
+            series_uid, series_pk = series.series_uid, series.id
+            study_key = (study.id, study.version)
+            outcome = StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
                                 duplicate=False, reopened=reopened, study_version=study.version)
+        self._series_pk[series_uid] = series_pk  # only once committed
+        self._study_key[header.study_uid] = study_key
+        return outcome
+
+    def close(self) -> None:
+        """Wait for writes in progress and stop the I/O threads."""
+        self._io.shutdown(wait=True)
 
     def recover(self) -> RecoveryReport:
         """Make the spool and the index agree after a crash or power loss.
@@ -202,6 +288,11 @@ class InstanceStore:
     def path_of(self, relative: str) -> Path:
         """Absolute path of a spooled instance."""
         return self.spool.root / relative
+
+
+def _discard_when_written(pending: Future[Path]) -> None:
+    with contextlib.suppress(OSError):  # write_temp cleans up after itself when it fails
+        Spool.discard(pending.result())
 
 
 def _study_for(session: Session, header: InstanceHeader, calling_aet: str,

@@ -125,24 +125,51 @@ class Spool:
         -------
         SpooledFile
         """
-        relative = self.relative_path(study_uid, series_uid, sop_uid)
-        final = self.root / relative
-        if final.exists():
-            return SpooledFile(final, relative, final.stat().st_size, created=False)
+        return self.place(self.write_temp(chunks), study_uid, series_uid, sop_uid)
+
+    def write_temp(self, chunks: Iterable[bytes | memoryview]) -> Path:
+        """Write ``chunks`` to a new temporary file and flush it to disk.
+
+        The first half of ``write``, split out so that the caller can check the
+        dataset while the disk works; ``place`` or ``discard`` must follow.
+
+        Returns
+        -------
+        Path
+            The temporary file.
+        """
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
-                os.fsync(fd)
+                        view = view[os.write(fd, view):]
+                os.fdatasync(fd)  # data and size; the rename is made durable in ``place``
             finally:
                 os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Rename a flushed temporary file into place and make the rename durable.
+
+        An instance already in place is kept and ``tmp`` is removed.
+
+        Returns
+        -------
+        SpooledFile
+        """
+        relative = self.relative_path(study_uid, series_uid, sop_uid)
+        final = self.root / relative
+        try:
+            if final.exists():
+                tmp.unlink(missing_ok=True)
+                return SpooledFile(final, relative, final.stat().st_size, created=False)
+            size = tmp.stat().st_size
             parent = final.parent
             if not parent.is_dir():
                 parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +181,11 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         return SpooledFile(final, relative, size, created=True)
+
+    @staticmethod
+    def discard(tmp: Path) -> None:
+        """Remove a temporary file that will not be placed."""
+        tmp.unlink(missing_ok=True)
 
     def remove(self, relative: str) -> None:
         """Delete one stored instance (used to undo a write whose indexing failed)."""
