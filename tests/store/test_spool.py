@@ -28,7 +28,7 @@ def test_write_is_atomic_and_keeps_first_copy(tmp_path: Path) -> None:
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
 
-    def chunks():  # noqa: ANN202
+    def chunks():
         yield b"partial"
         raise OSError(28, "No space left on device")
 
