@@ -28,7 +28,7 @@ def test_serve_store_status(tmp_path: Path) -> None:
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         wait_port(port, 30)
-        paths = write_series(tmp_path / "study", 30)
+        paths = write_series(tmp_path / "study", 300, rows=16, cols=16)
         out = subprocess.run(["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port),
                               *map(str, paths)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -40,7 +40,7 @@ def test_serve_store_status(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
         study = status["studies"][0]
-        assert study["instances"] == 30 and study["completion_trigger"] == "association_release"
+        assert study["instances"] == 300 and study["completion_trigger"] == "association_release"
         assert (tmp_path / "var" / "dicomnode.db").is_file()
     finally:
         proc.terminate()
