@@ -288,29 +288,37 @@ def structure_masks(
                 check_mask_shape(f"masks['{s.name}']", mask, geometry)
                 pairs.append((s, mask))
         return pairs
-    labels = np.asarray(masks)
+    labels = check_label_map(np.asarray(masks), structures, geometry)
+    return [(s, labels == s.label) for s in structures]
+
+
+def check_label_map(labels: np.ndarray, structures: Sequence[Structure],
+                    geometry: SliceGeometry) -> np.ndarray:
+    """Check a label map's shape, type and values against the source and the table.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``labels`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        For a shape that is not the source's, a non-integer type, or a label value that
+        is not in the structure table.
+    """
     check_mask_shape("masks", labels, geometry)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"Invalid 'masks' dtype '{labels.dtype}' - a label map must be integer")
-    present = np.unique(labels)
+    if labels.dtype == np.uint8:
+        present = np.nonzero(np.bincount(labels.ravel(), minlength=256))[0]
+    else:
+        present = np.unique(labels)
     known = {0} | {s.label for s in structures}
     stray = [int(v) for v in present if int(v) not in known]
     if stray:
         raise ValueError(
             f"Invalid 'masks' label value '{stray[0]}' - not in the structure table "
             f"(labels {sorted(known - {0})})")
-    return [(s, labels == s.label) for s in structures]
+    return labels
 
-
-def label_map(pairs: Sequence[tuple[Structure, np.ndarray]], shape: tuple[int, int, int]
-              ) -> np.ndarray | None:
-    """Combine non-overlapping masks into a ``uint8`` map of segment numbers 1..n.
-
-    Returns ``None`` when masks overlap (the caller then needs one plane per segment).
-    """
-    out = np.zeros(shape, np.uint8)
-    for number, (_, mask) in enumerate(pairs, start=1):
-        if (out[mask] != 0).any():
-            return None
-        out[mask] = number
-    return out
