@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from highdicom.sr.coding import CodedConcept
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 #: Local coding scheme for concepts without a standard code (documented in the SR).
 LOCAL_SCHEME = "99DCMNODE"

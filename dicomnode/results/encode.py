@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the usual alias
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -64,7 +64,7 @@ def _read_series(series_dir: Path) -> list[Dataset]:
     """Read one CT series from a folder, sorted along the slice normal (not by number)."""
     if not series_dir.is_dir():
         raise ValueError(f"Invalid 'series_dir' value '{series_dir}' - not a directory")
-    images = []
+    images: list[Dataset] = []
     for path in sorted(p for p in series_dir.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -85,7 +85,7 @@ def longest_axial_diameter_mm(mask: np.ndarray, geometry: SliceGeometry) -> floa
 
 def find_lesions(tumour: np.ndarray, geometry: SliceGeometry) -> list[Lesion]:
     """Split a tumour mask into 3D connected lesions (26-connectivity), largest first."""
-    labelled, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    labelled, _ = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
     boxes = ndimage.find_objects(labelled)
     found = []
     for index, box in enumerate(boxes, start=1):

@@ -142,7 +142,7 @@ def render_montage(
         raise ValueError(f"Invalid 'columns'/'tile_size' value '{columns}/{tile_size}'")
     chosen = choose_slices(pairs, tiles) or [geometry.shape[0] // 2]
     aspect = geometry.spacing[0] * geometry.shape[1] / (geometry.spacing[1] * geometry.shape[2])
-    tile_w, tile_h = tile_size, max(16, int(round(tile_size * aspect)))
+    tile_w, tile_h = tile_size, max(16, round(tile_size * aspect))
     rows = (len(chosen) + columns - 1) // columns
     sheet = Image.new("RGB", (min(columns, len(chosen)) * tile_w, rows * tile_h))
     for n, z in enumerate(chosen):
@@ -209,7 +209,7 @@ def build_secondary_capture(
     pairs = structure_masks(masks, structures, geometry)
     series_uid = series_instance_uid or new_uid()
     orientation = _patient_orientation(geometry)
-    images = []
+    images: list[Dataset] = []
     for z, source in enumerate(source_images):
         rgb = overlay_slice(hounsfield(source), [(s, m[z]) for s, m in pairs], window,
                             fill_alpha=0.0)
@@ -232,7 +232,7 @@ def build_secondary_capture(
         sc.BurnedInAnnotation = "YES"
         sc.Laterality = ""  # type 2C: unpaired or unknown; dciodvfy asks for it
         sc.DerivationDescription = f"Contours by {algorithm.describe()}"[:1024]
-        sc.SoftwareVersions = list(algorithm.software_versions)
+        sc.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
         copy_patient_study(source, sc)
         images.append(sc)
     log.info("sc.built", extra=fields(series=series_uid, images=len(images)))

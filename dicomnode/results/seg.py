@@ -100,7 +100,8 @@ def _frames_in_source_order(seg: hd.seg.Segmentation, source_uids: list[str]) ->
     if len(packed) % 2:
         packed += b"\x00"
     items = list(seg.PerFrameFunctionalGroupsSequence)
-    seg.PerFrameFunctionalGroupsSequence = DicomSequence([items[i] for i in order])
+    seg.PerFrameFunctionalGroupsSequence = DicomSequence(  # type: ignore[assignment]
+        [items[i] for i in order])
     seg.PixelData = packed
 
 

@@ -89,8 +89,8 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
         scheme.CodingSchemeDesignator = LOCAL_SCHEME
         scheme.CodingSchemeName = "dicomnode local codes"
         scheme.CodingSchemeResponsibleOrganization = "dicomnode"
-        sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])
-    sr.SoftwareVersions = list(algorithm.software_versions)
+        sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])  # type: ignore[assignment]
+    sr.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
     copy_patient_study(source_images[0], sr)
     return sr
 

@@ -163,3 +163,18 @@ def algorithm() -> AlgorithmInfo:
 
 DCIODVFY = shutil.which("dciodvfy")
 PLASTIMATCH = shutil.which("plastimatch")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Run dicom3tools' dciodvfy on a file and return its "Error" lines."""
+    import subprocess
+
+    assert DCIODVFY, "dciodvfy (dicom3tools) is required for these tests"
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
