@@ -30,7 +30,7 @@ from dicomnode.results.source import (
     ds_string,
     new_uid,
     now,
-    structure_masks,
+    structure_crops,
 )
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,19 @@ def _contour_data(points: np.ndarray) -> list[str]:
     return [ds_string(v) for v in points.ravel().tolist()]
 
 
-def structure_contours(mask: np.ndarray, geometry: SliceGeometry
+def structure_contours(mask: np.ndarray, geometry: SliceGeometry,
+                       offset: tuple[int, int, int] = (0, 0, 0)
                        ) -> list[tuple[int, np.ndarray]]:
     """Closed planar contours of one structure, in patient coordinates.
 
     Parameters
     ----------
     mask
-        Boolean mask ``[z, y, x]`` in the source geometry.
+        Boolean mask ``[z, y, x]`` in the source geometry, or a crop of it.
     geometry
         Source geometry (see :func:`~dicomnode.results.source.check_source_images`).
+    offset
+        Index of the crop's first voxel in the full grid.
 
     Returns
     -------
@@ -77,18 +80,12 @@ def structure_contours(mask: np.ndarray, geometry: SliceGeometry
         ``(slice index, (n, 3) points in mm)`` per contour; outer boundaries and holes.
     """
     tol = simplify_tolerance_mm(geometry.spacing)
-    z_any = np.nonzero(mask.any(axis=(1, 2)))[0]
-    if z_any.size == 0:
-        return []
-    rows_any = np.nonzero(mask.any(axis=(0, 2)))[0]
-    cols_any = np.nonzero(mask.any(axis=(0, 1)))[0]
-    r0, r1 = int(rows_any[0]), int(rows_any[-1]) + 1
-    c0, c1 = int(cols_any[0]), int(cols_any[-1]) + 1
+    z0, r0, c0 = offset
     out = []
-    for z in z_any.tolist():
-        for poly in mask_to_polygons(mask[z, r0:r1, c0:c1], geometry.spacing, tol):
-            points = geometry.to_patient(z, poly[:, 0] + r0, poly[:, 1] + c0)
-            out.append((z, points))
+    for z in np.nonzero(mask.any(axis=(1, 2)))[0].tolist():
+        for poly in mask_to_polygons(mask[z], geometry.spacing, tol):
+            points = geometry.to_patient(z0 + z, poly[:, 0] + r0, poly[:, 1] + c0)
+            out.append((z0 + z, points))
     return out
 
 
@@ -141,7 +138,7 @@ def build_rtstruct(
     for s in structures:
         if s.rt_roi_type not in _RT_ROI_TYPES:
             raise ValueError(f"Invalid 'rt_roi_type' value '{s.rt_roi_type}' for '{s.name}'")
-    pairs = structure_masks(masks, structures, geometry)
+    crops = structure_crops(masks, structures, geometry)
     first = source_images[0]
     date, time = now()
 
@@ -187,7 +184,7 @@ def build_rtstruct(
 
     roi_items, contour_items, observation_items = [], [], []
     total_contours = 0
-    for number, (structure, mask) in enumerate(pairs, start=1):
+    for number, (structure, box, mask) in enumerate(crops, start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
@@ -208,7 +205,8 @@ def build_rtstruct(
         roi_contour.ROIDisplayColor = list(structure.color)
         roi_contour.ReferencedROINumber = number
         contours = []
-        for index, (z, points) in enumerate(structure_contours(mask, geometry), start=1):
+        offset = (box[0].start, box[1].start, box[2].start)
+        for index, (z, points) in enumerate(structure_contours(mask, geometry, offset), 1):
             contour = Dataset()
             contour.ContourImageSequence = DicomSequence([_image_ref(source_images[z])])
             contour.ContourGeometricType = "CLOSED_PLANAR"
@@ -234,6 +232,6 @@ def build_rtstruct(
     ds.StructureSetROISequence = DicomSequence(roi_items)
     ds.ROIContourSequence = DicomSequence(contour_items)
     ds.RTROIObservationsSequence = DicomSequence(observation_items)
-    log.info("rtstruct.built", extra=fields(sop=str(ds.SOPInstanceUID), rois=len(pairs),
+    log.info("rtstruct.built", extra=fields(sop=str(ds.SOPInstanceUID), rois=len(crops),
                                             contours=total_contours))
     return ds

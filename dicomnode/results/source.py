@@ -18,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
+from scipy import ndimage
 
 from dicomnode.logs import fields
 from dicomnode.results.codes import Structure
@@ -292,6 +293,37 @@ def structure_masks(
     return [(s, labels == s.label) for s in structures]
 
 
+def structure_crops(
+    masks: np.ndarray | Mapping[str, np.ndarray],
+    structures: Sequence[Structure],
+    geometry: SliceGeometry,
+) -> list[tuple[Structure, tuple[slice, slice, slice], np.ndarray]]:
+    """Like :func:`structure_masks`, but each mask cropped to its bounding box.
+
+    Returns
+    -------
+    list of (Structure, box, numpy.ndarray)
+        ``box`` indexes the full ``[z, y, x]`` grid; the mask is ``full[box]``. An empty
+        structure has an empty box and a ``(0, 0, 0)`` mask.
+    """
+    empty = (slice(0, 0), slice(0, 0), slice(0, 0))
+    if isinstance(masks, Mapping):
+        out = []
+        for s, mask in structure_masks(masks, structures, geometry):
+            box = ndimage.find_objects(mask.astype(np.uint8, copy=False))
+            crop_box = box[0] if box and box[0] is not None else empty
+            out.append((s, crop_box, mask[crop_box]))
+        return out
+    labels = check_label_map(np.asarray(masks), structures, geometry)
+    boxes = ndimage.find_objects(labels)
+    out = []
+    for s in structures:
+        box = boxes[s.label - 1] if s.label <= len(boxes) else None
+        crop_box = box if box is not None else empty
+        out.append((s, crop_box, labels[crop_box] == s.label))
+    return out
+
+
 def check_label_map(labels: np.ndarray, structures: Sequence[Structure],
                     geometry: SliceGeometry) -> np.ndarray:
     """Check a label map's shape, type and values against the source and the table.
@@ -310,11 +342,11 @@ def check_label_map(labels: np.ndarray, structures: Sequence[Structure],
     check_mask_shape("masks", labels, geometry)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"Invalid 'masks' dtype '{labels.dtype}' - a label map must be integer")
-    if labels.dtype == np.uint8:
-        present = np.nonzero(np.bincount(labels.ravel(), minlength=256))[0]
-    else:
-        present = np.unique(labels)
     known = {0} | {s.label for s in structures}
+    low, high = int(labels.min(initial=0)), int(labels.max(initial=0))
+    if low >= 0 and set(range(high + 1)) <= known:
+        return labels  # every value up to the maximum is a known label: no full scan
+    present = np.unique(labels)
     stray = [int(v) for v in present if int(v) not in known]
     if stray:
         raise ValueError(

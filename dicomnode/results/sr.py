@@ -37,7 +37,7 @@ from dicomnode.results.source import (
     check_source_images,
     copy_patient_study,
     new_uid,
-    structure_masks,
+    structure_crops,
 )
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,13 @@ def _segment_numbers(seg: Dataset) -> dict[str, int]:
     return {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
 
 
+def _uncrop(crop: np.ndarray, box: tuple[slice, slice, slice],
+            shape: tuple[int, int, int]) -> np.ndarray:
+    full = np.zeros(shape, bool)
+    full[box] = crop
+    return full
+
+
 def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite]:
     if structure.rt_roi_type != "ORGAN":
         return []
@@ -146,7 +153,9 @@ def build_segmentation_sr(
     highdicom.sr.Comprehensive3DSR
     """
     geometry = check_source_images(source_images)
-    pairs = structure_masks(masks, structures, geometry)
+    crops = structure_crops(masks, structures, geometry)
+    pairs = [(s, m) for s, _, m in crops]
+    boxes = {s.name: box for s, box, _ in crops}
     numbers = _segment_numbers(seg)
     missing = [s.name for s, _ in pairs if s.name not in numbers]
     if missing:
@@ -164,7 +173,9 @@ def build_segmentation_sr(
     tumour = next((s for s, _ in pairs if s.rt_roi_type == "GTV"), None)
     liver_stats: LiverMeasurements | None = None
     if liver is not None and tumour is not None:
-        liver_stats = measure_liver(by_name[liver.name], by_name[tumour.name], geometry)
+        liver_stats = measure_liver(
+            _uncrop(by_name[liver.name], boxes[liver.name], geometry.shape),
+            _uncrop(by_name[tumour.name], boxes[tumour.name], geometry.shape), geometry)
 
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for structure, mask in pairs:
