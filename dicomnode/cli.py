@@ -43,7 +43,8 @@ def encode(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     typer.echo(json.dumps({"seg": str(result.seg), "rtstruct": str(result.rtstruct),
-                           "sr": str(result.sr), "voxels": result.structures}, indent=2))
+                           "sr": str(result.sr), "voxels": result.structures,
+                           "ignored_labels": result.ignored_labels}, indent=2))
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -44,6 +45,16 @@ class AlgorithmInfo:
                 f"Invalid 'weights_sha256' value '{self.weights_sha256}' - "
                 "must be 64 lower-case hex digits"
             )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, str]) -> AlgorithmInfo:
+        """Build from a pipeline's ``algorithm`` dict: ``name``, ``version``, ``sha256``,
+        and optionally ``family``."""
+        missing = [k for k in ("name", "version", "sha256") if not values.get(k)]
+        if missing:
+            raise ValueError(f"Invalid 'algorithm' value - '{missing[0]}' is missing")
+        return cls(values["name"], values["version"], values["sha256"],
+                   values.get("family") or "Artificial Intelligence")
 
     @property
     def software_versions(self) -> tuple[str, str]:

@@ -8,7 +8,8 @@ order of their label values in a label map (label ``i + 1`` is entry ``i``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from highdicom.sr.coding import CodedConcept
 from pydicom.sr.codedict import codes
@@ -53,6 +54,11 @@ class Structure:
     color: tuple[int, int, int]
     rt_roi_type: str = "ORGAN"
 
+    @property
+    def is_lesion(self) -> bool:
+        """Whether this is a lesion (tumour) rather than an organ."""
+        return self.category == ABNORMAL_STRUCTURE
+
     def __post_init__(self) -> None:
         if self.label < 1 or self.label > 255:
             raise ValueError(f"Invalid 'label' value '{self.label}' - must be 1 to 255")
@@ -78,13 +84,54 @@ HEADNECK: tuple[Structure, ...] = (
     _organ("Glnd_Submand_R", 9, codes.SCT.SubmandibularGland, (255, 255, 0), RIGHT),
 )
 
-#: Liver and liver tumours, in label order.
+#: Liver and liver tumours, in label order (the names the phantoms and pipelines use).
 ABDOMEN: tuple[Structure, ...] = (
     _organ("Liver", 1, codes.SCT.Liver, (221, 130, 101)),
-    Structure("GTV_Liver", 2, ABNORMAL_STRUCTURE, codes.SCT.Neoplasm, None, (255, 0, 0), "GTV"),
+    Structure("Lesion_Liver", 2, ABNORMAL_STRUCTURE, codes.SCT.Neoplasm, None, (255, 0, 0),
+              "GTV"),
 )
 
 STRUCTURE_TABLES: dict[str, tuple[Structure, ...]] = {"headneck": HEADNECK, "abdomen": ABDOMEN}
+
+#: Every structure the node knows by TG-263 name (label values are placeholders).
+CATALOGUE: dict[str, Structure] = {s.name: s for s in (
+    *HEADNECK, *ABDOMEN,
+    Structure("GTV_Liver", 2, ABNORMAL_STRUCTURE, codes.SCT.Neoplasm, None, (255, 0, 0), "GTV"),
+    _organ("Spleen", 3, codes.SCT.Spleen, (157, 108, 162)),
+    _organ("Kidney_L", 4, codes.SCT.Kidney, (185, 102, 83), LEFT),
+    _organ("Kidney_R", 5, codes.SCT.Kidney, (185, 102, 83), RIGHT),
+    _organ("A_Aorta", 6, codes.SCT.Aorta, (224, 97, 76)),
+    _organ("Vertebrae", 7, codes.SCT.Vertebra, (241, 214, 145)),
+    _organ("Gallbladder", 8, codes.SCT.Gallbladder, (139, 150, 98)),
+    _organ("Pancreas", 9, codes.SCT.Pancreas, (249, 180, 111)),
+)}
+
+
+def table_from_labels(names: Mapping[int, str]) -> tuple[Structure, ...]:
+    """Build a structure table from a pipeline's ``label value -> TG-263 name`` mapping.
+
+    Parameters
+    ----------
+    names
+        E.g. ``PipelineResult.structures``: ``{1: "Liver", 2: "Lesion_Liver"}``.
+
+    Returns
+    -------
+    tuple of Structure
+        The catalogue entries with the given label values, in label order.
+
+    Raises
+    ------
+    ValueError
+        For a name the catalogue does not know.
+    """
+    table = []
+    for label, name in sorted(names.items()):
+        if name not in CATALOGUE:
+            raise ValueError(f"Invalid structure name '{name}' (label {label}) - known names: "
+                             f"{sorted(CATALOGUE)}")
+        table.append(replace(CATALOGUE[name], label=int(label)))
+    return tuple(table)
 
 
 def structure_table(region: str) -> tuple[Structure, ...]:

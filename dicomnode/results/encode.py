@@ -52,12 +52,15 @@ class EncodedResult:
         Paths of the three result objects.
     structures
         Name and voxel count of every structure of the table.
+    ignored_labels
+        Label values in the file that the table does not name (left out, with a warning).
     """
 
     seg: Path
     rtstruct: Path
     sr: Path
     structures: dict[str, int]
+    ignored_labels: list[int]
 
 
 def _read_series(series_dir: Path) -> list[Dataset]:
@@ -197,6 +200,12 @@ def encode_label_map(
     Returns
     -------
     EncodedResult
+
+    Notes
+    -----
+    Label values the table does not name are left out with a warning (listed in
+    ``EncodedResult.ignored_labels``), so a multi-organ label map can be encoded for
+    the structures this node reports.
     """
     table = structure_table(structures)
     labels_file = Path(labels_path)
@@ -205,6 +214,12 @@ def encode_label_map(
     if algorithm is None:
         algorithm = AlgorithmInfo("external-label-map", "unknown", _sha256(labels_file),
                                   "External segmentation (checksum of the label file)")
+    # Tools such as TotalSegmentator label far more than the table: keep the table's.
+    present = np.nonzero(np.bincount(labels.ravel(), minlength=256))[0]
+    ignored = sorted(int(v) for v in present if v != 0 and v not in {s.label for s in table})
+    if ignored:
+        log.warning("encode.labels_ignored", extra=fields(labels=ignored, table=structures))
+        labels[~np.isin(labels, [s.label for s in table])] = 0
     seg_desc, rt_desc, sr_desc = _DESCRIPTIONS[structures]
     seg = build_seg(images, labels, table, algorithm, series_description=seg_desc)
     rtstruct = build_rtstruct(images, labels, table, algorithm, series_description=rt_desc)
@@ -216,6 +231,7 @@ def encode_label_map(
         rtstruct=write(rtstruct, out / "rtstruct.dcm"),
         sr=write(sr, out / "sr.dcm"),
         structures={s.name: int(np.count_nonzero(labels == s.label)) for s in table},
+        ignored_labels=ignored,
     )
     log.info("encode.done", extra=fields(series=str(images[0].SeriesInstanceUID),
                                          slices=len(images), structures=structures))

@@ -107,7 +107,7 @@ def _uncrop(crop: np.ndarray, box: tuple[slice, slice, slice],
 
 
 def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite]:
-    if structure.rt_roi_type != "ORGAN":
+    if structure.is_lesion:
         return []
     return [hd.sr.FindingSite(anatomic_location=structure.type,
                               laterality=structure.laterality)]
@@ -127,7 +127,7 @@ def build_segmentation_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-structure volumes referencing the SEG segments.
 
-    When the table has a ``Liver`` and a ``GTV`` structure, the report adds one group
+    When the table has a ``Liver`` and a lesion structure, the report adds one group
     per lesion (volume, longest axial diameter), the lesion count, the total tumour
     burden and the tumour-to-liver ratio.
 
@@ -170,7 +170,7 @@ def build_segmentation_sr(
 
     by_name = {s.name: m for s, m in pairs}
     liver = next((s for s, _ in pairs if s.name == "Liver"), None)
-    tumour = next((s for s, _ in pairs if s.rt_roi_type == "GTV"), None)
+    tumour = next((s for s, _ in pairs if s.is_lesion), None)
     liver_stats: LiverMeasurements | None = None
     if liver is not None and tumour is not None:
         liver_stats = measure_liver(

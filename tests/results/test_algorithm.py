@@ -26,3 +26,10 @@ def test_invalid_values_name_the_keyword(kwargs: dict[str, str], keyword: str) -
     values = {"name": "n", "version": "1", "weights_sha256": "0" * 64} | kwargs
     with pytest.raises(ValueError, match=f"'{keyword}'"):
         AlgorithmInfo(**values)
+
+
+def test_from_pipeline_mapping() -> None:
+    info = AlgorithmInfo.from_mapping({"name": "liver", "version": "2", "sha256": "1" * 64})
+    assert info.family == "Artificial Intelligence"
+    with pytest.raises(ValueError, match="'sha256'"):
+        AlgorithmInfo.from_mapping({"name": "liver", "version": "2"})

@@ -26,7 +26,7 @@ def test_headneck_table_is_the_miccai_set_in_label_order() -> None:
 
 
 def test_abdomen_and_ich() -> None:
-    assert [s.name for s in ABDOMEN] == ["Liver", "GTV_Liver"]
+    assert [s.name for s in ABDOMEN] == ["Liver", "Lesion_Liver"]
     assert ABDOMEN[1].rt_roi_type == "GTV"
     assert [f.key for f in ICH_FINDINGS] == ["any", "epidural", "intraparenchymal",
                                              "intraventricular", "subarachnoid", "subdural"]
@@ -36,3 +36,14 @@ def test_unknown_table() -> None:
     assert structure_table("abdomen") is ABDOMEN
     with pytest.raises(ValueError, match="'structures' value 'pelvis'"):
         structure_table("pelvis")
+
+
+def test_table_from_pipeline_labels() -> None:
+    from dicomnode.results.codes import table_from_labels
+
+    table = table_from_labels({2: "Lesion_Liver", 1: "Liver", 5: "Kidney_R"})
+    assert [(s.label, s.name) for s in table] == [(1, "Liver"), (2, "Lesion_Liver"),
+                                                 (5, "Kidney_R")]
+    assert table[1].is_lesion and not table[0].is_lesion
+    with pytest.raises(ValueError, match="'Heart'"):
+        table_from_labels({1: "Heart"})

@@ -65,11 +65,13 @@ def test_abdomen_table(axial: CtSeries, tmp_path: Path) -> None:
     labels = np.zeros_like(axial.labels)
     labels[axial.labels == 3] = 1
     labels[axial.labels == 1] = 2
+    labels[axial.labels == 6] = 3  # spleen: in the file, not in the abdomen table
     liver = CtSeries(axial.images, labels, axial.directory)
     path = _write_nifti(liver, tmp_path / "liver.nii.gz")
     result = encode_label_map(axial.directory, path, "abdomen", tmp_path / "out")
     assert result.structures == {"Liver": int((labels == 1).sum()),
-                                 "GTV_Liver": int((labels == 2).sum())}
+                                 "Lesion_Liver": int((labels == 2).sum())}
+    assert result.ignored_labels == [3]
     assert dciodvfy_errors(result.sr) == []
 
 

@@ -83,7 +83,7 @@ def test_overlapping_masks_by_name(axial: CtSeries, algorithm: AlgorithmInfo,
                                    tmp_path: Path) -> None:
     liver = axial.labels > 0
     tumour = axial.labels == 1  # inside the liver: overlapping segments
-    seg = build_seg(axial.images, {"Liver": liver, "GTV_Liver": tumour}, ABDOMEN, algorithm)
+    seg = build_seg(axial.images, {"Liver": liver, "Lesion_Liver": tumour}, ABDOMEN, algorithm)
     write(seg, tmp_path / "seg.dcm")
     back = hd.seg.segread(tmp_path / "seg.dcm")
     assert dciodvfy_errors(tmp_path / "seg.dcm") == []

@@ -57,8 +57,8 @@ def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: Algorithm
     assert dciodvfy_errors(path) == []
     groups = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
     by_id = {g.tracking_identifier: g for g in groups}
-    assert set(by_id) == {"Liver", "GTV_Liver", "Lesion 1", "Lesion 2", "Lesion 3"}
-    tumour = by_id["GTV_Liver"]
+    assert set(by_id) == {"Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"}
+    tumour = by_id["Lesion_Liver"]
     assert tumour.get_measurements(name=codes.SCT.NumberOfLesions)[0].value == 3
     voxel = check_source_images(axial.images).voxel_volume_mm3
     burden = (labels == 2).sum() * voxel / 1000
