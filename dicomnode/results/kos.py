@@ -91,6 +91,7 @@ def build_kos(
         manufacturer=MANUFACTURER,
     )
     kos.SeriesDescription = series_description
+    kos.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
     copy_patient_study(source_images[0], kos)
     log.info("kos.built", extra=fields(sop=str(kos.SOPInstanceUID), images=len(flagged)))
     return kos

@@ -20,6 +20,10 @@ def test_kos_references_the_flagged_slices(axial: CtSeries, algorithm: Algorithm
     assert dciodvfy_errors(path) == []
     back = pydicom.dcmread(path)
     assert back.Modality == "KO"
+    assert back.SeriesDescription == "AI key images"
+    assert back.Manufacturer == "dicomnode"
+    assert algorithm.name in " ".join(back.SoftwareVersions)
+    assert back.SeriesInstanceUID != axial.images[0].SeriesInstanceUID
     assert back.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest
     assert back.PatientID == axial.images[0].PatientID
     assert back.StudyInstanceUID == axial.images[0].StudyInstanceUID

@@ -35,6 +35,11 @@ def test_headneck_volumes_reference_segments(any_series: CtSeries, algorithm: Al
     back = hd.sr.srread(path)
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert back.SeriesDescription == "AI OAR volumes"
+    assert back.Manufacturer == "dicomnode"
+    assert algorithm.name in " ".join(back.SoftwareVersions)
+    assert back.StudyInstanceUID == any_series.images[0].StudyInstanceUID
+    assert back.SeriesInstanceUID not in (any_series.images[0].SeriesInstanceUID,
+                                          seg.SeriesInstanceUID)
     assert back.PatientID == any_series.images[0].PatientID
     groups = back.content.get_volumetric_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == [s.name for s in HEADNECK]
