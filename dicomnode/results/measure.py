@@ -83,8 +83,13 @@ def longest_axial_diameter_mm(mask: np.ndarray, geometry: SliceGeometry) -> floa
     return best
 
 
-def find_lesions(tumour: np.ndarray, geometry: SliceGeometry) -> list[Lesion]:
-    """Split a tumour mask into 3D connected lesions (26-connectivity), largest first."""
+def find_lesions(tumour: np.ndarray, geometry: SliceGeometry,
+                 z_offset: int = 0) -> list[Lesion]:
+    """Split a tumour mask into 3D connected lesions (26-connectivity), largest first.
+
+    ``tumour`` may be a crop of the full grid; ``z_offset`` is the index of its first
+    slice, so that ``Lesion.slice_indices`` refer to the full series.
+    """
     labelled, _ = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
     boxes = ndimage.find_objects(labelled)
     found = []
@@ -92,7 +97,7 @@ def find_lesions(tumour: np.ndarray, geometry: SliceGeometry) -> list[Lesion]:
         if box is None:
             continue
         component = labelled[box] == index
-        z0 = box[0].start
+        z0 = box[0].start + z_offset
         slices = tuple(int(z0 + z) for z in np.nonzero(component.any(axis=(1, 2)))[0])
         found.append((volume_cm3(component, geometry),
                       longest_axial_diameter_mm(component, geometry), slices))
@@ -114,7 +119,14 @@ def measure_liver(liver: np.ndarray, tumour: np.ndarray,
         Source geometry.
     """
     whole = volume_cm3(liver | tumour, geometry)
-    lesions = tuple(find_lesions(tumour, geometry))
+    z_any = np.nonzero(tumour.any(axis=(1, 2)))[0]
+    if z_any.size:
+        rows = np.nonzero(tumour.any(axis=(0, 2)))[0]
+        cols = np.nonzero(tumour.any(axis=(0, 1)))[0]
+        crop = tumour[z_any[0]:z_any[-1] + 1, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        lesions = tuple(find_lesions(crop, geometry, int(z_any[0])))
+    else:
+        lesions = ()
     burden = volume_cm3(tumour, geometry)
     ratio = 100.0 * burden / whole if whole > 0 else 0.0
     return LiverMeasurements(whole, lesions, burden, ratio)

@@ -13,8 +13,10 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from dicomnode.logs import fields
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 #: Retired Detached Study Management SOP Class, still what RTSTRUCT study references use.
 _STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
 _RT_ROI_TYPES = ("EXTERNAL", "PTV", "CTV", "GTV", "ORGAN", "AVOIDANCE", "CAVITY", "CONTROL")
 
 
@@ -56,8 +59,16 @@ def _image_ref(image: Dataset) -> Dataset:
     return ref
 
 
-def _contour_data(points: np.ndarray) -> list[str]:
-    return [ds_string(v) for v in points.ravel().tolist()]
+def _contour_data(points: np.ndarray) -> RawDataElement:
+    """Contour Data pre-encoded as DS text (each value at most 16 characters).
+
+    Building it as bytes skips pydicom's per-value DSfloat conversion, which dominated
+    the time for large structures; it reads back as an ordinary DS element.
+    """
+    text = "\\".join(ds_string(v) for v in points.ravel().tolist()).encode("ascii")
+    if len(text) % 2:
+        text += b" "
+    return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, False, True)
 
 
 def structure_contours(mask: np.ndarray, geometry: SliceGeometry,
@@ -212,7 +223,7 @@ def build_rtstruct(
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(points)
             contour.ContourNumber = index
-            contour.ContourData = _contour_data(points)
+            contour[_CONTOUR_DATA] = _contour_data(points)
             contours.append(contour)
         if contours:
             roi_contour.ContourSequence = DicomSequence(contours)
