@@ -17,6 +17,13 @@ from dicomnode.results.sr import IchResult, build_ich_sr, build_segmentation_sr
 from tests.results.conftest import CtSeries, dciodvfy_errors
 
 
+def _report(sr: hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR
+            ) -> hd.sr.MeasurementReport:
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    return report
+
+
 def _abdomen_labels(series: CtSeries) -> np.ndarray:
     """Liver = the shell; three tumours = the brainstem and parotid ellipsoids."""
     labels = np.zeros_like(series.labels)
@@ -41,10 +48,11 @@ def test_headneck_volumes_reference_segments(any_series: CtSeries, algorithm: Al
     assert back.SeriesInstanceUID not in (any_series.images[0].SeriesInstanceUID,
                                           seg.SeriesInstanceUID)
     assert back.PatientID == any_series.images[0].PatientID
-    groups = back.content.get_volumetric_roi_measurement_groups()
+    groups = _report(back).get_volumetric_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == [s.name for s in HEADNECK]
     voxel = check_source_images(any_series.images).voxel_volume_mm3
     for structure, group in zip(HEADNECK, groups, strict=True):
+        assert group.referenced_segment is not None
         ref = group.referenced_segment[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSegmentNumber == structure.label
         assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
@@ -60,7 +68,7 @@ def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: Algorithm
     sr = build_segmentation_sr(axial.images, seg, labels, ABDOMEN, algorithm)
     path = write(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
-    groups = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
+    groups = _report(hd.sr.srread(path)).get_volumetric_roi_measurement_groups()
     by_id = {g.tracking_identifier: g for g in groups}
     assert set(by_id) == {"Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"}
     tumour = by_id["Lesion_Liver"]
@@ -90,7 +98,7 @@ def test_ich_report(axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -
     path = write(sr, tmp_path / "ich.dcm")
     assert dciodvfy_errors(path) == []
     findings = {f.key: f.code for f in ICH_FINDINGS}
-    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    groups = _report(hd.sr.srread(path)).get_image_measurement_groups()
     by_id = {g.tracking_identifier: g for g in groups}
     assert list(by_id) == [r.key for r in results]
     for result in results:
