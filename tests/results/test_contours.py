@@ -87,3 +87,26 @@ def test_invalid_inputs() -> None:
         trace_loops(np.zeros((2, 2, 2), bool))
     with pytest.raises(ValueError, match="'tolerance_mm'"):
         simplify_loop(np.zeros((6, 2)), (1.0, 1.0), -1.0)
+
+
+def _segments_cross(p: np.ndarray, q: np.ndarray, r: np.ndarray, s: np.ndarray) -> bool:
+    def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> float:
+        return float((b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]))
+
+    d1, d2 = orient(p, q, r), orient(p, q, s)
+    d3, d4 = orient(r, s, p), orient(r, s, q)
+    return d1 * d2 < 0 and d3 * d4 < 0
+
+
+def test_simplified_polygons_do_not_cross_themselves_or_each_other() -> None:
+    """Planning systems reject self-intersecting contours."""
+    rng = np.random.default_rng(11)
+    for trial in range(25):
+        mask = ndimage.binary_opening(rng.random((24, 24)) < 0.55) if trial % 2 else \
+            rng.random((16, 16)) < 0.5
+        polygons = mask_to_polygons(mask, (0.9, 0.9))
+        edges = [(poly[i], poly[(i + 1) % len(poly)]) for poly in polygons
+                 for i in range(len(poly))]
+        for i, (a, b) in enumerate(edges):
+            for c, d in edges[i + 1:]:
+                assert not _segments_cross(a, b, c, d), trial
