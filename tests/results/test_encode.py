@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813 - the usual alias
 from typer.testing import CliRunner
@@ -15,7 +17,13 @@ from typer.testing import CliRunner
 from dicomnode.cli import app
 from dicomnode.results.encode import encode_label_map, series_reference_image
 from dicomnode.results.source import check_source_images
-from tests.results.conftest import CtSeries, dciodvfy_errors, make_ct_series
+from tests.results.conftest import (
+    PLASTIMATCH,
+    CtSeries,
+    dciodvfy_errors,
+    dice,
+    make_ct_series,
+)
 
 
 def _write_nifti(series: CtSeries, path: Path, flip_x: bool = False) -> Path:
@@ -101,3 +109,53 @@ def test_bad_arguments(axial: CtSeries, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["encode", str(axial.directory), str(path),
                                       "--structures", "thorax", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("region", ["headneck", "abdomen"])
+def test_phantom_ground_truth_encodes(region: str, tmp_path: Path) -> None:
+    """Each phantom region's own ground truth, written as a CT series + labels.nii.gz."""
+    phantoms = pytest.importorskip("dicomnode.phantoms.phantom",
+                                   reason="dicomnode.phantoms not merged yet")
+    phantom = phantoms.make_phantom(region, seed=5, slices=36, matrix=128)
+    series_dir = tmp_path / "ct"
+    phantoms.write_phantom(phantom, series_dir, slice_order="shuffled")
+    result = encode_label_map(series_dir, series_dir / "labels.nii.gz", region, tmp_path / "out")
+    for path in (result.seg, result.rtstruct, result.sr):
+        assert dciodvfy_errors(path) == []
+    table = {1: "Liver", 2: "Lesion_Liver"} if region == "abdomen" else None
+    expected = phantom.labels.copy()
+    if table is not None:
+        expected[~np.isin(expected, list(table))] = 0
+    seg = hd.seg.segread(result.seg)
+    uids = [str(item.ReferencedSOPInstanceUID)
+            for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    positions = {}
+    for path in series_dir.glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        positions[str(ds.SOPInstanceUID)] = float(ds.ImagePositionPatient[2])
+    ordered = sorted(uids, key=positions.__getitem__)  # phantom slice 0 is most inferior
+    back = seg.get_pixels_by_source_instance(
+        ordered, segment_numbers=[int(s.SegmentNumber) for s in seg.SegmentSequence],
+        combine_segments=True, relabel=False)
+    assert np.array_equal(back, expected)
+    assert sum(result.structures.values()) == int((expected > 0).sum())
+    # RTSTRUCT rasterised back by plastimatch (even-odd, i.e. holes kept).
+    assert PLASTIMATCH, "plastimatch is required for this test"
+    masks_dir = tmp_path / "pm"
+    subprocess.run([PLASTIMATCH, "convert", "--input", str(result.rtstruct),
+                    "--referenced-ct", str(series_dir), "--output-prefix", str(masks_dir),
+                    "--prefix-format", "nrrd", "--xor-contours"], check=True,
+                   capture_output=True)
+    images = sorted((pydicom.dcmread(p, stop_before_pixels=True)
+                     for p in series_dir.glob("*.dcm")),
+                    key=lambda ds: float(ds.ImagePositionPatient[2]))
+    geometry = check_source_images(images)
+    reference = series_reference_image(geometry)
+    for name, voxels in result.structures.items():
+        if voxels * geometry.voxel_volume_mm3 / 1000 <= 1.0:
+            continue
+        label = next(k for k, v in phantoms.SPECS[region].labels.items() if v == name)
+        image = sitk.ReadImage(str(masks_dir / f"{name}.nrrd"))
+        back_mask = sitk.GetArrayFromImage(sitk.Resample(
+            image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
+        assert dice(back_mask, expected == label) >= 0.95, name
