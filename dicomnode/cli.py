@@ -142,6 +142,26 @@ def _looks_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
 
 
+@app.command()
+def encode(
+    series_dir: str = typer.Argument(..., help="Folder with the CT series."),
+    labels: str = typer.Argument(..., help="Label map (NIfTI) drawn on that series."),
+    structures: str = typer.Option(..., help="Structure table: headneck or abdomen."),
+    out: str = typer.Option(..., help="Folder for seg.dcm, rtstruct.dcm and sr.dcm."),
+) -> None:
+    """Turn a label map made by any tool into SEG + RTSTRUCT + SR for its series."""
+    from dicomnode.results.encode import encode_label_map
+
+    try:
+        result = encode_label_map(series_dir, labels, structures, out)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(json.dumps({"seg": str(result.seg), "rtstruct": str(result.rtstruct),
+                           "sr": str(result.sr), "voxels": result.structures,
+                           "ignored_labels": result.ignored_labels}, indent=2))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
