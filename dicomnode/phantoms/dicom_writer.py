@@ -158,6 +158,10 @@ def write_series(phantom: Phantom, out_dir: Path, *, transfer_syntax: str | None
         base.BodyPartExamined = spec.body_part
     elif body_part is not None:
         base.BodyPartExamined = body_part.upper()
+    if "BodyPartExamined" not in base:
+        # Type 2C, required for paired body parts: without Body Part Examined nobody can
+        # tell, so send it empty (unknown); with an unpaired body part it must be absent
+        base.Laterality = ""
     base.SliceThickness = thk
     base.KVP = _fmt(spec.kvp)
     base.SpacingBetweenSlices = thk

@@ -151,7 +151,8 @@ def make_grid(region: str, pose_z: float, *, slices: int | None, matrix: int,
     elif dz is None:
         dz = coverage / slices
     if dz > 20:
-        raise ValueError(f"Invalid 'spacing' value '{spacing}' - slice spacing {dz:.2f} mm "
+        name, value = ("spacing", spacing) if spacing is not None else ("slices", slices)
+        raise ValueError(f"Invalid '{name}' value '{value}' - slice spacing {dz:.2f} mm "
                          "exceeds 20 mm")
     dy = dy or spec.fov_mm / matrix
     dx = dx or spec.fov_mm / matrix

@@ -25,15 +25,23 @@ _COLOURS = np.array([
 def pick_slices(phantom: Phantom, count: int) -> list[int]:
     """Slice indices spread over the scan, biased to slices holding small labels."""
     nz = phantom.hu.shape[0]
-    picks = set(np.linspace(0, nz - 1, max(count - 2, 1)).round().astype(int).tolist())
-    # add the slices where the rarest labels are largest (chiasm, nerves, lesions, bleeds)
+    picks: set[int] = set()
+    # first the slices where the rarest labels are largest (chiasm, nerves, lesions, bleeds)
     values, counts = np.unique(phantom.labels[phantom.labels > 0], return_counts=True)
-    for v in values[np.argsort(counts)][:4]:
+    for v in values[np.argsort(counts)][: max(count // 2, 1)]:
         per_slice = (phantom.labels == v).sum(axis=(1, 2))
         picks.add(int(per_slice.argmax()))
-        if len(picks) >= count:
+    # then evenly spread slices over the scan
+    for k in np.linspace(0, nz - 1, count).round().astype(int):
+        if len(picks) >= min(count, nz):
             break
-    return sorted(picks)[:count]
+        if all(abs(int(k) - p) > 1 for p in picks) or len(picks) + 1 == count:
+            picks.add(int(k))
+    k = 0
+    while len(picks) < min(count, nz):
+        picks.add(k)
+        k += 1
+    return sorted(picks)
 
 
 def render_slice(phantom: Phantom, k: int, window: tuple[float, float] | None = None,
