@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
 app = typer.Typer(
@@ -23,6 +28,167 @@ def version() -> None:
     from dicomnode import __version__
 
     typer.echo(__version__)
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: DICOMNODE_CONFIG or the "
+                 "embedded default).", dir_okay=False),
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Any:
+    from dicomnode.config import load_settings
+
+    try:
+        return load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        typer.echo(f"dicomnode: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    port: Annotated[int | None, typer.Option(help="Override the listening port.")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Override the AE title.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Override the data directory.")] = None,
+) -> None:
+    """Run the node: listen for C-STORE, detect complete studies, process, send back."""
+    from dicomnode.logs import configure_logging
+    from dicomnode.node import Node
+
+    settings = _settings(config, port=port, ae_title=ae_title, data_dir=data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+    node = Node(settings)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        node.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        node.start()
+    except OSError as exc:
+        typer.echo(f"dicomnode: cannot start: {exc}", err=True)
+        node.stop()
+        raise typer.Exit(1) from exc
+    typer.echo(f"dicomnode: {settings.ae_title} listening on {settings.bind_address}:"
+               f"{node.scp.port}, data in {settings.data_dir}", err=True)
+    node.wait()
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many of each.")] = 100,
+) -> None:
+    """Print studies, jobs and deliveries with their states."""
+    from dicomnode.store.db import Database
+    from dicomnode.store.status import node_status
+
+    settings = _settings(config)
+    db = Database(settings.db_url)
+    db.upgrade()
+    report = node_status(db, limit)
+    db.dispose()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['totals']['studies']} studies, {report['totals']['jobs']} jobs, "
+               f"{report['totals']['deliveries']} deliveries")
+    for st in report["studies"]:
+        typer.echo(f"  study {st['study_uid']}  {st['state']:<9} v{st['version']} "
+                   f"{st['instances']:>5} instances  trigger={st['completion_trigger']}  "
+                   f"from {st['calling_aet'] or '-'}")
+    for job in report["jobs"]:
+        typer.echo(f"  job {job['id']:>4} {job['state']:<10} {job['pipeline'] or '-':<14} "
+                   f"{job['study_uid']} v{job['version']}  {job['reason'] or ''}")
+    for d in report["deliveries"]:
+        typer.echo(f"  delivery {d['id']:>4} {d['state']:<8} {d['destination']}  "
+                   f"files={d['files']} attempts={d['attempts']}  {d['last_error'] or ''}")
+
+
+@app.command()
+def process(
+    study_dir: Annotated[Path, typer.Argument(help="Directory with the study's DICOM files.",
+                                              exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Where result .dcm files go.")],
+    pipeline: Annotated[str | None, typer.Option(help="Force this pipeline.")] = None,
+) -> None:
+    """Process one study offline (no network) and print a JSON summary."""
+    from dicomnode.logs import configure_logging
+    from dicomnode.workflow.jobs import process_study
+
+    configure_logging("WARNING")
+    files = sorted(p for p in study_dir.rglob("*") if p.is_file() and _looks_dicom(p))
+    if not files:
+        typer.echo(f"dicomnode: no DICOM files under {study_dir}", err=True)
+        raise typer.Exit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    run = process_study(files, out, "", pipeline)
+    typer.echo(json.dumps(run.to_dict(), indent=2))
+    if run.state.value == "failed":
+        raise typer.Exit(1)
+
+
+def _looks_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+@app.command()
+def encode(
+    series_dir: str = typer.Argument(..., help="Folder with the CT series."),
+    labels: str = typer.Argument(..., help="Label map (NIfTI) drawn on that series."),
+    structures: str = typer.Option(..., help="Structure table: headneck or abdomen."),
+    out: str = typer.Option(..., help="Folder for seg.dcm, rtstruct.dcm and sr.dcm."),
+) -> None:
+    """Turn a label map made by any tool into SEG + RTSTRUCT + SR for its series."""
+    from dicomnode.results.encode import encode_label_map
+
+    try:
+        result = encode_label_map(series_dir, labels, structures, out)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(json.dumps({"seg": str(result.seg), "rtstruct": str(result.rtstruct),
+                           "sr": str(result.sr), "voxels": result.structures,
+                           "ignored_labels": result.ignored_labels}, indent=2))
+
+
+@app.command()
+def phantom(
+    region: str = typer.Argument(..., help="headneck, abdomen or head"),
+    out: Path = typer.Option(..., "--out", help="Directory for the .dcm files and truth"),
+    seed: int = typer.Option(0, help="Everything random follows from it"),
+    slices: int | None = typer.Option(None, help="Number of axial slices"),
+    matrix: int = typer.Option(512, help="In-plane matrix (rows = columns)"),
+    spacing: str | None = typer.Option(None, help="dz, 'dz,dxy' or 'dz,dy,dx' in mm"),
+    noise: float | None = typer.Option(None, help="Noise standard deviation in HU"),
+    transfer_syntax: str | None = typer.Option(None, help="explicit, jpegls or rle"),
+    slice_order: str = typer.Option("ascending", help="ascending, descending or shuffled"),
+    body_part: str = typer.Option("default", help="BodyPartExamined text, or 'none'"),
+    descriptions: bool = typer.Option(True, help="Write Study/Series Description"),
+    preview: bool = typer.Option(False, help="Also write preview.png with labels outlined"),
+) -> None:
+    """Write a synthetic CT series with ground truth (labels.nii.gz, truth.json)."""
+    from dicomnode.phantoms.command import run_phantom, summary_json
+
+    try:
+        summary = run_phantom(
+            region, out, seed=seed, slices=slices, matrix=matrix, spacing=spacing,
+            noise=noise, transfer_syntax=transfer_syntax, slice_order=slice_order,
+            body_part=None if body_part.lower() == "none" else body_part,
+            descriptions=descriptions, preview=preview)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(summary_json(summary))
 
 
 def main() -> None:

@@ -1,0 +1,260 @@
+"""The node's DICOM listener: C-ECHO and C-STORE SCP.
+
+Every storage SOP class is negotiated so that a class the node does not keep is
+refused with a DIMSE status (0x0122) the sender can log, rather than a bare
+presentation-context rejection. The C-STORE handler never decodes pixel data: it
+takes the encoded dataset, checks its header, spools it durably and indexes it, and
+only then answers success. An exception in a handler becomes a failure status.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicomnode.config import Settings
+from dicomnode.logs import fields
+from dicomnode.store.header import InstanceRejectedError
+from dicomnode.store.instances import InstanceStore
+from dicomnode.store.models import AuditEvent
+from dicomnode.store.spool import SpoolFullError
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses of the Storage Service Class (PS3.4 B.2.3) used by the node.
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_STORE = 0xA710
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_MISSING_UID = 0xC220
+
+_REJECTION_STATUS = {
+    "undecodable": STATUS_CANNOT_UNDERSTAND,
+    "truncated": STATUS_CANNOT_UNDERSTAND,
+    "missing_uid": STATUS_MISSING_UID,
+    "sop_mismatch": STATUS_DATASET_MISMATCH,
+}
+
+#: Storage classes a CT study carries; the node keeps these and refuses the rest.
+CT_STUDY_SOP_CLASSES: frozenset[str] = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.200.2",  # CT Performed Procedure Protocol
+    "1.2.840.10008.5.1.4.1.1.66",  # Raw Data
+})
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class StorageSCP:
+    """The listening AE of one node.
+
+    Parameters
+    ----------
+    settings : Settings
+        AE title, port, bind address, limits, allow-list.
+    store : InstanceStore
+        Where received instances go.
+    on_released : callable, optional
+        Called with the study UIDs an association carried, after it is released.
+    accepted_sop_classes : iterable of str, optional
+        Storage classes to keep; default ``CT_STUDY_SOP_CLASSES``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: InstanceStore,
+        on_released: Callable[[set[str]], Any] | None = None,
+        accepted_sop_classes: Iterable[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_released = on_released
+        self.accepted = frozenset(accepted_sop_classes or CT_STUDY_SOP_CLASSES)
+        self._assoc_studies: dict[int, set[str]] = {}
+        self._assoc_counts: dict[int, Counter[str]] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.network_timeout = s.network_timeout_s
+        ae.acse_timeout = s.network_timeout_s
+        ae.dimse_timeout = s.network_timeout_s
+        if s.allowed_calling_aets is not None:
+            ae.require_calling_aet = list(s.allowed_calling_aets)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """Event handlers bound by ``start``."""
+        return [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
+
+    def start(self) -> None:
+        """Listen in background threads."""
+        s = self.settings
+        self._server = self.ae.start_server(
+            (s.bind_address, s.port), block=False, evt_handlers=self.handlers
+        )
+        log.info("scp.listening", extra=fields(ae_title=s.ae_title, address=s.bind_address,
+                                               port=self.port))
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        if self._server is None:
+            return self.settings.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # --- handlers ---------------------------------------------------------------------
+
+    def _on_accepted(self, event: Any) -> None:
+        # Answer each C-STORE at once: no Nagle delay on our small responses, and a
+        # shorter idle poll in pynetdicom's DUL loop (1 ms by default) while data flows.
+        try:
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            event.assoc.dul._run_loop_delay = self.settings.dul_poll_s
+        except (AttributeError, OSError):
+            log.debug("scp.tuning_unavailable")
+        log.debug("association.accepted", extra=fields(
+            calling_aet=event.assoc.requestor.ae_title, address=event.assoc.requestor.address))
+
+    def _on_rejected(self, event: Any) -> None:
+        calling = event.assoc.requestor.ae_title
+        log.warning("association.rejected", extra=fields(
+            calling_aet=calling, address=event.assoc.requestor.address,
+            reason="calling AE title not in allowed_calling_aets"))
+        try:
+            with self.store.db.transaction() as session:
+                session.add(AuditEvent(event="association.rejected", calling_aet=calling[:16],
+                                       detail={"address": event.assoc.requestor.address}))
+        except SQLAlchemyError:
+            log.exception("audit.failed")
+
+    def _on_echo(self, event: Any) -> int:
+        return STATUS_SUCCESS
+
+    def _count(self, event: Any, what: str) -> None:
+        with self._lock:
+            self._assoc_counts.setdefault(id(event.assoc), Counter())[what] += 1
+
+    def _refuse(self, event: Any, code: int, what: str, reason: str, sop_uid: str) -> Dataset:
+        self._count(event, "refused")
+        log.warning("instance.refused", extra=fields(
+            sop=sop_uid, status=f"0x{code:04X}", what=what, reason=reason,
+            calling_aet=event.assoc.requestor.ae_title))
+        return _status(code, reason)
+
+    def _on_store(self, event: Any) -> Dataset | int:
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        sop_class = str(request.AffectedSOPClassUID or "")
+        if sop_class not in self.accepted:
+            return self._refuse(event, STATUS_SOP_CLASS_NOT_SUPPORTED, "sop_class",
+                                f"SOP class {sop_class} not accepted", sop_uid)
+        calling = event.assoc.requestor.ae_title
+        try:
+            outcome = self.store.store(
+                event.encoded_dataset(), calling, expected_sop_uid=sop_uid,
+                expected_sop_class_uid=sop_class,
+            )
+        except InstanceRejectedError as exc:
+            return self._refuse(event, _REJECTION_STATUS.get(exc.code, STATUS_CANNOT_UNDERSTAND),
+                                exc.code, exc.reason, sop_uid)
+        except SpoolFullError as exc:
+            return self._refuse(event, STATUS_OUT_OF_RESOURCES, "disk_reserve",
+                                exc.strerror or str(exc), sop_uid)
+        except OSError as exc:
+            code = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                else STATUS_CANNOT_STORE
+            return self._refuse(event, code, "os_error", f"{exc.strerror or exc}", sop_uid)
+        except Exception as exc:  # the index or anything else: fail this one, keep serving
+            log.exception("instance.store_failed", extra=fields(sop=sop_uid))
+            return self._refuse(event, STATUS_CANNOT_STORE, "internal",
+                                f"{type(exc).__name__}", sop_uid)
+        with self._lock:
+            self._assoc_studies.setdefault(id(event.assoc), set()).add(outcome.study_uid)
+            self._assoc_counts.setdefault(id(event.assoc), Counter())[
+                "duplicate" if outcome.duplicate else "stored"] += 1
+        log.debug("instance.stored", extra=fields(sop=outcome.sop_uid, study=outcome.study_uid,
+                                                  duplicate=outcome.duplicate))
+        return STATUS_SUCCESS
+
+    def _finish(self, event: Any, how: str) -> set[str]:
+        with self._lock:
+            studies = self._assoc_studies.pop(id(event.assoc), set())
+            counts = self._assoc_counts.pop(id(event.assoc), Counter())
+        if counts or how != "released":
+            log.info(f"association.{how}", extra=fields(
+                calling_aet=event.assoc.requestor.ae_title, studies=len(studies),
+                stored=counts["stored"], duplicates=counts["duplicate"],
+                refused=counts["refused"]))
+        return studies
+
+    def _on_released(self, event: Any) -> None:
+        studies = self._finish(event, "released")
+        if studies and self.on_released is not None:
+            try:
+                self.on_released(studies)
+            except Exception:
+                log.exception("completion.release_check_failed")
+
+    def _on_aborted(self, event: Any) -> None:
+        # An aborted association may have cut a study short: only the quiet period completes it.
+        self._finish(event, "aborted")
+

@@ -1,0 +1,76 @@
+"""What the node holds and where each study stands (``dicomnode status``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from dicomnode.store.db import Database
+from dicomnode.store.models import Delivery, Job, Series, Study
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
+    """Studies, jobs and deliveries with their states, newest first.
+
+    Parameters
+    ----------
+    db : Database
+        The index.
+    limit : int
+        At most this many of each.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable; no patient-identifying values.
+    """
+    with db.session() as session:
+        studies = []
+        for study in session.execute(
+            select(Study).order_by(Study.last_received_at.desc()).limit(limit)
+        ).scalars():
+            series = session.execute(
+                select(Series).where(Series.study_pk == study.id).order_by(Series.id)
+            ).scalars()
+            studies.append({
+                "study_uid": study.study_uid,
+                "state": study.state,
+                "version": study.version,
+                "completion_trigger": study.completion_trigger,
+                "instances": study.instance_count,
+                "calling_aet": study.calling_aet,
+                "first_received_at": _ts(study.first_received_at),
+                "last_received_at": _ts(study.last_received_at),
+                "completed_at": _ts(study.completed_at),
+                "series": [{
+                    "series_uid": s.series_uid, "modality": s.modality,
+                    "series_number": s.series_number, "description": s.description,
+                    "instances": s.instance_count,
+                } for s in series],
+            })
+        jobs = [{
+            "id": job.id, "study_uid": job.study.study_uid, "version": job.study_version,
+            "pipeline": job.pipeline, "state": job.state, "priority": job.priority,
+            "reason": job.reason, "routing": job.routing, "timings": job.timings,
+            "created_at": _ts(job.created_at), "finished_at": _ts(job.finished_at),
+        } for job in session.execute(
+            select(Job).order_by(Job.id.desc()).limit(limit)).scalars()]
+        deliveries = [{
+            "id": d.id, "study_uid": d.study_uid, "job": d.job_pk,
+            "destination": f"{d.destination_ae}@{d.host}:{d.port}", "files": len(d.files),
+            "state": d.state, "attempts": d.attempts, "last_error": d.last_error,
+            "next_attempt_at": _ts(d.next_attempt_at), "sent_at": _ts(d.sent_at),
+        } for d in session.execute(
+            select(Delivery).order_by(Delivery.id.desc()).limit(limit)).scalars()]
+        totals = {
+            "studies": session.execute(select(func.count(Study.id))).scalar_one(),
+            "jobs": session.execute(select(func.count(Job.id))).scalar_one(),
+            "deliveries": session.execute(select(func.count(Delivery.id))).scalar_one(),
+        }
+    return {"totals": totals, "studies": studies, "jobs": jobs, "deliveries": deliveries}

@@ -1,0 +1,40 @@
+"""Shared fixtures: free ports, settings under tmp_path, a running node."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import Settings, load_settings
+from dicomnode.node import Node
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Embedded-default settings on a free loopback port, data under tmp_path."""
+    return load_settings(
+        None, port=free_port(), bind_address="127.0.0.1", data_dir=tmp_path / "var",
+        disk_reserve_mb=0,
+        completion={"quiet_period_s": 30, "poll_interval_s": 0.2},
+        export={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "poll_interval_s": 0.1,
+                "connect_timeout_s": 5},
+    )
+
+
+@pytest.fixture
+def node(settings: Settings) -> Iterator[Node]:
+    """A started node (stopped afterwards)."""
+    n = Node(settings)
+    n.start()
+    yield n
+    n.stop()

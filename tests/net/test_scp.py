@@ -1,0 +1,205 @@
+"""C-ECHO and C-STORE SCP against real peers (dcmtk, pynetdicom), bad input included."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import func, select
+
+from dicomnode.config import Settings
+from dicomnode.node import Node
+from dicomnode.store.models import AuditEvent, Instance, Study
+from tests.factories import ct_slice, write_series
+
+
+def _assoc(node: Node, calling: str = "TESTSCU", sop: str = CTImageStorage,
+           ts: list[str] | None = None):
+    ae = AE(ae_title=calling)
+    if ts:
+        ae.add_requested_context(sop, ts)
+    else:
+        ae.add_requested_context(sop)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.ae_title)
+    return assoc
+
+
+def _count(node: Node) -> int:
+    with node.db.session() as s:
+        return s.execute(select(func.count(Instance.id))).scalar_one()
+
+
+def _files(node: Node) -> list[Path]:
+    return [p for p in node.spool.root.rglob("*") if p.is_file()]
+
+
+def test_echo_with_dcmtk_and_pynetdicom(node: Node) -> None:
+    out = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.scp.port)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assoc = _assoc(node)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_storescu_stores_series_and_files_are_intact(node: Node, tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "in", 12)
+    out = subprocess.run(["storescu", "-aet", "CTSCANNER", "-aec", "DICOMNODE", "127.0.0.1",
+                          str(node.scp.port), *map(str, paths)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert _count(node) == 12
+    with node.db.session() as s:
+        study = s.execute(select(Study)).scalar_one()
+        assert study.calling_aet == "CTSCANNER"
+        rows = s.execute(select(Instance)).scalars().all()
+    for row in rows:
+        stored = pydicom.dcmread(node.spool.root / row.path)
+        assert stored.SOPInstanceUID == row.sop_uid
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData for p in paths}
+    for row in rows:
+        assert pydicom.dcmread(node.spool.root / row.path).PixelData == sent[row.sop_uid]
+
+
+def test_duplicate_sop_instance_is_stored_once(node: Node) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    assoc = _assoc(node)
+    assert assoc.send_c_store(ds).Status == 0
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    assert _count(node) == 1
+    assert len(list(node.spool.instances_dir.rglob("*.dcm"))) == 1
+
+
+def test_allow_list_rejects_unknown_ae_with_reason(settings: Settings) -> None:
+    settings.allowed_calling_aets = ["PACS"]
+    node = Node(settings)
+    node.start()
+    try:
+        out = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1",
+                              str(node.scp.port)], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0
+        assert "Calling AE Title Not Recognized" in out.stdout + out.stderr
+        assoc = _assoc(node, calling="PACS")
+        assert assoc.is_established
+        assoc.release()
+        with node.db.session() as s:
+            events = s.execute(select(AuditEvent.calling_aet).where(
+                AuditEvent.event == "association.rejected")).scalars().all()
+        assert events == ["INTRUDER"]
+    finally:
+        node.stop()
+
+
+def _send_raw(node: Node, path: Path, sop_class: str = CTImageStorage) -> int:
+    """Send a file's bytes as they are (pynetdicom reads the file meta, sends the rest)."""
+    assoc = _assoc(node, sop=sop_class, ts=[pydicom.uid.ExplicitVRLittleEndian])
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    return int(status.Status)
+
+
+def _raw_file(tmp_path: Path, body: bytes, sop_uid: str) -> Path:
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    path = tmp_path / "raw.dcm"
+    with path.open("wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        pydicom.filewriter.write_file_meta_info(fh, meta, enforce_standard=True)
+        fh.write(body)
+    return path
+
+
+@pytest.fixture
+def chunked_send():
+    from pynetdicom import _config
+
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+def test_non_dicom_bytes_are_refused(node: Node, tmp_path: Path, chunked_send: None) -> None:
+    path = _raw_file(tmp_path, b"this is not a DICOM data set at all" * 50, generate_uid())
+    assert _send_raw(node, path) in (0xC210, 0xC220)
+    assert _count(node) == 0
+    assert not list(node.spool.instances_dir.rglob("*.dcm"))
+    assert not list(node.spool.tmp_dir.iterdir())
+
+
+def test_truncated_dataset_is_refused(node: Node, tmp_path: Path, chunked_send: None) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0, rows=64, cols=64)
+    full = tmp_path / "full.dcm"
+    ds.save_as(full, enforce_file_format=True)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 1000])
+    assert _send_raw(node, cut) == 0xC210
+    assert _count(node) == 0
+
+
+def test_missing_study_uid_is_refused(node: Node) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    del ds.StudyInstanceUID
+    assoc = _assoc(node)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC220
+    assert "StudyInstanceUID" in status.ErrorComment
+    assert _count(node) == 0
+
+
+def test_disallowed_sop_class_is_refused(node: Node) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    assoc = _assoc(node, sop=MRImageStorage)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0122
+    assert _count(node) == 0
+
+
+def test_disk_reserve_refuses_with_out_of_resources(settings: Settings) -> None:
+    settings.disk_reserve_mb = 2**40  # a petabyte: never available
+    node = Node(settings)
+    node.start()
+    try:
+        assoc = _assoc(node)
+        status = assoc.send_c_store(ct_slice(generate_uid(), generate_uid(), 0.0, 0))
+        assoc.release()
+        assert status.Status == 0xA700
+        assert _count(node) == 0
+        assert not list(node.spool.instances_dir.rglob("*.dcm"))
+    finally:
+        node.stop()
+
+
+def test_no_patient_values_in_logs(node: Node, caplog: pytest.LogCaptureFixture,
+                                   tmp_path: Path) -> None:
+    caplog.set_level(logging.DEBUG)
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    del ds.SeriesInstanceUID  # a refusal is logged too
+    assoc = _assoc(node)
+    assoc.send_c_store(ds)
+    assoc.send_c_store(ct_slice(generate_uid(), generate_uid(), 0.0, 0))
+    assoc.release()
+    from dicomnode.logs import JsonFormatter, TextFormatter
+
+    text = "\n".join(TextFormatter().format(r) + JsonFormatter().format(r)
+                     for r in caplog.records)
+    assert "instance.refused" in text and "association.released" in text
+    for secret in ("Secret", "SECRET-ID-42", "19700101"):
+        assert secret not in text

@@ -1,0 +1,65 @@
+"""Settings: embedded default, YAML file, DICOMNODE_* environment, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicomnode.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_embedded_default_matches_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("CONFIG", "AE_TITLE", "PORT", "DATA_DIR", "DATABASE_URL"):
+        monkeypatch.delenv(f"DICOMNODE_{key}", raising=False)
+    default = load_settings()
+    from_file = load_settings(ROOT / "config" / "node.yaml")
+    a, b = default.model_dump(), from_file.model_dump()
+    url_a, url_b = a.pop("database_url"), b.pop("database_url")
+    assert a == b
+    assert Path(url_a.split("///")[1]).resolve() == Path(url_b.split("///")[1]).resolve()
+    assert (default.ae_title, default.port, default.data_dir) == ("DICOMNODE", 11112, Path("var"))
+
+
+def test_production_example_is_valid() -> None:
+    s = load_settings(ROOT / "config" / "production.yaml")
+    assert s.allowed_calling_aets and s.db_url.startswith("postgresql")
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"ae_title": "FROMFILE", "port": 104,
+                                   "peers": {"ORTHANC": {"host": "127.0.0.1", "port": 4242}}}))
+    monkeypatch.setenv("DICOMNODE_CONFIG", str(cfg))
+    monkeypatch.setenv("DICOMNODE_PORT", "11113")
+    monkeypatch.setenv("DICOMNODE_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("DICOMNODE_COMPLETION__QUIET_PERIOD_S", "3")
+    s = load_settings()
+    assert (s.ae_title, s.port, s.completion.quiet_period_s) == ("FROMFILE", 11113, 3)
+    assert s.peers["ORTHANC"].port == 4242
+    assert s.db_url == f"sqlite:///{tmp_path / 'd' / 'dicomnode.db'}"
+    monkeypatch.setenv("DICOMNODE_AE_TITLE", "ENVAE")
+    monkeypatch.setenv("DICOMNODE_DATABASE_URL", "sqlite:///x.db")
+    s = load_settings()
+    assert (s.ae_title, s.db_url) == ("ENVAE", "sqlite:///x.db")
+
+
+@pytest.mark.parametrize("bad", [{"ae_title": "WAY_TOO_LONG_AE_TITLE"}, {"port": 70000},
+                                 {"unknown_key": 1}, {"ae_title": "BACK\\SLASH"}])
+def test_invalid_values_are_named(tmp_path: Path, bad: dict[str, object]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        load_settings(cfg)
+
+
+def test_missing_or_malformed_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        load_settings(tmp_path / "none.yaml")
+    cfg = tmp_path / "list.yaml"
+    cfg.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_settings(cfg)
