@@ -260,13 +260,23 @@ def detect_region(volume: Volume) -> RegionEstimate:
         rule = "neck-sized sections without skull or lungs"
     elif share["abdomen"] >= 0.35 and share["abdomen"] >= share["chest"] * 0.5:
         region = "abdomen"
-        support = share["abdomen"] + 0.5 * (share["chest"] + share["pelvis"])
-        margin = min(1.0, share["abdomen"] / 0.7)
+        # Lung bases above the abdomen and pelvis below it are part of an abdominal scan;
+        # chest or pelvis sections out of that order are not.
+        abd = [i for i, lab in enumerate(labels) if lab == "abdomen"]
+        bases = sum(1 for lab in labels[abd[-1]:] if lab == "chest")
+        pelvis = sum(1 for lab in labels[:abd[0]] if lab == "pelvis")
+        inside = sum(1 for lab in labels[abd[0]:abd[-1] + 1] if lab == "pelvis")
+        support = (counts["abdomen"] + bases + pelvis + 0.5 * inside) / valid
+        margin = min(1.0, share["abdomen"] / 0.5)
+        evidence["lung_bases_mm"] = round(bases * step, 1)
         rule = (f"trunk sections without lungs over {counts['abdomen'] * step:.0f} mm "
-                f"({share['abdomen']:.0%} of slices)")
+                f"({share['abdomen']:.0%} of slices), lung bases over {bases * step:.0f} mm")
     elif share["chest"] >= 0.5:
-        region, support, margin = "chest", share["chest"] + 0.5 * share["abdomen"], min(
-            1.0, share["chest"] / 0.8)
+        region = "chest"
+        chest = [i for i, lab in enumerate(labels) if lab == "chest"]
+        below = sum(1 for lab in labels[:chest[0]] if lab == "abdomen")
+        support = (counts["chest"] + below) / valid
+        margin = min(1.0, share["chest"] / 0.7)
         rule = f"lungs on {share['chest']:.0%} of slices"
     else:
         best = max(share, key=lambda k: share[k])

@@ -8,6 +8,7 @@ CT Image Storage files with full geometry.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,20 @@ def write_series(
 def series_writer() -> Any:
     """The :func:`write_series` helper, as a fixture."""
     return write_series
+
+
+@functools.lru_cache(maxsize=8)
+def phantom_case(region: str, seed: int = 0, matrix: int = 128) -> Any:
+    """A phantom from ``dicomnode.phantoms`` (cached: generating one takes a second or two)."""
+    from dicomnode.phantoms.phantom import make_phantom
+
+    return make_phantom(region, seed, matrix=matrix)
+
+
+def write_phantom_case(out_dir: Path, region: str, seed: int = 0, matrix: int = 128,
+                       **kw: Any) -> list[Path]:
+    """Write a cached phantom as CT slice files; keyword arguments go to write_phantom."""
+    from dicomnode.phantoms.phantom import write_phantom
+
+    paths = write_phantom(phantom_case(region, seed, matrix), out_dir, **kw)
+    return [p for p in paths if p.suffix == ".dcm"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dicomnode.imaging.bodypart import detect_region, measure_slice
-from dicomnode.imaging.series import load_series
+from dicomnode.imaging.series import SeriesCheck, Volume, direction_from_iop, load_series
 from tests.imaging.conftest import anatomy, anatomy_slice, write_series
 
 PIX = 400 / 96
@@ -76,3 +77,30 @@ def test_measure_slice_labels() -> None:
     shoulders = np.full((128, 128), -1000.0)
     shoulders[44:84, 4:124] = 40.0  # 360 x 120 mm at 3 mm pixels
     assert measure_slice(shoulders, (3.0, 3.0)).label == "shoulder"
+
+
+# --- on the phantoms of dicomnode.phantoms -------------------------------------------
+
+
+def _volume(phantom: Any) -> Volume:
+    nz = phantom.hu.shape[0]
+    return Volume(
+        hu=phantom.hu, spacing=tuple(phantom.spacing), origin=tuple(phantom.origin),
+        direction=direction_from_iop(list(phantom.direction)),
+        positions=np.arange(nz) * phantom.spacing[0], sop_instance_uids=[],
+        series_instance_uid="", study_instance_uid="", frame_of_reference_uid="",
+        datasets=[], check=SeriesCheck(""))
+
+
+@pytest.mark.parametrize("region", ["head", "headneck", "abdomen"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_phantom_regions_detected(region: str, seed: int) -> None:
+    from dicomnode.phantoms.phantom import make_phantom
+
+    est = detect_region(_volume(make_phantom(region, seed, matrix=96)))
+    assert est.region == region, est.evidence
+    assert est.confidence >= 0.7
+    if region == "head":
+        assert est.evidence["neck_below_skull_mm"] <= 70
+    if region == "headneck":
+        assert est.evidence["neck_below_skull_mm"] > 70

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels.encoders.base import get_encoder
-from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from dicomnode.imaging.series import (
     IssueCode,
@@ -20,7 +20,7 @@ from dicomnode.imaging.series import (
     orientation_label,
     read_header,
 )
-from tests.imaging.conftest import anatomy, write_series
+from tests.imaging.conftest import anatomy, phantom_case, write_phantom_case, write_series
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +208,60 @@ def test_bad_inputs_raise_value_error(tmp_path: Path) -> None:
         load_series([42])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="'min_slices'"):
         check_series([], min_slices=0)
+
+
+# --- on the phantoms of dicomnode.phantoms -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"slice_order": "descending"}, {"slice_order": "shuffled"}, {"transfer_syntax": "rle"},
+     {"transfer_syntax": "jpegls", "slice_order": "shuffled"}],
+)
+def test_phantom_orders_and_syntaxes_give_identical_volume(tmp_path: Path,
+                                                           variant: dict[str, str]) -> None:
+    phantom = phantom_case("head")
+    ref = load_series(write_phantom_case(tmp_path / "ref", "head"))
+    np.testing.assert_array_equal(ref.hu, phantom.hu)
+    assert ref.spacing == pytest.approx(tuple(phantom.spacing), abs=1e-4)
+    assert ref.origin == pytest.approx(tuple(phantom.origin), abs=1e-3)
+    paths = write_phantom_case(tmp_path / "v", "head", **variant)
+    shuffled = list(paths)
+    random.Random(3).shuffle(shuffled)
+    vol = load_series(shuffled)
+    np.testing.assert_array_equal(vol.hu, ref.hu)
+    assert vol.spacing == ref.spacing and vol.origin == ref.origin
+    assert not vol.check.issues
+
+
+def test_phantom_gap_detected(tmp_path: Path) -> None:
+    paths = write_phantom_case(tmp_path, "head")
+    by_z = sorted(paths, key=lambda p: float(read_header(p).ImagePositionPatient[2]))
+    for p in by_z[12:14]:
+        p.unlink()
+    kept = [p for p in paths if p.exists()]
+    check = check_series(kept)
+    gap = next(i for i in check.issues if i.code is IssueCode.GAP)
+    assert gap.details["missing_slices"] == 2
+    vol = load_series(kept)
+    assert vol.shape[0] == len(by_z) - 2
+
+
+def test_phantom_duplicate_positions_detected(tmp_path: Path) -> None:
+    paths = write_phantom_case(tmp_path / "a", "head")
+    phase2 = []
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.AcquisitionNumber = 2
+        ds.InstanceNumber = int(ds.InstanceNumber) + len(paths)
+        q = tmp_path / "b" / p.name
+        q.parent.mkdir(exist_ok=True)
+        ds.save_as(q)
+        phase2.append(q)
+    check = check_series(paths + phase2)
+    dup = next(i for i in check.issues if i.code is IssueCode.DUPLICATE_POSITIONS)
+    assert dup.details["duplicates"] == len(paths)
+    vol = load_series(paths + phase2)
+    np.testing.assert_array_equal(vol.hu, phantom_case("head").hu)
+    assert set(vol.sop_instance_uids) == {str(read_header(p).SOPInstanceUID) for p in paths}

@@ -20,7 +20,7 @@ from dicomnode.workflow.routing import (
     route_directory,
     route_study,
 )
-from tests.imaging.conftest import anatomy, write_series
+from tests.imaging.conftest import anatomy, write_phantom_case, write_series
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -316,3 +316,84 @@ def test_route_directory(tmp_path: Path) -> None:
     assert code == 1 and "rule only_ct1: calling_aet is not one of ['CT1']" in text
     assert route_directory(tmp_path / "missing")[0] == 2
     assert route_directory(study, tmp_path / "nope.yaml")[0] == 2
+
+
+# --- on the phantoms of dicomnode.phantoms -------------------------------------------
+
+MISLEADING = {"head": "ABDOMEN", "headneck": "ABDOMEN", "abdomen": "HEAD"}
+
+
+@pytest.mark.parametrize("region", ["head", "headneck", "abdomen"])
+@pytest.mark.parametrize("variant", ["tags", "no_tags", "misleading", "misleading_alone"])
+def test_phantom_regions_route(tmp_path: Path, region: str, variant: str) -> None:
+    """Tags present, all descriptive tags removed, a wrong BodyPartExamined (with the true
+    descriptions, or alone): the image decides every time."""
+    kw: dict[str, Any] = {
+        "tags": {},
+        "no_tags": {"body_part": None, "descriptions": False},
+        "misleading": {"body_part": MISLEADING[region]},
+        "misleading_alone": {"body_part": MISLEADING[region], "descriptions": False},
+    }[variant]
+    write_phantom_case(tmp_path, region, **kw)
+    d = route_study([tmp_path], calling_aet="PACS")
+    assert d.routed, explain(d)
+    assert [a.pipeline for a in d.actions] == [EXPECTED[region]]
+    assert d.image_region is not None and d.image_region.region == region
+    assert d.image_region.confidence >= 0.7
+    assert d.region == region and d.region_source == "image"
+    assert d.tag_region is not None
+    wrong = region_from_text(MISLEADING[region], load_rules().synonyms)
+    kinds = sorted(x["kind"] for x in d.disagreements)
+    if variant == "tags":
+        assert d.tag_region.region == region and kinds == []
+    elif variant == "no_tags":
+        assert d.tag_region.region is None and d.tag_region.sources == {} and kinds == []
+    elif variant == "misleading":
+        # BodyPartExamined contradicts the descriptions: recorded; whichever the tag vote
+        # gives, the image region is used
+        tags_conflict = next(x for x in d.disagreements if x["kind"] == "tags")
+        assert f"BodyPartExamined={wrong}" in tags_conflict["message"]
+        if d.tag_region.region != region:
+            assert kinds == ["region", "tags"]
+            assert d.disagreements[0]["used"] == region
+    else:
+        assert d.tag_region.region == wrong and kinds == ["region"]
+        (dis,) = d.disagreements
+        assert dis["tags"] == wrong and dis["image"] == region and dis["used"] == region
+    stored = json.loads(json.dumps(d.to_dict()))
+    assert stored["actions"][0]["pipeline"] == EXPECTED[region]
+    assert stored["region"]["image"]["evidence"]["rule"]
+
+
+def test_phantom_localizer_plus_two_reconstructions(tmp_path: Path) -> None:
+    """Localizer, a 5 mm and a 2 mm reconstruction (plus a bone kernel copy): 2 mm soft wins."""
+    import pydicom
+
+    from dicomnode.phantoms.phantom import make_phantom, write_phantom
+
+    study = generate_uid()
+    thin = write_phantom_case(tmp_path / "thin", "abdomen", study_uid=study)
+    thin_uid = str(pydicom.dcmread(thin[0]).SeriesInstanceUID)
+    thick_phantom = make_phantom("abdomen", 0, matrix=128, spacing=5.0)
+    write_phantom(thick_phantom, tmp_path / "thick", study_uid=study)
+    bone = write_phantom_case(tmp_path / "bone", "abdomen", study_uid=study)
+    bone_uid = generate_uid()
+    for p in bone:
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID = bone_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ConvolutionKernel = "BONE"
+        ds.SeriesNumber = 3
+        ds.save_as(p)
+    hu = anatomy("abdomen", slices=1, matrix=128)
+    scout = generate_uid()
+    write_series(tmp_path / "scout", hu, series_uid=scout, study_uid=study, series_number=0,
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), iop=(1, 0, 0, 0, 0, -1))
+    d = route_study([tmp_path])
+    assert d.routed and d.series_instance_uid == thin_uid
+    assert [a.series_instance_uid for a in d.actions] == [thin_uid]
+    assert d.rejected_series[scout] == "localizer"
+    assert "kernel bone" in d.rejected_series[bone_uid]
+    (thick_uid,) = [s["series_instance_uid"] for s in d.series
+                    if s["slice_thickness"] == 5.0]
+    assert d.rejected_series[thick_uid] == "ranked lower: thicker slices (5 mm)"
