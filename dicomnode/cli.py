@@ -191,6 +191,21 @@ def phantom(
     typer.echo(summary_json(summary))
 
 
+
+@app.command()
+def route(
+    study_dir: Path = typer.Argument(..., help="Directory with the study's DICOM files"),
+    rules: Path | None = typer.Option(None, help="Routing YAML (default: the embedded rules)"),
+    calling_aet: str | None = typer.Option(None, help="Route as if this AE had sent it"),
+    as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON"),
+) -> None:
+    """Print which pipeline(s) a study would go to, and why (exit 1 when not routed)."""
+    from dicomnode.workflow.routing import route_directory
+
+    code, text = route_directory(study_dir, rules, calling_aet, as_json=as_json)
+    typer.echo(text, err=code == 2)
+    raise typer.Exit(code)
+
 def main() -> None:
     """Console-script entry point."""
     app()

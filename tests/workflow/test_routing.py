@@ -397,3 +397,22 @@ def test_phantom_localizer_plus_two_reconstructions(tmp_path: Path) -> None:
     (thick_uid,) = [s["series_instance_uid"] for s in d.series
                     if s["slice_thickness"] == 5.0]
     assert d.rejected_series[thick_uid] == "ranked lower: thicker slices (5 mm)"
+
+
+def test_cli_route_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    write_phantom_case(tmp_path / "s", "head", body_part=None, descriptions=False)
+    result = CliRunner().invoke(app, ["route", str(tmp_path), "--calling-aet", "CT1",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["actions"][0]["pipeline"] == "brain_ich"
+    assert payload["actions"][0]["priority"] == "urgent"
+    assert payload["calling_aet"] == "CT1"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["route", str(empty)])
+    assert result.exit_code == 1 and "no DICOM files" in result.output
