@@ -161,6 +161,16 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
         for part in (arch, spinous, trans):
             c.paint_layers(part, [(0, cortical, _L["Vertebrae"]), (2.0, marrow, None)])
 
+    # --- iliac wings: curved bony plates from the sacroiliac joints to the front
+    crest = u(-225, -200)
+    for side in (-1, 1):
+        wing = smooth_curve([(side * 38, 80, crest - 40), (side * 70, 62, crest - 28),
+                             (side * 100 * sx, 28, crest - 30), (side * 112 * sx, -8, crest - 45)],
+                            6)
+        c.paint(Tube(wing, 9, (1, 1, 4.5)), muscle, within=[vfat, fat])  # iliacus, gluteal
+        c.paint_layers(Tube(wing, 5.5, (1, 1, 6)), [(0, cortical, None), (1.8, marrow, None)],
+                       within=[muscle, vfat, fat])
+
     # --- ribs with costal cartilage ---------------------------------------------------
     cart = c.tissue("cartilage", u(100, 180), 20)
     for j, z0 in enumerate((75, 45, 15, -15, -45, -75)):

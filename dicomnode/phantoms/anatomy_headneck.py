@@ -70,7 +70,7 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
                 fat, within=[muscle])  # parapharyngeal space
         c.paint(Blob((s * 42, 28, -125), (14, 16, 30), (0, 0, 0),
                      random_harmonics(rng, 2, 0.1)), fat, within=[muscle])  # posterior triangle
-    c.paint(Blob((0, -40, -108), (30, 22, 12), (0, 0, 0), random_harmonics(rng, 2, 0.1)), fat,
+    c.paint(Blob((0, -40, -108), (20, 14, 8), (0, 0, 0), random_harmonics(rng, 2, 0.1)), fat,
             within=[muscle])  # submental fat
 
     # --- cervical spine and spinal cord -----------------------------------------------

@@ -56,9 +56,10 @@ def test_abdomen_tumours_lie_inside_the_liver_with_instances() -> None:
     for lesion in p.lesions:
         assert 5 <= lesion["diameter_mm"] <= 60
         assert (p.instances == lesion["id"]).sum() == lesion["voxels"]
-    liver_hu = p.hu[p.labels == 1].mean()
+    liver_hu = np.median(p.hu[p.labels == 1])
     assert 80 < liver_hu < 150  # portal venous liver
-    assert p.hu[p.labels == 6].mean() > liver_hu  # aorta enhances more
+    aorta = ndimage.binary_erosion(p.labels == 6, np.ones((1, 3, 3), bool))
+    assert np.median(p.hu[aorta]) > liver_hu  # the aorta enhances more (away from its edge)
 
 
 def test_head_bleeds_and_truth() -> None:
