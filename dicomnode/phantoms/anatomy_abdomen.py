@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.logs import fields
 from dicomnode.phantoms.canvas import Canvas
 from dicomnode.phantoms.shapes import (
     Blob,
@@ -97,7 +98,7 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
     positive_oral = rng.random() < 0.35
 
     # --- body outline, subcutaneous fat, abdominal wall -----------------------------
-    sx, sy = u(0.85, 1.12), u(0.85, 1.18)
+    sx, sy = u(0.85, 1.08), u(0.85, 1.15)
     fat_mm = u(8, 38) * (sy - 0.4)
     kf = []
     for z, ax, ay in ((130, 150, 112), (0, 160, 116), (-120, 155, 112), (-210, 165, 110),
@@ -306,7 +307,7 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
 
     info = {"lesions": lesions, "positive_oral_contrast": positive_oral,
             "liver_hu": float(liver_hu)}
-    log.debug("phantom.abdomen.built", extra={"dn_fields": {"lesions": len(lesions)}})
+    log.debug("phantom.abdomen.built", extra=fields(lesions=len(lesions)))
     return info
 
 
