@@ -156,9 +156,14 @@ def paint_cranium(c: Canvas, rng: np.random.Generator, labels: dict[str, int | N
         return lambda x, y, z: z > skull_floor(x, y) - offset
 
     outer = Blob(VAULT_CENTER, vr, (0, 0, 0), harm)
-    # vault and skull base: the bone reaches ``floor_drop`` mm below the fossae
+    # vault and skull base: the bone reaches ``floor_drop`` mm below the middle and
+    # posterior fossae, and only a thin orbital roof lies under the anterior fossa
+    def base_plate(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        drop = np.where(y < -34, 3.5, floor_drop).astype(np.float32)
+        return z > skull_floor(x, y) - drop
+
     c.paint_layers(outer, [(0, cortical, lab("Skull")), (1.8, diploe, None)],
-                   where=above(floor_drop))
+                   where=base_plate)
     inner_table = Blob(VAULT_CENTER, vr - thick + 1.8, (0, 0, 0), harm)
     c.paint(inner_table, cortical, where=above(1.8))
     inner = Blob(VAULT_CENTER, vr - thick, (0, 0, 0), harm)
