@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.logs import fields
 from dicomnode.phantoms.canvas import Canvas
 from dicomnode.phantoms.shapes import (
     Blob,
@@ -97,8 +98,8 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
     positive_oral = rng.random() < 0.35
 
     # --- body outline, subcutaneous fat, abdominal wall -----------------------------
-    sx, sy = u(0.85, 1.12), u(0.85, 1.18)
-    fat_mm = u(8, 38) * (sy - 0.4)
+    sx, sy = u(0.85, 1.08), u(0.85, 1.15)
+    fat_mm = u(12, 45) * (sy - 0.35)
     kf = []
     for z, ax, ay in ((130, 150, 112), (0, 160, 116), (-120, 155, 112), (-210, 165, 110),
                       (-340, 170, 106)):
@@ -112,8 +113,15 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
                         row[4] - fat_mm * u(0.8, 1.3),
                         0, -0.03, u(-0.03, 0.03), 0, 0, 0, u(-0.04, -0.01), 0))
     abd_wall = Outline(wall_kf)
-    wall_mm = u(9, 16)
+    wall_mm = u(7, 12)
     c.paint_layers(abd_wall, [(0, muscle, None), (wall_mm, vfat, None)], within=[fat])
+
+    # rectus abdominis: paired straps either side of the midline, in front
+    for side in (-1, 1):
+        rectus = Tube(smooth_curve([(side * 38, -wall_kf[0][4] + 10, 40),
+                                    (side * 40, -wall_kf[2][4] + 12, -120),
+                                    (side * 30, -wall_kf[4][4] + 14, -300)]), 9, (2.6, 1, 1))
+        c.paint(rectus, muscle, within=[vfat, muscle])
 
     # --- lungs above the diaphragm, heart ---------------------------------------------
     right_dome, left_dome = u(-4, 6), u(-18, -6)
@@ -160,6 +168,16 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
                        for s in (-1, 1)])
         for part in (arch, spinous, trans):
             c.paint_layers(part, [(0, cortical, _L["Vertebrae"]), (2.0, marrow, None)])
+
+    # --- iliac wings: curved bony plates from the sacroiliac joints to the front
+    crest = u(-225, -200)
+    for side in (-1, 1):
+        wing = smooth_curve([(side * 38, 80, crest - 40), (side * 70, 62, crest - 28),
+                             (side * 100 * sx, 28, crest - 30), (side * 112 * sx, -8, crest - 45)],
+                            6)
+        c.paint(Tube(wing, 9, (1, 1, 4.5)), muscle, within=[vfat, fat])  # iliacus, gluteal
+        c.paint_layers(Tube(wing, 5.5, (1, 1, 6)), [(0, cortical, None), (1.8, marrow, None)],
+                       within=[muscle, vfat, fat])
 
     # --- ribs with costal cartilage ---------------------------------------------------
     cart = c.tissue("cartilage", u(100, 180), 20)
@@ -286,8 +304,8 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
     c.paint(colon, gas, min_depth=3, within=[stool],
             where=lambda x, y, z: (mottle(x, y, z) > 0.5) | (y < -75 * sy))
     lumen = oral if positive_oral else fluid
-    for _ in range(rng.integers(8, 15)):
-        start = np.array([u(-70, 70), u(-80, 10), u(-240, -130)])
+    for _ in range(rng.integers(12, 20)):
+        start = np.array([u(-75, 75), u(-85, 15), u(-250, -120)])
         walk = [start]
         for _k in range(9):
             walk.append(walk[-1] + rng.normal(0, 16, 3))
@@ -296,7 +314,7 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
 
     info = {"lesions": lesions, "positive_oral_contrast": positive_oral,
             "liver_hu": float(liver_hu)}
-    log.debug("phantom.abdomen.built", extra={"dn_fields": {"lesions": len(lesions)}})
+    log.debug("phantom.abdomen.built", extra=fields(lesions=len(lesions)))
     return info
 
 

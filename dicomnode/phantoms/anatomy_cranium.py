@@ -156,9 +156,14 @@ def paint_cranium(c: Canvas, rng: np.random.Generator, labels: dict[str, int | N
         return lambda x, y, z: z > skull_floor(x, y) - offset
 
     outer = Blob(VAULT_CENTER, vr, (0, 0, 0), harm)
-    # vault and skull base: the bone reaches ``floor_drop`` mm below the fossae
+    # vault and skull base: the bone reaches ``floor_drop`` mm below the middle and
+    # posterior fossae, and only a thin orbital roof lies under the anterior fossa
+    def base_plate(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        drop = np.where(y < -34, 3.5, floor_drop).astype(np.float32)
+        return z > skull_floor(x, y) - drop
+
     c.paint_layers(outer, [(0, cortical, lab("Skull")), (1.8, diploe, None)],
-                   where=above(floor_drop))
+                   where=base_plate)
     inner_table = Blob(VAULT_CENTER, vr - thick + 1.8, (0, 0, 0), harm)
     c.paint(inner_table, cortical, where=above(1.8))
     inner = Blob(VAULT_CENTER, vr - thick, (0, 0, 0), harm)
@@ -171,7 +176,7 @@ def paint_cranium(c: Canvas, rng: np.random.Generator, labels: dict[str, int | N
         c.paint(fs, air, 0 if lab("Skull") else None, within=[diploe, cortical])
 
     # brain: cortex ribbon with gyri and sulci, white matter
-    gap = 1.2 + 2.5 * atrophy
+    gap = 0.8 + 1.6 * atrophy
     brain = Blob(VAULT_CENTER, vr - thick - gap, (0, 0, 0), harm)
     sulci = WaveNoise(rng, u(20, 26), 16)
     sulcus_w = 0.10 + 0.10 * atrophy
@@ -243,7 +248,7 @@ def paint_cranium(c: Canvas, rng: np.random.Generator, labels: dict[str, int | N
             c.paint(Blob((s * 22, 40, 34), (2.5, 3.5, 2.5)), calc, None)
 
     # basal cisterns, brainstem, pituitary, sphenoid sinus
-    c.paint(Blob((0, -8, 6), (16, 12, 7)), csf, 0, within=[wm, gm, deep_gm, falx, diploe])
+    c.paint(Blob((0, -8, 6), (11, 8, 5)), csf, 0, within=[wm, gm, deep_gm, falx, diploe])
     c.paint(Blob((0, 20, -22), (12, 12, 26)), csf, 0, within=[wm, gm, cereb, deep_gm])
     # foramen magnum: the opening in the posterior fossa floor for the medulla
     c.paint(Blob((0, 32, -46), (15, 18, 14)), csf, 0, within=[diploe, cortical, muscle, fat])
@@ -282,11 +287,11 @@ def paint_cranium(c: Canvas, rng: np.random.Generator, labels: dict[str, int | N
     mottle = WaveNoise(rng, 6.0, 12)
     def septa(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         return mottle(x, y, z) > -0.35
-    c.paint_layers(Blob((0, -58, -28), (48, 34, 30), (0, 0, 0), random_harmonics(rng, 3, 0.05)),
-                   [(0, cortical, None), (2.5, muscle, None)], within=[muscle, fat, diploe])
     for s in (-1, 1):
-        c.paint(Blob((s * 28, -58, -30), (15, 17, 19), (0, 0, 0), random_harmonics(rng, 2, 0.08)),
-                air, within=[muscle, diploe])
+        # maxillary sinus: air inside a thin bony wall
+        c.paint_layers(Blob((s * 28, -58, -30), (16, 18, 20), (0, 0, 0),
+                            random_harmonics(rng, 2, 0.08)),
+                       [(0, cortical, None), (1.6, air, None)], within=[muscle, diploe, fat])
         c.paint(Tube([(s * 44, -62, -14), (s * 60, -20, -16), (s * 58, 2, -18)], 4.0,
                      (1, 1, 1.6)), cortical, within=[muscle, fat])
         petrous = Blob((s * 36, 18, -20), (30, 9, 9), (s * -40, 0, 0))
@@ -296,6 +301,7 @@ def paint_cranium(c: Canvas, rng: np.random.Generator, labels: dict[str, int | N
                        within=[muscle, fat, diploe, csf, cereb])
         c.paint(mastoid, air, None, min_depth=2.5, within=[diploe], where=septa)
     nasal = Blob((0, -68, -24), (10, 28, 26), (0, 0, 0), random_harmonics(rng, 2, 0.06))
+    c.paint(Blob((0, -68, -24), (12, 29, 27)), cortical, None, within=[muscle, fat])
     c.paint(nasal, air, None, within=[muscle, diploe, cortical],
             where=lambda x, y, z: (np.abs(x) > 1.2) & (mottle(x, y, z) > -0.6))
     ethmoid = Blob((0, -55, 2), (10, 18, 14))

@@ -47,7 +47,7 @@ LABELS: dict[int, str] = {
 SUBTYPE_LABELS: dict[str, int] = {s: 4 + i for i, s in enumerate(SUBTYPES)}
 
 #: Scanned range in anatomical z (mm): skull base to vertex.
-Z_RANGE: tuple[float, float] = (-42.0, 122.0)
+Z_RANGE: tuple[float, float] = (-42.0, 128.0)
 
 Mask3 = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 

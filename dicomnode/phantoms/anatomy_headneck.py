@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.logs import fields
 from dicomnode.phantoms.anatomy_cranium import paint_cranium
 from dicomnode.phantoms.canvas import Canvas
 from dicomnode.phantoms.shapes import Blob, Outline, Tube, random_harmonics, smooth_curve
@@ -41,7 +42,7 @@ LABELS: dict[int, str] = {
 _L = {v: k for k, v in LABELS.items()}
 
 #: Scanned range in anatomical z (mm): vertex to below the mandible.
-Z_RANGE: tuple[float, float] = (-150.0, 122.0)
+Z_RANGE: tuple[float, float] = (-150.0, 128.0)
 
 
 def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
                 fat, within=[muscle])  # parapharyngeal space
         c.paint(Blob((s * 42, 28, -125), (14, 16, 30), (0, 0, 0),
                      random_harmonics(rng, 2, 0.1)), fat, within=[muscle])  # posterior triangle
-    c.paint(Blob((0, -40, -108), (30, 22, 12), (0, 0, 0), random_harmonics(rng, 2, 0.1)), fat,
+    c.paint(Blob((0, -40, -108), (20, 14, 8), (0, 0, 0), random_harmonics(rng, 2, 0.1)), fat,
             within=[muscle])  # submental fat
 
     # --- cervical spine and spinal cord -----------------------------------------------
@@ -165,6 +166,6 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
                      3.5), artery, within=[muscle, fat])
         c.paint(Tube(smooth_curve([(s * 30, 14, -30), (s * 32, 10, -90), (s * 30, 6, -175)]),
                      u(4.5, 7)), vein, within=[muscle, fat])
-    log.debug("phantom.headneck.built", extra={"dn_fields": {"mandible": mand is not None}})
+    log.debug("phantom.headneck.built", extra=fields(mandible=mand is not None))
     return {"iv_contrast": contrast, "parotid_hu": round(parotid_hu, 1),
             "atrophy": round(cr.atrophy, 2)}

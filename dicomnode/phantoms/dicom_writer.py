@@ -31,6 +31,7 @@ from dicomnode import __version__
 
 if TYPE_CHECKING:
     from dicomnode.phantoms.phantom import Phantom
+from dicomnode.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def write_series(phantom: Phantom, out_dir: Path, *, transfer_syntax: str | None
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     order = np.argsort(numbers)
-    log.info("phantom.series.written", extra={"dn_fields": {
-        "series": series_uid, "instances": nz, "transfer_syntax": str(tsuid)}})
+    log.info("phantom.series.written", extra=fields(
+        series=series_uid, instances=nz, transfer_syntax=str(tsuid)))
     return [paths[i] for i in order], sop_uids, numbers
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.logs import fields
 from dicomnode.phantoms import (
     anatomy_abdomen,
     anatomy_head,
@@ -58,7 +59,7 @@ SPECS: dict[str, RegionSpec] = {
                            "CT HEAD NECK RT PLANNING", "Planning CT {thk} mm", (40.0, 400.0),
                            120.0),
     "abdomen": RegionSpec(anatomy_abdomen.build, anatomy_abdomen.LABELS,
-                          anatomy_abdomen.Z_RANGE, 400.0, 2.0, 12.0, "ABDOMEN",
+                          anatomy_abdomen.Z_RANGE, 420.0, 2.0, 12.0, "ABDOMEN",
                           "CT ABDOMEN WITH CONTRAST", "Portal venous {thk} mm",
                           (50.0, 400.0), 120.0),
     "head": RegionSpec(anatomy_head.build, anatomy_head.LABELS, anatomy_head.Z_RANGE,
@@ -139,11 +140,15 @@ def _parse_spacing(spacing: float | Sequence[float] | None
 
 
 def make_grid(region: str, pose_z: float, *, slices: int | None, matrix: int,
-              spacing: float | Sequence[float] | None) -> Grid:
-    """The scan grid for a region: coverage, slice spacing and field of view."""
+              spacing: float | Sequence[float] | None, scale: float = 1.0) -> Grid:
+    """The scan grid for a region: coverage, slice spacing and field of view.
+
+    The scanned range follows the patient, as a radiographer sets it: the region's
+    anatomical range times the case's size ``scale``, shifted by ``pose_z``.
+    """
     spec = SPECS[region]
     dz, dy, dx = _parse_spacing(spacing)
-    z_lo, z_hi = spec.z_range
+    z_lo, z_hi = (v * scale for v in spec.z_range)
     coverage = z_hi - z_lo
     if slices is None:
         dz = dz or spec.slice_mm
@@ -177,13 +182,14 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
         Everything random (pose, shapes, contrasts, lesions, noise) follows from it.
     slices
         Number of axial slices. The default covers the region's scan range at its
-        usual slice spacing (headneck 2.5 mm, abdomen 2 mm, head 5 mm); with ``slices``
-        alone the range is divided into that many slices.
+        usual slice spacing (headneck 2.5 mm, abdomen 2 mm, head 5 mm), so it varies a
+        little with the patient's size; with ``slices`` alone the range is divided
+        into that many slices; with both, ``slices * dz`` is centred on the range.
     matrix
         In-plane matrix (rows = columns), 16 to 1024.
     spacing
         ``dz``, ``(dz, dxy)`` or ``(dz, dy, dx)`` in mm. In-plane spacing defaults to
-        the region's field of view (headneck 320, abdomen 400, head 240 mm) over
+        the region's field of view (headneck 320, abdomen 420, head 240 mm) over
         ``matrix``. The slice thickness equals ``dz``.
     noise
         Quantum noise standard deviation in HU; the default is the region's usual
@@ -210,7 +216,8 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
     pose = Pose.random(rng)
     pose_z = float(rng.uniform(-40, 40))
     pose = Pose(pose.rotation, pose.shift + np.array([0.0, 0.0, pose_z]), pose.scale)
-    grid = make_grid(region, pose_z, slices=slices, matrix=int(matrix), spacing=spacing)
+    grid = make_grid(region, pose_z, slices=slices, matrix=int(matrix), spacing=spacing,
+                     scale=pose.scale)
     canvas = Canvas(grid, pose)
     info = spec.build(canvas, rng)
     _paint_table(canvas, spec)
@@ -224,9 +231,9 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
         noise_sd=float(noise), info=info)
     if region == "head":
         phantom.truth = truth.head_truth(phantom)
-    log.info("phantom.made", extra={"dn_fields": {
-        "region": region, "seed": int(seed), "shape": "x".join(map(str, hu.shape)),
-        "seconds": round(time.perf_counter() - started, 2)}})
+    log.info("phantom.made", extra=fields(
+        region=region, seed=int(seed), shape="x".join(map(str, hu.shape)),
+        seconds=round(time.perf_counter() - started, 2)))
     return phantom
 
 

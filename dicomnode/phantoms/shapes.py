@@ -133,6 +133,28 @@ def smooth_curve(points: npt.ArrayLike, samples: int = 8) -> Array:
     return np.vstack(out)
 
 
+def grid_extents(x: Array, y: Array, z: Array) -> list[tuple[Array, Array, int]]:
+    """Per-index coordinate ranges of a grid block: ``(min, max, axis)`` for x, y, z.
+
+    Exact for any small rotation of the grid: each range is taken over the other axes.
+    """
+    return [(x.min(axis=(0, 1)), x.max(axis=(0, 1)), 2),
+            (y.min(axis=(0, 2)), y.max(axis=(0, 2)), 1),
+            (z.min(axis=(1, 2)), z.max(axis=(1, 2)), 0)]
+
+
+def sub_box(extents: list[tuple[Array, Array, int]], lo: Array, hi: Array
+            ) -> tuple[slice, slice, slice] | None:
+    """Index box of a grid block that can hold points inside ``[lo, hi]`` (``None``: none)."""
+    sl = [slice(None)] * 3
+    for d, (cmin, cmax, axis) in enumerate(extents):
+        hit = np.nonzero((cmax >= lo[d]) & (cmin <= hi[d]))[0]
+        if hit.size == 0:
+            return None
+        sl[axis] = slice(int(hit[0]), int(hit[-1]) + 1)
+    return sl[0], sl[1], sl[2]
+
+
 @dataclass
 class Tube:
     """A tube along a polyline with a radius interpolated between its points.
@@ -185,29 +207,18 @@ class Tube:
         seg_lo = np.minimum(a_all, b_all) - reach
         seg_hi = np.maximum(a_all, b_all) + reach
         gridded = x.ndim == 3 and x.shape == y.shape == z.shape
-        if gridded:
-            # per-index extents of each coordinate (exact for any small rotation)
-            ext = [(x.min(axis=(0, 1)), x.max(axis=(0, 1)), 2),
-                   (y.min(axis=(0, 2)), y.max(axis=(0, 2)), 1),
-                   (z.min(axis=(1, 2)), z.max(axis=(1, 2)), 0)]
+        extents = grid_extents(x, y, z) if gridded else []
         lo = np.array([x.min(), y.min(), z.min()], dtype=np.float32)
         hi = np.array([x.max(), y.max(), z.max()], dtype=np.float32)
         near = np.all((seg_lo <= hi) & (seg_hi >= lo), axis=1)
         inv = (1.0 / self._s).astype(np.float32)
         for i in np.nonzero(near)[0]:
-            box: tuple[slice, ...] = (slice(None),) * 3
             if gridded:
-                sl = [slice(None)] * 3
-                for d, (cmin, cmax, axis) in enumerate(ext):
-                    hit = np.nonzero((cmax >= seg_lo[i, d]) & (cmin <= seg_hi[i, d]))[0]
-                    if hit.size == 0:
-                        break
-                    sl[axis] = slice(int(hit[0]), int(hit[-1]) + 1)
-                else:
-                    box = tuple(sl)
+                box = sub_box(extents, seg_lo[i], seg_hi[i])
+                if box is not None:
                     self._segment(int(i), x[box], y[box], z[box], inv, best[box])
-                continue
-            self._segment(int(i), x, y, z, inv, best)
+            else:
+                self._segment(int(i), x, y, z, inv, best)
         return best
 
     def _segment(self, i: int, x: Array, y: Array, z: Array, inv: Array, best: Array) -> None:
@@ -370,10 +381,18 @@ class Union:
         return np.min(los, axis=0), np.max(his, axis=0)
 
     def depth(self, x: Array, y: Array, z: Array) -> Array:
-        """Largest depth of the parts."""
-        out = self.parts[0].depth(x, y, z)
-        for p in self.parts[1:]:
-            out = np.maximum(out, p.depth(x, y, z))
+        """Largest depth of the parts (each evaluated only over its own box on a grid)."""
+        if not (x.ndim == 3 and x.shape == y.shape == z.shape):
+            out = self.parts[0].depth(x, y, z)
+            for p in self.parts[1:]:
+                out = np.maximum(out, p.depth(x, y, z))
+            return out
+        out = np.full(x.shape, -_INF, dtype=np.float32)
+        extents = grid_extents(x, y, z)
+        for p in self.parts:
+            box = sub_box(extents, *p.bounds())
+            if box is not None:
+                np.maximum(out[box], p.depth(x[box], y[box], z[box]), out=out[box])
         return out
 
 

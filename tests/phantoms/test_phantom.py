@@ -56,9 +56,10 @@ def test_abdomen_tumours_lie_inside_the_liver_with_instances() -> None:
     for lesion in p.lesions:
         assert 5 <= lesion["diameter_mm"] <= 60
         assert (p.instances == lesion["id"]).sum() == lesion["voxels"]
-    liver_hu = p.hu[p.labels == 1].mean()
+    liver_hu = np.median(p.hu[p.labels == 1])
     assert 80 < liver_hu < 150  # portal venous liver
-    assert p.hu[p.labels == 6].mean() > liver_hu  # aorta enhances more
+    aorta = ndimage.binary_erosion(p.labels == 6, np.ones((1, 3, 3), bool))
+    assert np.median(p.hu[aorta]) > liver_hu  # the aorta enhances more (away from its edge)
 
 
 def test_head_bleeds_and_truth() -> None:
@@ -80,7 +81,7 @@ def test_head_bleeds_and_truth() -> None:
 
 def _bleeding_seeds(count: int) -> list[int]:
     """Seeds of head cases with a bleed (bleeds do not depend on the matrix size)."""
-    seeds = [s for s in range(40) if make_phantom("head", s, matrix=24, slices=9).info["bleeds"]]
+    seeds = [s for s in range(40) if make_phantom("head", s, matrix=24, slices=12).info["bleeds"]]
     return seeds[:count]
 
 
@@ -126,7 +127,7 @@ def test_same_seed_same_case_and_seed_varies_the_case() -> None:
 def test_grid_options() -> None:
     p = make_phantom("head", 1, matrix=64, spacing=(2.0, 0.5))
     assert p.spacing == (2.0, 0.5, 0.5)
-    assert p.hu.shape == (82, 64, 64)
+    assert p.hu.shape[1:] == (64, 64) and 70 < p.hu.shape[0] < 100  # follows head size
     q = make_phantom("head", 1, matrix=64, slices=10, spacing=3.0)
     assert q.hu.shape[0] == 10 and q.spacing[0] == 3.0
 

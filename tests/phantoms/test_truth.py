@@ -53,7 +53,7 @@ def test_head_truth_json_references_the_written_slices(tmp_path: Path) -> None:
     from dicomnode.phantoms import make_phantom
 
     seed = next(s for s in range(40)
-                if make_phantom("head", s, matrix=24, slices=9).info["bleeds"])
+                if make_phantom("head", s, matrix=24, slices=12).info["bleeds"])
     p = make_phantom("head", seed, matrix=64, slices=20)
     write_phantom(p, tmp_path, slice_order="descending")
     truth = json.loads((tmp_path / "truth.json").read_text())
