@@ -102,9 +102,14 @@ def status(
         typer.echo(f"  study {st['study_uid']}  {st['state']:<9} v{st['version']} "
                    f"{st['instances']:>5} instances  trigger={st['completion_trigger']}  "
                    f"from {st['calling_aet'] or '-'}")
+    from dicomnode.workflow.routing import explain
+
     for job in report["jobs"]:
-        typer.echo(f"  job {job['id']:>4} {job['state']:<10} {job['pipeline'] or '-':<14} "
+        typer.echo(f"  job {job['id']:>4} {job['state']:<10} {job['pipeline'] or 'routing':<14} "
                    f"{job['study_uid']} v{job['version']}  {job['reason'] or ''}")
+        if job["pipeline"] is None and job["routing"]:
+            for line in explain(job["routing"]).splitlines():
+                typer.echo(f"         {line}")
     for d in report["deliveries"]:
         typer.echo(f"  delivery {d['id']:>4} {d['state']:<8} {d['destination']}  "
                    f"files={d['files']} attempts={d['attempts']}  {d['last_error'] or ''}")
