@@ -1,9 +1,15 @@
 """The durable spool: one file per received instance, written atomically.
 
-Each instance is written to ``tmp/<random>.part``, fsynced, renamed to
-``instances/<study>/<series>/<sop>.dcm`` and the directory fsynced; only then is it
-indexed and acknowledged. A crash leaves either no file or a whole file, never a
-partial one under ``instances/``; ``recover`` removes left-over ``.part`` files.
+Each instance is written to ``tmp/<random>.part``, flushed to disk (``fdatasync``),
+then renamed to ``instances/<study>/<series>/<sop>.dcm``; only then is it indexed and
+acknowledged. A crash leaves either no file or a whole file under ``instances/``,
+never a partial one.
+
+The rename itself is not fsynced (that would cost a second journal commit for every
+instance). If a power loss takes a rename back, the whole, already flushed file is
+still in ``tmp/``: ``recover`` checks every left-over ``.part`` file, puts the complete
+ones in place (they are indexed again by ``InstanceStore.recover``) and removes the
+partial ones. So an acknowledged instance survives a power loss too.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +160,11 @@ class Spool:
             raise
         return tmp
 
-    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str,
-              *, sync: bool = True) -> SpooledFile:
-        """Rename a flushed temporary file into place and make the rename durable.
+    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Rename a flushed temporary file into place.
 
-        An instance already in place is kept and ``tmp`` is removed.
+        An instance already in place is kept and ``tmp`` is removed. The rename is
+        not fsynced: see the module docstring for why nothing is lost.
 
         Parameters
         ----------
@@ -166,10 +172,6 @@ class Spool:
             From ``write_temp``.
         study_uid, series_uid, sop_uid : str
             Decide the final path.
-        sync : bool
-            Fsync the directory here. With False the caller must call
-            ``sync_parent`` before it relies on the rename (e.g. before committing
-            the index row), which lets it overlap that wait with other work.
 
         Returns
         -------
@@ -185,21 +187,11 @@ class Spool:
             parent = final.parent
             if not parent.is_dir():
                 parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(parent.parent)
-                _fsync_dir(parent.parent.parent)
             os.replace(tmp, final)
-            if sync:
-                _fsync_dir(parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return SpooledFile(final, relative, size, created=True)
-
-    @staticmethod
-    def sync_parent(spooled: SpooledFile) -> None:
-        """Make the rename of a placed instance durable (fsync its directory)."""
-        if spooled.created:
-            _fsync_dir(spooled.path.parent)
 
     @staticmethod
     def discard(tmp: Path) -> None:
@@ -210,21 +202,38 @@ class Spool:
         """Delete one stored instance (used to undo a write whose indexing failed)."""
         (self.root / relative).unlink(missing_ok=True)
 
-    def recover(self) -> int:
-        """Remove half-written temporary files left by a crash.
+    def recover(self, identify: Callable[[bytes], tuple[str, str, str] | None]) -> tuple[int, int]:
+        """Deal with temporary files left by a crash or a power loss.
+
+        Parameters
+        ----------
+        identify : callable
+            Returns ``(study_uid, series_uid, sop_uid)`` for the bytes of a complete,
+            valid instance, or None for a partial or invalid one.
 
         Returns
         -------
-        int
-            How many were removed.
+        tuple of int
+            ``(removed, placed)``: partial files removed, complete ones put in place.
         """
-        removed = 0
+        removed = placed = 0
         for path in self.tmp_dir.glob("*.part"):
-            path.unlink(missing_ok=True)
-            removed += 1
-        if removed:
-            log.warning("spool.recovered", extra=fields(partial_files_removed=removed))
-        return removed
+            try:
+                uids = identify(path.read_bytes())
+            except OSError:
+                uids = None
+            if uids is None:
+                path.unlink(missing_ok=True)
+                removed += 1
+            else:
+                self.place(path, *uids)
+                placed += 1
+        for directory in {self.tmp_dir, self.instances_dir}:
+            _fsync_dir(directory)
+        if removed or placed:
+            log.warning("spool.recovered", extra=fields(partial_files_removed=removed,
+                                                        whole_files_placed=placed))
+        return removed, placed
 
     def iter_instances(self) -> Iterator[str]:
         """Every stored instance, as a path relative to the spool root."""

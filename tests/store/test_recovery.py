@@ -85,7 +85,7 @@ def test_sigkill_during_send_loses_no_acknowledged_instance(tmp_path: Path) -> N
         proc.wait(timeout=30)
 
 
-def test_recover_removes_partials_and_indexes_orphans(settings: Settings) -> None:
+def test_recover_salvages_whole_files_and_indexes_orphans(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.db_url)
     db.upgrade()
@@ -105,13 +105,17 @@ def test_recover_removes_partials_and_indexes_orphans(settings: Settings) -> Non
 
         study = s.execute(select(Study)).scalar_one()
         s.add(Job(study=study, study_version=1, state="running", priority=0, attempts=1))
+    # A whole, flushed instance whose rename a power loss took back: still in tmp/.
+    lost_rename = ct_slice(ds.StudyInstanceUID, ds.SeriesInstanceUID, 2.0, 2)
+    (spool.tmp_dir / "def.part").write_bytes(_encoded(lost_rename))
     report = store.recover()
     assert report.partial_files_removed == 1
-    assert report.orphans_indexed == 1
+    assert report.orphans_indexed == 2
     assert report.jobs_requeued == 1
     assert report.missing_files == 0
     with db.session() as s:
-        assert len(s.execute(select(Instance)).scalars().all()) == 2
+        uids = set(s.execute(select(Instance.sop_uid)).scalars())
+        assert len(uids) == 3 and lost_rename.SOPInstanceUID in uids
         assert s.execute(select(Job.state)).scalar_one() == "queued"
 
 
