@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     max_associations: int = Field(default=16, ge=1)
     max_pdu: int = Field(default=0, ge=0, description="Maximum PDU length; 0 = unlimited.")
     network_timeout_s: float = Field(default=60.0, gt=0)
+    chunked_receive: bool = Field(
+        default=True,
+        description="Receive datasets straight into spool files as they arrive (faster; "
+        "one node per process).",
+    )
     dul_poll_s: float = Field(
         default=0.0002, gt=0, le=0.01,
         description="pynetdicom's DUL idle poll while an association is open (its default "

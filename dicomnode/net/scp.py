@@ -12,13 +12,15 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -110,6 +112,7 @@ class StorageSCP:
         self._assoc_counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        self._previous_receive: tuple[bool, str | None] | None = None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -142,6 +145,13 @@ class StorageSCP:
     def start(self) -> None:
         """Listen in background threads."""
         s = self.settings
+        if s.chunked_receive:
+            # pynetdicom then writes each dataset into a file in tempfile's directory as
+            # its fragments arrive; pointed at the spool's tmp/, the file is renamed into
+            # place without a copy. Both settings are per process: one node per process.
+            self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+            _config.STORE_RECV_CHUNKED_DATASET = True
+            tempfile.tempdir = str(self.store.spool.tmp_dir)
         self._server = self.ae.start_server(
             (s.bind_address, s.port), block=False, evt_handlers=self.handlers
         )
@@ -160,6 +170,9 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._previous_receive is not None:
+            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous_receive
+            self._previous_receive = None
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -208,11 +221,18 @@ class StorageSCP:
             return self._refuse(event, STATUS_SOP_CLASS_NOT_SUPPORTED, "sop_class",
                                 f"SOP class {sop_class} not accepted", sop_uid)
         calling = event.assoc.requestor.ae_title
+        received = getattr(request, "_dataset_path", None)
         try:
-            outcome = self.store.store(
-                event.encoded_dataset(), calling, expected_sop_uid=sop_uid,
-                expected_sop_class_uid=sop_class,
-            )
+            if received is not None:  # chunked receive: already in a file under spool/tmp
+                outcome = self.store.store_file(
+                    Path(received), calling, expected_sop_uid=sop_uid,
+                    expected_sop_class_uid=sop_class,
+                )
+            else:
+                outcome = self.store.store(
+                    event.encoded_dataset(), calling, expected_sop_uid=sop_uid,
+                    expected_sop_class_uid=sop_class,
+                )
         except InstanceRejectedError as exc:
             return self._refuse(event, _REJECTION_STATUS.get(exc.code, STATUS_CANNOT_UNDERSTAND),
                                 exc.code, exc.reason, sop_uid)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -106,7 +108,7 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
 
 
 def parse_header(
-    encoded: bytes | memoryview,
+    encoded: bytes | memoryview | Path,
     *,
     expected_sop_uid: str | None = None,
     expected_sop_class_uid: str | None = None,
@@ -115,9 +117,10 @@ def parse_header(
 
     Parameters
     ----------
-    encoded : bytes
+    encoded : bytes or Path
         The file (preamble + file meta + dataset), as from
-        ``pynetdicom.events.Event.encoded_dataset()``.
+        ``pynetdicom.events.Event.encoded_dataset()``, or its path (then only the
+        header is read; large values are skipped on disk).
     expected_sop_uid, expected_sop_class_uid : str, optional
         The Affected SOP Instance/Class UID of the C-STORE request; a dataset that
         disagrees is rejected.
@@ -132,8 +135,14 @@ def parse_header(
         The dataset cannot be decoded, is truncated, lacks a required UID or does
         not match the request.
     """
-    size = len(encoded)
-    fp = io.BytesIO(encoded)
+    if isinstance(encoded, Path):
+        with encoded.open("rb") as fh:
+            return _parse(fh, encoded.stat().st_size, expected_sop_uid, expected_sop_class_uid)
+    return _parse(io.BytesIO(encoded), len(encoded), expected_sop_uid, expected_sop_class_uid)
+
+
+def _parse(fp: BinaryIO, size: int, expected_sop_uid: str | None,
+           expected_sop_class_uid: str | None) -> InstanceHeader:
     try:
         # Large values are skipped, not read; a malformed value of an attribute the node
         # does not use is kept as received (refusing it would lose the study).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,29 +139,104 @@ class InstanceStore:
         except BaseException:
             _discard_when_written(pending)
             raise
-        tmp = pending.result()
-        spooled = self.spool.place(tmp, header.study_uid, header.series_uid, header.sop_uid)
+        return self._commit(header, pending.result(), len(encoded), calling_aet, None)
+
+    def store_file(
+        self,
+        path: Path,
+        calling_aet: str = "",
+        *,
+        expected_sop_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> StoreOutcome:
+        """Check, spool and index an instance already written to a file in ``spool/tmp``.
+
+        The C-STORE SCP receives datasets straight into such files (pynetdicom's
+        chunked receive), so the bytes reach the page cache while they arrive. Here
+        the file is flushed to disk while its header is checked and its index row is
+        prepared; the row is committed only after the flush and the rename. On a
+        refusal the file is left where it is, for the caller to remove.
+
+        Parameters
+        ----------
+        path : Path
+            The received file (preamble, file meta, dataset), on the spool's file system.
+        calling_aet, expected_sop_uid, expected_sop_class_uid
+            As for ``store``.
+
+        Returns
+        -------
+        StoreOutcome
+        """
+        size = path.stat().st_size
+        self.spool.check_reserve(0)
+        flushed = self._io.submit(Spool.flush, path)
         try:
-            return self._index(header, spooled, calling_aet)
+            header = parse_header(
+                path, expected_sop_uid=expected_sop_uid,
+                expected_sop_class_uid=expected_sop_class_uid,
+            )
         except BaseException:
-            if spooled.created:
-                self.spool.remove(spooled.relative)
+            with contextlib.suppress(OSError):
+                flushed.result()
             raise
+        return self._commit(header, path, size, calling_aet, flushed.result)
+
+    def _commit(self, header: InstanceHeader, tmp: Path, size: int, calling_aet: str,
+                wait_flushed: Callable[[], object] | None) -> StoreOutcome:
+        """Index a flushed (or flushing) temporary file and rename it into place.
+
+        Order on disk and in the index: flushed, renamed, then the row committed.
+        """
+        relative = self.spool.relative_path(header.study_uid, header.series_uid,
+                                            header.sop_uid)
+        placed: list[SpooledFile] = []
+
+        def flush_and_place() -> None:
+            if wait_flushed is not None:
+                wait_flushed()
+            placed.append(self.spool.place(tmp, header.study_uid, header.series_uid,
+                                           header.sop_uid))
+
+        with self.db.write_lock:
+            if not (self.spool.root / relative).exists():
+                try:
+                    fast = self._index_fast(header, relative, size, calling_aet,
+                                            before_commit=flush_and_place)
+                except BaseException:
+                    for spooled in placed:
+                        if spooled.created:
+                            self.spool.remove(spooled.relative)
+                    raise
+                if fast is not None:
+                    return fast
+            if not placed:
+                flush_and_place()
+            spooled = placed[0]
+            try:
+                return self._index_full(header, spooled, calling_aet)
+            except BaseException:
+                if spooled.created:
+                    self.spool.remove(spooled.relative)
+                raise
 
     def _index(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
                ) -> StoreOutcome:
+        """Index an instance already in place (recovery)."""
         with self.db.write_lock:
-            fast = self._index_fast(header, spooled, calling_aet)
+            fast = self._index_fast(header, spooled.relative, spooled.size, calling_aet)
             if fast is not None:
                 return fast
             return self._index_full(header, spooled, calling_aet)
 
-    def _index_fast(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
-                    ) -> StoreOutcome | None:
+    def _index_fast(self, header: InstanceHeader, relative: str, size: int, calling_aet: str,
+                    before_commit: Callable[[], object] | None = None) -> StoreOutcome | None:
         """The common case in three statements: the study is receiving, the series known.
 
-        Returns None (having written nothing) when the full path is needed: a new
-        study or series, a study to re-open, or a duplicate.
+        ``before_commit`` runs after the statements, before the commit (the caller
+        flushes and renames the file there). Returns None, having written nothing and
+        not called ``before_commit``, when the full path is needed: a new study or
+        series, a study to re-open, or a duplicate.
         """
         known = self._study_key.get(header.study_uid)
         series_pk = self._series_pk.get(header.series_uid)
@@ -174,7 +250,7 @@ class InstanceStore:
                     "sop_uid": header.sop_uid, "series_pk": series_pk,
                     "sop_class_uid": header.sop_class_uid,
                     "transfer_syntax_uid": header.transfer_syntax_uid,
-                    "path": spooled.relative, "size": spooled.size,
+                    "path": relative, "size": size,
                     "instance_number": header.instance_number,
                     "image_type": header.image_type, "orientation": header.orientation,
                     "slice_position": header.slice_position,
@@ -187,6 +263,8 @@ class InstanceStore:
                 if touched != 1:
                     raise _NeedsFullPathError
                 conn.execute(_TOUCH_SERIES, {"pk": series_pk})
+                if before_commit is not None:
+                    before_commit()
         except (IntegrityError, _NeedsFullPathError):
             return None  # rolled back: a duplicate or a study that is not receiving
         return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,

@@ -187,11 +187,29 @@ class Spool:
             parent = final.parent
             if not parent.is_dir():
                 parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Received on another file system: copy, flush, then rename as usual.
+                with tmp.open("rb") as src:
+                    copy = self.write_temp(iter(lambda: src.read(1 << 20), b""))
+                tmp.unlink(missing_ok=True)
+                os.replace(copy, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return SpooledFile(final, relative, size, created=True)
+
+    @staticmethod
+    def flush(path: Path) -> None:
+        """Flush a file's data and size to disk (``fdatasync``)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def discard(tmp: Path) -> None:
@@ -217,7 +235,8 @@ class Spool:
             ``(removed, placed)``: partial files removed, complete ones put in place.
         """
         removed = placed = 0
-        for path in self.tmp_dir.glob("*.part"):
+        # ``*.part``: our own temporary files; ``*.dcm``: pynetdicom's chunked receive.
+        for path in [*self.tmp_dir.glob("*.part"), *self.tmp_dir.glob("*.dcm")]:
             try:
                 uids = identify(path.read_bytes())
             except OSError:
