@@ -52,6 +52,7 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
             classes: dict[str, str] = {}
             while time.monotonic() < deadline and len(classes) < 3:
                 time.sleep(1)
+                _fail_on_no_result(node)
                 for inst in orthanc_get(f"{url}/instances?expand"):  # type: ignore[union-attr]
                     sop_class = orthanc_get(
                         f"{url}/instances/{inst['ID']}/metadata/SopClassUid")
@@ -69,6 +70,18 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
                 assert _dciodvfy_errors(path) == [], sop_class
         finally:
             node.stop()
+
+
+def _fail_on_no_result(node: Node) -> None:
+    from dicomnode.store.status import node_status
+
+    for job in node_status(node.db)["jobs"]:
+        if job["state"] in ("no_result", "failed"):
+            pytest.fail(f"job {job['pipeline'] or 'routing'} ended {job['state']}: "
+                        f"{job['reason']}")
+    for delivery in node_status(node.db)["deliveries"]:
+        if delivery["state"] == "failed":
+            pytest.fail(f"delivery failed: {delivery['last_error']}")
 
 
 def phantom_study_uid(path: Path) -> str:
