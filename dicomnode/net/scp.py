@@ -21,7 +21,6 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
@@ -34,6 +33,7 @@ from dicomnode.store.spool import SpoolFullError
 log = logging.getLogger(__name__)
 
 # DIMSE statuses of the Storage Service Class (PS3.4 B.2.3) used by the node.
+VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
 STATUS_SUCCESS = 0x0000
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -125,13 +125,14 @@ class StorageSCP:
         ae.dimse_timeout = s.network_timeout_s
         if s.allowed_calling_aets is not None:
             ae.require_calling_aet = list(s.allowed_calling_aets)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
     @property
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def handlers(self) -> list[Any]:
         """Event handlers bound by ``start``."""
         return [
             (evt.EVT_C_ECHO, self._on_echo),

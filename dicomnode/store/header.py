@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 _UID = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
@@ -195,7 +196,7 @@ def _parse(fp: BinaryIO, size: int, expected_sop_uid: str | None,
 
 
 def _check_pixel_length(ds: Dataset, ts: str) -> None:
-    raw = ds._dict.get(PIXEL_DATA)  # the raw element: its length without reading the value
+    raw = ds._dict.get(Tag(PIXEL_DATA))  # the raw element: its length without reading the value
     if raw is None or not ts:
         return
     try:

@@ -257,9 +257,9 @@ class InstanceStore:
                     "images_in_acquisition": header.images_in_acquisition,
                     "study_version": version, "calling_aet": calling_aet, "received_at": now,
                 })
-                touched = conn.execute(_TOUCH_STUDY, {"pk": study_pk, "v": version, "now": now,
-                                                      "receiving": StudyState.RECEIVING.value},
-                                       ).rowcount
+                touched = _rowcount(conn.execute(
+                    _TOUCH_STUDY, {"pk": study_pk, "v": version, "now": now,
+                                   "receiving": StudyState.RECEIVING.value}))
                 if touched != 1:
                     raise _NeedsFullPathError
                 conn.execute(_TOUCH_SERIES, {"pk": series_pk})
@@ -351,14 +351,14 @@ class InstanceStore:
             self._index(header, SpooledFile(path, rel, path.stat().st_size, False), "")
             orphans += 1
         with self.db.transaction() as session:
-            jobs = session.execute(
+            jobs = _rowcount(session.execute(
                 update(Job).where(Job.state == JobState.RUNNING.value)
                 .values(state=JobState.QUEUED.value)
-            ).rowcount
-            deliveries = session.execute(
+            ))
+            deliveries = _rowcount(session.execute(
                 update(Delivery).where(Delivery.state == DeliveryState.SENDING.value)
                 .values(state=DeliveryState.PENDING.value)
-            ).rowcount
+            ))
             report = RecoveryReport(partial, missing, orphans, jobs or 0, deliveries or 0)
             if partial or missing or orphans or jobs or deliveries:
                 session.add(AuditEvent(event="node.recovered", detail=report.__dict__))
@@ -368,6 +368,11 @@ class InstanceStore:
     def path_of(self, relative: str) -> Path:
         """Absolute path of a spooled instance."""
         return self.spool.root / relative
+
+
+def _rowcount(result: object) -> int:
+    """Rows an UPDATE touched (a CursorResult's rowcount; typed as Result by SQLAlchemy)."""
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _identify(data: bytes) -> tuple[str, str, str] | None:
@@ -411,11 +416,11 @@ def _study_for(session: Session, header: InstanceHeader, calling_aet: str,
         study.version += 1
         study.completion_trigger = None
         study.completed_at = None
-        superseded = session.execute(
+        superseded = _rowcount(session.execute(
             update(Job)
             .where(Job.study_pk == study.id, Job.state == JobState.QUEUED.value)
             .values(state=JobState.SUPERSEDED.value, reason="a later instance re-opened the study")
-        ).rowcount
+        ))
         session.add(AuditEvent(
             event="study.reopened", study_uid=study.study_uid, calling_aet=calling_aet,
             detail={"version": study.version, "jobs_superseded": superseded},

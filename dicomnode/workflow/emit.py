@@ -93,7 +93,7 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
     if result.probabilities:
         findings = [
             IchResult(key, float(p), bool(result.decisions.get(key, False)),
-                      list(result.measurements.get("slices", {}).get(key, [])))
+                      tuple(result.measurements.get("slices", {}).get(key, ())))
             for key, p in result.probabilities.items()
         ]
         if ResultObject.SR in emits:
