@@ -114,8 +114,8 @@ def test_bad_arguments(axial: CtSeries, tmp_path: Path) -> None:
 @pytest.mark.parametrize("region", ["headneck", "abdomen"])
 def test_phantom_ground_truth_encodes(region: str, tmp_path: Path) -> None:
     """Each phantom region's own ground truth, written as a CT series + labels.nii.gz."""
-    phantoms = pytest.importorskip("dicomnode.phantoms.phantom",
-                                   reason="dicomnode.phantoms not merged yet")
+    from dicomnode.phantoms import phantom as phantoms
+
     phantom = phantoms.make_phantom(region, seed=5, slices=36, matrix=128)
     series_dir = tmp_path / "ct"
     phantoms.write_phantom(phantom, series_dir, slice_order="shuffled")
