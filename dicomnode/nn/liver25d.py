@@ -261,8 +261,18 @@ def _longest_axial_diameter(component: np.ndarray, spacing: Sequence[float]) -> 
     return best + float((dx + dy) / 2)
 
 
-def measure(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
+def measure(labels: np.ndarray, spacing: Sequence[float],
+            offset: Sequence[int] = (0, 0, 0)) -> dict[str, Any]:
     """SR measurements of a liver/tumour label map.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``[z, y, x]`` 0 background, 1 liver, 2 tumour (or a box cut out of such a map).
+    spacing : sequence of float
+        ``(dz, dy, dx)`` mm.
+    offset : sequence of int
+        Index of ``labels[0, 0, 0]`` in the full volume (for lesion positions).
 
     Returns
     -------
@@ -279,8 +289,8 @@ def measure(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
         if box is None:
             continue
         comp = comps[box] == index
-        centroid = [float(c + s.start) for c, s in zip(ndimage.center_of_mass(comp), box,
-                                                        strict=True)]
+        centroid = [float(c + s.start + o) for c, s, o in zip(ndimage.center_of_mass(comp),
+                                                               box, offset, strict=True)]
         lesions.append({
             "volume_ml": round(float(comp.sum()) * voxel_ml, 3),
             "longest_axial_diameter_mm": round(_longest_axial_diameter(comp, spacing), 1),
@@ -331,7 +341,7 @@ class LiverTumorSegmenter:
     def __init__(self, liver_net: Liver25DNet, tumour_net: Liver25DNet, device: torch.device,
                  *, roi_liver: tuple[int, int, int] = (24, 128, 128),
                  roi_tumour: tuple[int, int, int] = (24, 128, 128), batch_size: int = 2,
-                 min_tumour_ml: float = 0.1) -> None:
+                 min_tumour_ml: float = 0.2) -> None:
         self.liver_net = liver_net.to(device).eval()
         self.tumour_net = tumour_net.to(device).eval()
         self.device = device
@@ -395,7 +405,9 @@ class LiverTumorSegmenter:
         labels[tuple(box)] = probs.argmax(0).numpy().astype(np.uint8)
         timings["resample_out"] = time.perf_counter() - t
         t = time.perf_counter()
-        labels = postprocess(labels, spacing, min_tumour_ml=self.min_tumour_ml)
+        # everything outside the box is background: clean only the box
+        labels[tuple(box)] = postprocess(labels[tuple(box)], spacing,
+                                         min_tumour_ml=self.min_tumour_ml)
         timings["postprocess"] = time.perf_counter() - t
         return Segmentation(labels, timings, tuple(box))  # type: ignore[arg-type]
 

@@ -47,7 +47,7 @@ class TrainConfig:
 
     epochs: int = 10
     steps_per_epoch: int = 40
-    tumour_step_factor: int = 2
+    tumour_step_factor: int = 5
     batch_size: int = 4
     slab: int = 8
     liver_patch: int = 128
