@@ -102,9 +102,14 @@ def status(
         typer.echo(f"  study {st['study_uid']}  {st['state']:<9} v{st['version']} "
                    f"{st['instances']:>5} instances  trigger={st['completion_trigger']}  "
                    f"from {st['calling_aet'] or '-'}")
+    from dicomnode.workflow.routing import explain
+
     for job in report["jobs"]:
-        typer.echo(f"  job {job['id']:>4} {job['state']:<10} {job['pipeline'] or '-':<14} "
+        typer.echo(f"  job {job['id']:>4} {job['state']:<10} {job['pipeline'] or 'routing':<14} "
                    f"{job['study_uid']} v{job['version']}  {job['reason'] or ''}")
+        if job["pipeline"] is None and job["routing"]:
+            for line in explain(job["routing"]).splitlines():
+                typer.echo(f"         {line}")
     for d in report["deliveries"]:
         typer.echo(f"  delivery {d['id']:>4} {d['state']:<8} {d['destination']}  "
                    f"files={d['files']} attempts={d['attempts']}  {d['last_error'] or ''}")
@@ -140,6 +145,71 @@ def _looks_dicom(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+@app.command()
+def encode(
+    series_dir: str = typer.Argument(..., help="Folder with the CT series."),
+    labels: str = typer.Argument(..., help="Label map (NIfTI) drawn on that series."),
+    structures: str = typer.Option(..., help="Structure table: headneck or abdomen."),
+    out: str = typer.Option(..., help="Folder for seg.dcm, rtstruct.dcm and sr.dcm."),
+) -> None:
+    """Turn a label map made by any tool into SEG + RTSTRUCT + SR for its series."""
+    from dicomnode.results.encode import encode_label_map
+
+    try:
+        result = encode_label_map(series_dir, labels, structures, out)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(json.dumps({"seg": str(result.seg), "rtstruct": str(result.rtstruct),
+                           "sr": str(result.sr), "voxels": result.structures,
+                           "ignored_labels": result.ignored_labels}, indent=2))
+
+
+@app.command()
+def phantom(
+    region: str = typer.Argument(..., help="headneck, abdomen or head"),
+    out: Path = typer.Option(..., "--out", help="Directory for the .dcm files and truth"),
+    seed: int = typer.Option(0, help="Everything random follows from it"),
+    slices: int | None = typer.Option(None, help="Number of axial slices"),
+    matrix: int = typer.Option(512, help="In-plane matrix (rows = columns)"),
+    spacing: str | None = typer.Option(None, help="dz, 'dz,dxy' or 'dz,dy,dx' in mm"),
+    noise: float | None = typer.Option(None, help="Noise standard deviation in HU"),
+    transfer_syntax: str | None = typer.Option(None, help="explicit, jpegls or rle"),
+    slice_order: str = typer.Option("ascending", help="ascending, descending or shuffled"),
+    body_part: str = typer.Option("default", help="BodyPartExamined text, or 'none'"),
+    descriptions: bool = typer.Option(True, help="Write Study/Series Description"),
+    preview: bool = typer.Option(False, help="Also write preview.png with labels outlined"),
+) -> None:
+    """Write a synthetic CT series with ground truth (labels.nii.gz, truth.json)."""
+    from dicomnode.phantoms.command import run_phantom, summary_json
+
+    try:
+        summary = run_phantom(
+            region, out, seed=seed, slices=slices, matrix=matrix, spacing=spacing,
+            noise=noise, transfer_syntax=transfer_syntax, slice_order=slice_order,
+            body_part=None if body_part.lower() == "none" else body_part,
+            descriptions=descriptions, preview=preview)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(summary_json(summary))
+
+
+
+@app.command()
+def route(
+    study_dir: Path = typer.Argument(..., help="Directory with the study's DICOM files"),
+    rules: Path | None = typer.Option(None, help="Routing YAML (default: the embedded rules)"),
+    calling_aet: str | None = typer.Option(None, help="Route as if this AE had sent it"),
+    as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON"),
+) -> None:
+    """Print which pipeline(s) a study would go to, and why (exit 1 when not routed)."""
+    from dicomnode.workflow.routing import route_directory
+
+    code, text = route_directory(study_dir, rules, calling_aet, as_json=as_json)
+    typer.echo(text, err=code == 2)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    routing_rules: Path | None = Field(
+        default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
+    )
     workers: int = Field(default=1, ge=0, description="Embedded job worker threads.")
     device: str = Field(default="auto", description="'auto', 'cpu' or a torch device string.")
     log_format: str = Field(default="text", pattern="^(text|json)$")

@@ -13,7 +13,7 @@ from dicomnode.store.instances import InstanceStore, RecoveryReport
 from dicomnode.store.spool import Spool
 from dicomnode.workflow.completion import CompletionMonitor
 from dicomnode.workflow.export import Outbox
-from dicomnode.workflow.jobs import JobRunner, StudyProcessor
+from dicomnode.workflow.jobs import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,16 @@ class Node:
     ----------
     settings : Settings
         The node's configuration.
-    processor : callable, optional
-        Replaces the default study processor (routing + pipelines).
     """
 
-    def __init__(self, settings: Settings, processor: StudyProcessor | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
         self.spool = Spool(settings.spool_dir, reserve_bytes=settings.disk_reserve_mb * 2**20)
         self.store = InstanceStore(self.db, self.spool, io_threads=settings.max_associations)
         self.outbox = Outbox(self.db, settings)
-        self.runner = JobRunner(self.db, settings, self.outbox, processor)
+        self.runner = JobRunner(self.db, settings, self.outbox)
         self.completion = CompletionMonitor(self.db, settings.completion,
                                             on_complete=lambda _uid: self.runner.wake())
         self.scp = StorageSCP(settings, self.store, on_released=self._released)

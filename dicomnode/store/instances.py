@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ from dicomnode.store.models import (
 from dicomnode.store.spool import Spool, SpooledFile
 
 log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    return None
 
 
 class _NeedsFullPathError(Exception):
@@ -139,22 +144,30 @@ class InstanceStore:
             _discard_when_written(pending)
             raise
         tmp = pending.result()
-        spooled = self.spool.place(tmp, header.study_uid, header.series_uid, header.sop_uid)
+        spooled = self.spool.place(tmp, header.study_uid, header.series_uid, header.sop_uid,
+                                   sync=False)
+        # The directory fsync runs while the index statements execute; the row is
+        # committed only after it (write, fsync, rename, fsync, then commit).
+        synced = self._io.submit(Spool.sync_parent, spooled)
         try:
-            return self._index(header, spooled, calling_aet)
+            return self._index(header, spooled, calling_aet, before_commit=synced.result)
         except BaseException:
+            with contextlib.suppress(BaseException):
+                synced.result()
             if spooled.created:
                 self.spool.remove(spooled.relative)
             raise
 
     def _index(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
-               ) -> StoreOutcome:
+               before_commit: Callable[[], object] = _nothing) -> StoreOutcome:
         with self.db.write_lock:
-            fast = self._index_fast(header, spooled, calling_aet)
-            return fast if fast is not None else self._index_full(header, spooled, calling_aet)
+            fast = self._index_fast(header, spooled, calling_aet, before_commit)
+            if fast is not None:
+                return fast
+            return self._index_full(header, spooled, calling_aet, before_commit)
 
     def _index_fast(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
-                    ) -> StoreOutcome | None:
+                    before_commit: Callable[[], object]) -> StoreOutcome | None:
         """The common case in three statements: the study is receiving, the series known.
 
         Returns None (having written nothing) when the full path is needed: a new
@@ -185,18 +198,20 @@ class InstanceStore:
                 if touched != 1:
                     raise _NeedsFullPathError
                 conn.execute(_TOUCH_SERIES, {"pk": series_pk})
+                before_commit()
         except (IntegrityError, _NeedsFullPathError):
             return None  # rolled back: a duplicate or a study that is not receiving
         return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
                             duplicate=False, reopened=False, study_version=version)
 
     def _index_full(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
-                    ) -> StoreOutcome:
+                    before_commit: Callable[[], object]) -> StoreOutcome:
         with self.db.transaction() as session:
             existing = session.execute(
                 select(Instance.path).where(Instance.sop_uid == header.sop_uid)
             ).scalar_one_or_none()
             if existing is not None:
+                before_commit()
                 if spooled.created and spooled.relative != existing:
                     self.spool.remove(spooled.relative)
                 return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
@@ -227,6 +242,7 @@ class InstanceStore:
             study.instance_count += 1
             study.last_received_at = now
             session.flush()
+            before_commit()
             series_uid, series_pk = series.series_uid, series.id
             study_key = (study.id, study.version)
             outcome = StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,

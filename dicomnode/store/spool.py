@@ -154,10 +154,22 @@ class Spool:
             raise
         return tmp
 
-    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str,
+              *, sync: bool = True) -> SpooledFile:
         """Rename a flushed temporary file into place and make the rename durable.
 
         An instance already in place is kept and ``tmp`` is removed.
+
+        Parameters
+        ----------
+        tmp : Path
+            From ``write_temp``.
+        study_uid, series_uid, sop_uid : str
+            Decide the final path.
+        sync : bool
+            Fsync the directory here. With False the caller must call
+            ``sync_parent`` before it relies on the rename (e.g. before committing
+            the index row), which lets it overlap that wait with other work.
 
         Returns
         -------
@@ -176,11 +188,18 @@ class Spool:
                 _fsync_dir(parent.parent)
                 _fsync_dir(parent.parent.parent)
             os.replace(tmp, final)
-            _fsync_dir(parent)
+            if sync:
+                _fsync_dir(parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return SpooledFile(final, relative, size, created=True)
+
+    @staticmethod
+    def sync_parent(spooled: SpooledFile) -> None:
+        """Make the rename of a placed instance durable (fsync its directory)."""
+        if spooled.created:
+            _fsync_dir(spooled.path.parent)
 
     @staticmethod
     def discard(tmp: Path) -> None:

@@ -36,6 +36,10 @@ QUIET_PERIOD = "quiet_period"
 ASSOCIATION_RELEASE = "association_release"
 EXPECTED_COUNT = "expected_count"
 
+#: Queue priority of the routing job a completion creates (routing is quick: it goes
+#: ahead of pipeline jobs of normal priority, behind urgent ones).
+ROUTING_PRIORITY = 90
+
 # Storage classes whose instances are slices of a volume (single-frame images).
 SLICE_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -206,7 +210,7 @@ class CompletionMonitor:
             study.completion_trigger = trigger
             study.completed_at = utcnow()
             session.add(Job(study=study, study_version=study.version, pipeline=None,
-                            priority=0, attempts=0))
+                            priority=ROUTING_PRIORITY, attempts=0))
             session.add(AuditEvent(
                 event="study.complete", study_uid=study_uid, calling_aet=study.calling_aet,
                 detail={"trigger": trigger, "version": study.version,

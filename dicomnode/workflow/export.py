@@ -38,7 +38,8 @@ class Target:
     why: str
 
 
-def resolve_targets(settings: Settings, calling_aet: str, pipeline: str | None) -> list[Target]:
+def resolve_targets(settings: Settings, calling_aet: str, pipeline: str | None,
+                    names: Sequence[str] | None = None) -> list[Target]:
     """The destinations for results of ``pipeline`` on a study sent by ``calling_aet``.
 
     Parameters
@@ -49,15 +50,23 @@ def resolve_targets(settings: Settings, calling_aet: str, pipeline: str | None) 
         The AE that sent the study.
     pipeline : str, optional
         The pipeline that produced the results.
+    names : sequence of str, optional
+        Destinations named by the routing rule: ``sender`` or keys of
+        ``settings.destinations``. None means ``["sender"]``.
 
     Returns
     -------
     list of Target
-        Back to the sender when it is in the peer table (and ``return_to_sender``),
-        plus every destination whose pipeline filter admits ``pipeline``.
+        Back to the sender when named, in the peer table and ``return_to_sender`` is
+        on; each named destination; every configured destination whose pipeline
+        filter admits ``pipeline``. Each destination at most once.
     """
+    wanted = list(names) if names is not None else ["sender"]
     targets: list[Target] = []
-    if settings.export.return_to_sender and calling_aet:
+    for name in wanted:
+        if name != "sender" and name not in settings.destinations:
+            log.warning("export.unknown_destination", extra=fields(destination=name))
+    if "sender" in wanted and settings.export.return_to_sender and calling_aet:
         peer = settings.peers.get(calling_aet)
         if peer is not None:
             targets.append(Target(peer.ae_title or calling_aet, peer.host, peer.port,
@@ -65,7 +74,8 @@ def resolve_targets(settings: Settings, calling_aet: str, pipeline: str | None) 
         else:
             log.warning("export.unknown_sender", extra=fields(calling_aet=calling_aet))
     for name, dest in settings.destinations.items():
-        if dest.pipelines is None or (pipeline is not None and pipeline in dest.pipelines):
+        if name in wanted or dest.pipelines is None or (
+                pipeline is not None and pipeline in dest.pipelines):
             targets.append(Target(dest.ae_title, dest.host, dest.port, f"destination {name}"))
     return targets
 

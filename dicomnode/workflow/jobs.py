@@ -1,8 +1,15 @@
-"""Jobs: one completed study version, routed, processed, its results queued for export.
+"""Jobs: a completed study version is routed, each routed pipeline runs as its own job.
 
-The embedded runner claims queued job rows (highest priority first) in worker
-threads. ``process_study`` is the one place that turns a list of instance files into
-result files; ``dicomnode process`` calls it offline, the runner calls it for each job.
+Two kinds of job rows, both claimed by the same workers, highest priority first:
+
+- a *routing* job (``pipeline`` is NULL), queued when a study completes: it reads the
+  study's headers, picks series, detects the body region, applies the routing rules
+  and queues one pipeline job per action with the action's priority (an ICH study is
+  ``urgent`` and overtakes a queue of liver studies);
+- a *pipeline* job: loads the chosen series, runs the pipeline, writes the result
+  objects and queues them in the outbox for each destination.
+
+``process_study`` does both in one call without a database, for ``dicomnode process``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,26 +27,31 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.pipelines.base import PipelineUnavailableError, get_pipeline
 from dicomnode.store.db import Database
-from dicomnode.store.models import AuditEvent, Job, JobState, Study, utcnow
-from dicomnode.workflow.completion import study_instances
+from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
+from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
 from dicomnode.workflow.export import Outbox, resolve_targets
+from dicomnode.workflow.routing import RoutingRules, load_rules, route_study
 
 log = logging.getLogger(__name__)
+
+#: Queue order of job rows; routing itself is quick and goes first.
+PRIORITY = {"routing": ROUTING_PRIORITY, "urgent": 100, "high": 70, "normal": 50, "low": 10}
 
 
 @dataclass
 class StudyRun:
-    """What processing one study produced.
+    """What processing one study (or one pipeline on it) produced.
 
     Attributes
     ----------
     state : JobState
-        ``done`` with result files, ``no_result`` with a reason.
+        ``done`` with result files, ``no_result`` with a reason, ``failed`` on a bug.
     reason : str
         Why there is no result (empty when done).
     pipeline : str or None
-        The pipeline that ran.
+        The pipeline that ran (None for routing).
     routing : dict
         The routing decision, JSON-serialisable.
     result_files : list of Path
@@ -71,43 +83,112 @@ class StudyRun:
         }
 
 
-StudyProcessor = Callable[[Sequence[Path], Path, str], StudyRun]
+def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1) -> StudyRun:
+    """Run one pipeline on a loaded volume and write its result objects.
+
+    Parameters
+    ----------
+    name : str
+        Registry name of the pipeline.
+    volume : imaging.series.Volume
+        The series chosen for it.
+    out_dir : Path
+        Where the result ``.dcm`` files go.
+    version : int
+        Study version (shown in the result series descriptions).
+
+    Returns
+    -------
+    StudyRun
+        ``no_result`` with the reason when the pipeline is unavailable or found nothing
+        it may report; never raises for bad data.
+    """
+    from dicomnode.workflow.emit import write_result_objects
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        pipeline = get_pipeline(name)
+    except PipelineUnavailableError as exc:
+        return StudyRun(JobState.NO_RESULT, reason=str(exc), pipeline=name)
+    timings["load_model"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
+    result = pipeline.run(volume)
+    timings["inference"] = round(time.perf_counter() - started, 3)
+    timings.update({f"pipeline.{k}": v for k, v in result.timings.items()})
+    summary = {"result": result.summary()}
+    if not result.ok:
+        return StudyRun(JobState.NO_RESULT, reason=result.reason, pipeline=name,
+                        timings=timings, summary=summary)
+    started = time.perf_counter()
+    files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version)
+    timings["encode"] = round(time.perf_counter() - started, 3)
+    return StudyRun(JobState.DONE, pipeline=name, result_files=files, timings=timings,
+                    summary=summary)
 
 
 def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
-                  pipeline: str | None = None) -> StudyRun:
-    """Route a study and run its pipeline, writing result objects to ``out_dir``.
+                  pipeline: str | None = None, rules: RoutingRules | None = None) -> StudyRun:
+    """Route a study and run every routed pipeline, writing results to ``out_dir``.
 
     Parameters
     ----------
     files : sequence of Path
         Every instance file of the study (one version).
     out_dir : Path
-        Where result ``.dcm`` files are written.
+        Where result ``.dcm`` files are written (one folder per pipeline).
     calling_aet : str
         The sender, which routing rules may match on.
     pipeline : str, optional
-        Force this pipeline instead of routing.
+        Run this pipeline on the series routing picked, whatever the rules say.
+    rules : RoutingRules, optional
+        Routing rules; default the embedded ones.
 
     Returns
     -------
     StudyRun
+        ``done`` when at least one pipeline produced results.
     """
     started = time.perf_counter()
-    readable = [f for f in files if Path(f).is_file()]
-    timings = {"load": round(time.perf_counter() - started, 3)}
-    if not readable:
-        return StudyRun(JobState.NO_RESULT, reason="the study has no readable instance files",
+    decision = route_study([Path(f) for f in files], rules or load_rules(), calling_aet or None)
+    timings = {"route": round(time.perf_counter() - started, 3)}
+    routing = decision.to_dict()
+    names = [a.pipeline for a in decision.actions]
+    if pipeline is not None:
+        if decision.volume is None:
+            return StudyRun(JobState.NO_RESULT, reason=decision.reason or "no usable series",
+                            pipeline=pipeline, routing=routing, timings=timings)
+        names = [pipeline]
+    elif not decision.routed:
+        return StudyRun(JobState.NO_RESULT, reason=decision.reason, routing=routing,
                         timings=timings)
-    # Routing and the pipelines are separate stages (workflow/routing.py, pipelines/);
-    # until a pipeline is installed the study stops here with an honest reason.
+    runs = []
+    for name in names:
+        action = next((a for a in decision.actions if a.pipeline == name), None)
+        volume = decision.volume
+        if action is not None and action.series_instance_uid != decision.series_instance_uid:
+            volume = _load_series_of(files, action.series_instance_uid)
+        run = run_pipeline(name, volume, out_dir / name)
+        runs.append(run)
+        timings.update({f"{name}.{k}": v for k, v in run.timings.items()})
+    done = [r for r in runs if r.state == JobState.DONE]
     return StudyRun(
-        JobState.NO_RESULT,
-        reason="no pipeline is installed in this version of dicomnode",
-        pipeline=pipeline,
+        JobState.DONE if done else JobState.NO_RESULT,
+        reason="; ".join(f"{r.pipeline}: {r.reason}" for r in runs if r.reason),
+        pipeline=",".join(names),
+        routing=routing,
+        result_files=[f for r in done for f in r.result_files],
         timings=timings,
-        summary={"instances": len(readable)},
+        summary={"pipelines": {r.pipeline: {"state": r.state.value, "reason": r.reason,
+                                            **r.summary} for r in runs}},
     )
+
+
+def _load_series_of(files: Sequence[Path], series_uid: str) -> Any:
+    from dicomnode.imaging.series import load_series, read_header
+
+    paths = [f for f in files if str(read_header(f).get("SeriesInstanceUID", "")) == series_uid]
+    return load_series(paths)
 
 
 class JobRunner:
@@ -118,19 +199,16 @@ class JobRunner:
     db : Database
         Jobs and the instance index.
     settings : Settings
-        Spool location, worker count, export targets.
+        Spool location, worker count, routing rules, export targets.
     outbox : Outbox
         Where results are queued.
-    processor : callable, optional
-        Replaces ``process_study`` (same signature without ``pipeline``).
     """
 
-    def __init__(self, db: Database, settings: Settings, outbox: Outbox,
-                 processor: StudyProcessor | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings, outbox: Outbox) -> None:
         self.db = db
         self.settings = settings
         self.outbox = outbox
-        self.processor = processor or process_study
+        self.rules = load_rules(settings.routing_rules)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -139,7 +217,7 @@ class JobRunner:
         """Look for work now (called when a study completes)."""
         self._wake.set()
 
-    def _claim(self, worker: str) -> tuple[int, str, int, str] | None:
+    def _claim(self, worker: str) -> dict[str, Any] | None:
         with self.db.transaction() as session:
             job = session.execute(
                 select(Job).where(Job.state == JobState.QUEUED.value)
@@ -152,50 +230,108 @@ class JobRunner:
             job.attempts += 1
             job.worker = worker
             study = job.study
-            return job.id, study.study_uid, job.study_version, study.calling_aet
+            return {"id": job.id, "study_uid": study.study_uid, "version": job.study_version,
+                    "calling_aet": study.calling_aet, "pipeline": job.pipeline,
+                    "routing": job.routing or {}}
 
     def run_one(self, worker: str = "inline") -> bool:
         """Claim and run one queued job; returns False when none was queued."""
-        claimed = self._claim(worker)
-        if claimed is None:
+        job = self._claim(worker)
+        if job is None:
             return False
-        job_id, study_uid, version, calling_aet = claimed
-        log.info("job.started", extra=fields(job=job_id, study=study_uid, version=version))
-        with self.db.session() as session:
-            files = [self.settings.spool_dir / inst.path
-                     for inst in study_instances(session, study_uid, version)]
-        out_dir = self.settings.results_dir / f"job-{job_id}"
+        log.info("job.started", extra=fields(job=job["id"], study=job["study_uid"],
+                                             version=job["version"],
+                                             pipeline=job["pipeline"] or "routing"))
         try:
-            run = self.processor(files, out_dir, calling_aet)
-        except Exception as exc:  # a pipeline bug must not stop the worker
-            log.exception("job.crashed", extra=fields(job=job_id))
-            run = StudyRun(JobState.FAILED, reason=f"{type(exc).__name__}: {exc}")
+            run = self._route(job) if job["pipeline"] is None else self._pipeline(job)
+        except Exception as exc:  # a bug must not stop the worker; the reason is recorded
+            log.exception("job.crashed", extra=fields(job=job["id"]))
+            run = StudyRun(JobState.FAILED, reason=f"{type(exc).__name__}: {exc}",
+                           pipeline=job["pipeline"], routing=job["routing"])
+        self._finish(job, run)
+        return True
+
+    def _files(self, study_uid: str, version: int, series_uid: str | None = None) -> list[Path]:
+        with self.db.session() as session:
+            if series_uid is None:
+                rows = study_instances(session, study_uid, version)
+            else:
+                rows = list(session.execute(
+                    select(Instance).join(Series, Instance.series_pk == Series.id)
+                    .where(Series.series_uid == series_uid, Instance.study_version <= version)
+                ).scalars())
+        return [self.settings.spool_dir / row.path for row in rows]
+
+    def _route(self, job: dict[str, Any]) -> StudyRun:
+        started = time.perf_counter()
+        files = self._files(job["study_uid"], job["version"])
+        decision = route_study(files, self.rules, job["calling_aet"] or None)
+        routing = decision.to_dict()
+        timings = {"route": round(time.perf_counter() - started, 3)}
+        if not decision.routed:
+            return StudyRun(JobState.NO_RESULT, reason=decision.reason, routing=routing,
+                            timings=timings)
+        with self.db.transaction() as session:
+            study = session.execute(
+                select(Study).where(Study.study_uid == job["study_uid"])).scalar_one()
+            for action in decision.actions:
+                session.add(Job(
+                    study=study, study_version=job["version"], pipeline=action.pipeline,
+                    priority=PRIORITY.get(action.priority, PRIORITY["normal"]), attempts=0,
+                    routing={**routing, "action": action.to_dict()},
+                ))
+        self.wake()
+        names = ", ".join(f"{a.pipeline} ({a.priority})" for a in decision.actions)
+        return StudyRun(JobState.DONE, reason=f"routed to {names}", routing=routing,
+                        timings=timings)
+
+    def _pipeline(self, job: dict[str, Any]) -> StudyRun:
+        from dicomnode.imaging.series import load_series
+
+        action = job["routing"].get("action", {})
+        started = time.perf_counter()
+        files = self._files(job["study_uid"], job["version"], action.get("series_instance_uid"))
+        if not files:
+            return StudyRun(JobState.NO_RESULT, reason="the routed series has no instances",
+                            pipeline=job["pipeline"], routing=job["routing"])
+        volume = load_series(files)
+        load_s = round(time.perf_counter() - started, 3)
+        out_dir = self.settings.results_dir / f"job-{job['id']}"
+        run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"])
+        run.timings = {"load_series": load_s, **run.timings}
+        run.routing = job["routing"]
+        return run
+
+    def _finish(self, job: dict[str, Any], run: StudyRun) -> None:
         deliveries = []
         if run.state == JobState.DONE and run.result_files:
-            for target in resolve_targets(self.settings, calling_aet, run.pipeline):
+            names = run.routing.get("action", {}).get("destinations")
+            for target in resolve_targets(self.settings, job["calling_aet"], run.pipeline,
+                                          names):
                 deliveries.append(self.outbox.enqueue(run.result_files, target,
-                                                      study_uid=study_uid, job_pk=job_id))
+                                                      study_uid=job["study_uid"],
+                                                      job_pk=job["id"]))
         with self.db.transaction() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
+            row = session.get(Job, job["id"])
+            assert row is not None
             study = session.execute(
-                select(Study).where(Study.study_uid == study_uid)).scalar_one()
-            superseded = study.version != version
-            job.state = run.state.value
-            job.reason = run.reason or None
-            job.pipeline = run.pipeline
-            job.routing = run.routing or None
-            job.timings = run.timings
-            job.result = {**run.summary, "files": [str(p) for p in run.result_files],
-                          "deliveries": deliveries, "superseded_by_version":
-                          study.version if superseded else None}
-            job.finished_at = utcnow()
-            session.add(AuditEvent(event=f"job.{run.state.value}", study_uid=study_uid,
-                                   calling_aet=calling_aet,
-                                   detail={"job": job_id, "reason": run.reason}))
-        log.info("job.finished", extra=fields(job=job_id, state=run.state.value,
+                select(Study).where(Study.study_uid == job["study_uid"])).scalar_one()
+            row.state = run.state.value
+            row.reason = run.reason or None
+            row.routing = run.routing or None
+            row.timings = run.timings
+            row.result = {**run.summary, "files": [str(p) for p in run.result_files],
+                          "deliveries": deliveries,
+                          "superseded_by_version":
+                          study.version if study.version != job["version"] else None}
+            row.finished_at = utcnow()
+            session.add(AuditEvent(event=f"job.{run.state.value}", study_uid=job["study_uid"],
+                                   calling_aet=job["calling_aet"],
+                                   detail={"job": job["id"], "pipeline": run.pipeline,
+                                           "reason": run.reason}))
+        log.info("job.finished", extra=fields(job=job["id"], state=run.state.value,
+                                              pipeline=run.pipeline or "routing",
                                               reason=run.reason, deliveries=len(deliveries)))
-        return True
 
     def start(self) -> None:
         """Start ``settings.workers`` worker threads."""

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -32,7 +33,7 @@ def _start_node(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env.pop("DICOMNODE_DATABASE_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, 30)
+    wait_port(port, 120)
     return proc
 
 
@@ -45,7 +46,11 @@ def test_sigkill_during_send_loses_no_acknowledged_instance(tmp_path: Path) -> N
     try:
         ae = AE(ae_title="CTSCANNER")
         ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        for _ in range(5):  # a loaded machine may need a moment after the port opens
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+            if assoc.is_established:
+                break
+            time.sleep(1)
         assert assoc.is_established
         for i in range(400):
             ds = ct_slice(study, series, float(i), i, rows=128, cols=128)

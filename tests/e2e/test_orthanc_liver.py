@@ -1,0 +1,85 @@
+"""End to end with real peers: Orthanc as the PACS, dcmtk storescu as the sender.
+
+An abdomen phantom is sent to the node with the calling AE of Orthanc; the node
+completes the study, routes it to ``liver_tumor``, runs the shipped weights and sends
+SEG + RTSTRUCT + SR back to Orthanc, where they are checked through its REST API and
+with dciodvfy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import Peer, Settings
+from dicomnode.node import Node
+from dicomnode.phantoms import make_phantom, write_phantom
+from tests.peers import orthanc, orthanc_get
+
+pytestmark = pytest.mark.e2e
+
+SEG, RTSTRUCT, SR = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.3",
+                     "1.2.840.10008.5.1.4.1.1.88.34")
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
+        settings: Settings, tmp_path: Path) -> None:
+    study_dir = tmp_path / "study"
+    phantom = make_phantom("abdomen", seed=7, matrix=256, spacing=(2.5, 1.6, 1.6))
+    files = sorted(p for p in write_phantom(phantom, study_dir) if p.suffix == ".dcm")
+    with orthanc(tmp_path / "orthanc") as pacs:
+        settings.peers = {"ORTHANC": Peer(host="127.0.0.1", port=int(pacs["dicom_port"]))}
+        settings.completion.quiet_period_s = 5
+        node = Node(settings)
+        node.start()
+        try:
+            sent = subprocess.run(
+                ["storescu", "-aet", "ORTHANC", "-aec", settings.ae_title, "127.0.0.1",
+                 str(node.scp.port), *map(str, files)],
+                capture_output=True, text=True, timeout=300)
+            assert sent.returncode == 0, sent.stderr
+            url = str(pacs["url"])
+            deadline = time.monotonic() + 600
+            classes: dict[str, str] = {}
+            while time.monotonic() < deadline and len(classes) < 3:
+                time.sleep(1)
+                for inst in orthanc_get(f"{url}/instances?expand"):  # type: ignore[union-attr]
+                    sop_class = orthanc_get(
+                        f"{url}/instances/{inst['ID']}/metadata/SopClassUid")
+                    if sop_class in (SEG, RTSTRUCT, SR):
+                        classes[str(sop_class)] = inst["ID"]
+            assert set(classes) == {SEG, RTSTRUCT, SR}, node_summary(node)
+            assert len(orthanc_get(f"{url}/studies")) == 1  # type: ignore[arg-type]
+            parents = {orthanc_get(f"{url}/instances/{i}/study")["MainDicomTags"][
+                "StudyInstanceUID"] for i in classes.values()}  # type: ignore[index]
+            assert parents == {phantom_study_uid(files[0])}
+            for sop_class, oid in classes.items():
+                path = tmp_path / f"{sop_class}.dcm"
+                with urllib.request.urlopen(f"{url}/instances/{oid}/file", timeout=30) as r:
+                    path.write_bytes(r.read())
+                assert _dciodvfy_errors(path) == [], sop_class
+        finally:
+            node.stop()
+
+
+def phantom_study_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def node_summary(node: Node) -> str:
+    from dicomnode.store.status import node_status
+
+    status = node_status(node.db)
+    return str([(j["pipeline"], j["state"], j["reason"]) for j in status["jobs"]]) + str(
+        [(d["state"], d["last_error"]) for d in status["deliveries"]])

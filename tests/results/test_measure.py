@@ -1,0 +1,47 @@
+"""Tests for dicomnode.results.measure: lesion split, volumes and diameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dicomnode.results.measure import find_lesions, longest_axial_diameter_mm, measure_liver
+from dicomnode.results.source import SliceGeometry
+
+
+def _geometry(shape: tuple[int, int, int], spacing: float = 0.8, step: float = 2.0
+              ) -> SliceGeometry:
+    origins = np.array([[0.0, 0.0, k * step] for k in range(shape[0])])
+    return SliceGeometry(origins, np.array([1.0, 0, 0]), np.array([0, 1.0, 0]),
+                         (spacing, spacing), shape)
+
+
+def test_two_lesions_with_volume_diameter_and_slices() -> None:
+    shape = (20, 100, 100)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    big = ((z - 10) / 4.0) ** 2 + ((y - 30) / 20.0) ** 2 + ((x - 30) / 20.0) ** 2 < 1
+    small = ((z - 5) / 1.5) ** 2 + ((y - 75) / 6.0) ** 2 + ((x - 75) / 6.0) ** 2 < 1
+    tumour = big | small
+    liver = np.zeros(shape, bool)
+    liver[:, 10:95, 10:95] = True
+    liver &= ~tumour
+    geometry = _geometry(shape)
+    stats = measure_liver(liver, tumour, geometry)
+    assert [lesion.number for lesion in stats.lesions] == [1, 2]
+    first, second = stats.lesions
+    assert first.volume_cm3 == pytest.approx(big.sum() * 0.8 * 0.8 * 2.0 / 1000)
+    assert second.slice_indices == tuple(np.nonzero(small.any(axis=(1, 2)))[0])
+    # 40 pixels of 0.8 mm across: about 32 mm edge to edge.
+    assert first.longest_axial_diameter_mm == pytest.approx(32.0, abs=1.6)
+    assert stats.tumour_burden_cm3 == pytest.approx(first.volume_cm3 + second.volume_cm3)
+    whole = (liver | tumour).sum() * 0.8 * 0.8 * 2.0 / 1000
+    assert stats.tumour_to_liver_percent == pytest.approx(100 * stats.tumour_burden_cm3 / whole)
+
+
+def test_no_tumour() -> None:
+    shape = (4, 10, 10)
+    empty = np.zeros(shape, bool)
+    stats = measure_liver(empty, empty, _geometry(shape))
+    assert stats.lesions == () and stats.tumour_to_liver_percent == 0.0
+    assert find_lesions(empty, _geometry(shape)) == []
+    assert longest_axial_diameter_mm(empty, _geometry(shape)) == 0.0

@@ -1,0 +1,72 @@
+"""Tests for dicomnode.results.source: series checks, copied modules, DS strings."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomnode.results.codes import HEADNECK
+from dicomnode.results.source import (
+    check_source_images,
+    copy_patient_study,
+    ds_string,
+    structure_masks,
+)
+from tests.results.conftest import CtSeries
+
+
+def test_geometry_of_reversed_series_steps_backwards(axial: CtSeries,
+                                                    reversed_axial: CtSeries) -> None:
+    up = check_source_images(axial.images)
+    down = check_source_images(reversed_axial.images)
+    assert up.slice_spacing == pytest.approx(3.0)
+    assert down.slice_spacing == pytest.approx(3.0)
+    assert np.allclose(up.origins[::-1], down.origins)
+
+
+def test_unsorted_or_mixed_series_is_refused(axial: CtSeries) -> None:
+    shuffled = [axial.images[1], axial.images[0], *axial.images[2:]]
+    with pytest.raises(ValueError, match="not sorted"):
+        check_source_images(shuffled)
+    other = copy.deepcopy(axial.images[3])
+    other.SeriesInstanceUID = "1.2.3.4"
+    with pytest.raises(ValueError, match="'SeriesInstanceUID'"):
+        check_source_images([*axial.images[:3], other])
+    with pytest.raises(ValueError, match="'source_images'"):
+        check_source_images([])
+
+
+def test_patient_and_study_are_copied(axial: CtSeries) -> None:
+    target = Dataset()
+    copy_patient_study(axial.images[0], target)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                    "StudyInstanceUID", "StudyDate", "StudyID", "AccessionNumber",
+                    "StudyDescription", "ReferringPhysicianName"):
+        assert target[keyword].value == axial.images[0][keyword].value
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-9, 123.456789123, -123456.78912345,
+                                   1.23456789e15, -9.87654321e-12, 4.0])
+def test_ds_strings_fit_sixteen_characters(value: float) -> None:
+    text = ds_string(value)
+    assert len(text) <= 16
+    assert float(text) == pytest.approx(value, abs=1e-4, rel=1e-9)
+
+
+def test_structure_masks_validate_names_shapes_and_labels(axial: CtSeries) -> None:
+    geometry = check_source_images(axial.images)
+    with pytest.raises(ValueError, match="'masks' key 'Heart'"):
+        structure_masks({"Heart": axial.labels > 0}, HEADNECK, geometry)
+    with pytest.raises(ValueError, match="shape"):
+        structure_masks(axial.labels[1:], HEADNECK, geometry)
+    bad = axial.labels.copy()
+    bad[0, 0, 0] = 42
+    with pytest.raises(ValueError, match="label value '42'"):
+        structure_masks(bad, HEADNECK, geometry)
+    with pytest.raises(ValueError, match="dtype"):
+        structure_masks(axial.labels.astype(float), HEADNECK, geometry)
+    pairs = structure_masks({"BrainStem": axial.labels == 1}, HEADNECK, geometry)
+    assert [s.name for s, _ in pairs] == ["BrainStem"]

@@ -1,0 +1,126 @@
+"""Tests for dicomnode.results.sr: TID 1500 reports, dciodvfy, measurements read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom.sr.codedict import codes
+
+from dicomnode.results.algorithm import AlgorithmInfo
+from dicomnode.results.codes import ABDOMEN, HEADNECK, ICH_FINDINGS
+from dicomnode.results.seg import build_seg
+from dicomnode.results.source import check_source_images, write
+from dicomnode.results.sr import IchResult, build_ich_sr, build_segmentation_sr
+from tests.results.conftest import CtSeries, dciodvfy_errors
+
+
+def _report(sr: hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR
+            ) -> hd.sr.MeasurementReport:
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    return report
+
+
+def _abdomen_labels(series: CtSeries) -> np.ndarray:
+    """Liver = the shell; three tumours = the brainstem and parotid ellipsoids."""
+    labels = np.zeros_like(series.labels)
+    labels[series.labels == 3] = 1
+    labels[np.isin(series.labels, [1, 6, 7])] = 2
+    return labels
+
+
+def test_headneck_volumes_reference_segments(any_series: CtSeries, algorithm: AlgorithmInfo,
+                                             tmp_path: Path) -> None:
+    seg = build_seg(any_series.images, any_series.labels, HEADNECK, algorithm)
+    sr = build_segmentation_sr(any_series.images, seg, any_series.labels, HEADNECK, algorithm,
+                               series_description="AI OAR volumes")
+    path = write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    back = hd.sr.srread(path)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert back.SeriesDescription == "AI OAR volumes"
+    assert back.Manufacturer == "dicomnode"
+    assert algorithm.name in " ".join(back.SoftwareVersions)
+    assert back.StudyInstanceUID == any_series.images[0].StudyInstanceUID
+    assert back.SeriesInstanceUID not in (any_series.images[0].SeriesInstanceUID,
+                                          seg.SeriesInstanceUID)
+    assert back.PatientID == any_series.images[0].PatientID
+    groups = _report(back).get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [s.name for s in HEADNECK]
+    voxel = check_source_images(any_series.images).voxel_volume_mm3
+    for structure, group in zip(HEADNECK, groups, strict=True):
+        assert group.referenced_segment is not None
+        ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSegmentNumber == structure.label
+        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        expected = (any_series.labels == structure.label).sum() * voxel / 1000
+        assert volume.value == pytest.approx(expected, abs=1e-3)
+
+
+def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: AlgorithmInfo,
+                                           tmp_path: Path) -> None:
+    labels = _abdomen_labels(axial)
+    seg = build_seg(axial.images, labels, ABDOMEN, algorithm)
+    sr = build_segmentation_sr(axial.images, seg, labels, ABDOMEN, algorithm)
+    path = write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    groups = _report(hd.sr.srread(path)).get_volumetric_roi_measurement_groups()
+    by_id = {g.tracking_identifier: g for g in groups}
+    assert set(by_id) == {"Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"}
+    tumour = by_id["Lesion_Liver"]
+    assert tumour.get_measurements(name=codes.SCT.NumberOfLesions)[0].value == 3
+    voxel = check_source_images(axial.images).voxel_volume_mm3
+    burden = (labels == 2).sum() * voxel / 1000
+    whole = (labels > 0).sum() * voxel / 1000
+    values = {m.name.meaning: m.value for m in tumour.get_measurements()}
+    assert values["Total tumor volume"] == pytest.approx(burden, abs=1e-3)
+    assert values["Tumor to liver volume ratio"] == pytest.approx(100 * burden / whole, abs=1e-3)
+    # Lesion 1 is the brainstem ellipsoid: radii 14 x 11 mm in plane, so 28 mm across.
+    diameter = by_id["Lesion 1"].get_measurements(name=codes.SCT.LongAxis)[0].value
+    assert diameter == pytest.approx(28.0, abs=2.0)
+    lesion_volumes = [by_id[f"Lesion {i}"].get_measurements(name=codes.SCT.Volume)[0].value
+                      for i in (1, 2, 3)]
+    assert sum(lesion_volumes) == pytest.approx(burden, abs=1e-2)
+
+
+def test_ich_report(axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    results = [IchResult("any", 0.91, True, (10, 11, 12)),
+               IchResult("epidural", 0.02, False),
+               IchResult("intraparenchymal", 0.07, False),
+               IchResult("intraventricular", 0.04, False),
+               IchResult("subarachnoid", 0.12, False),
+               IchResult("subdural", 0.88, True, (11, 12))]
+    sr = build_ich_sr(axial.images, results, algorithm)
+    path = write(sr, tmp_path / "ich.dcm")
+    assert dciodvfy_errors(path) == []
+    findings = {f.key: f.code for f in ICH_FINDINGS}
+    groups = _report(hd.sr.srread(path)).get_image_measurement_groups()
+    by_id = {g.tracking_identifier: g for g in groups}
+    assert list(by_id) == [r.key for r in results]
+    for result in results:
+        group = by_id[result.key]
+        assert group.finding_type == findings[result.key]
+        probability = group.get_measurements(name=codes.DCM.Probability)[0]
+        assert probability.value == pytest.approx(result.probability)
+        decision = group.get_qualitative_evaluations()[0].value
+        assert decision == (codes.SCT.Present if result.present else codes.SCT.Absent)
+    subdural = by_id["subdural"]
+    refs = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in subdural[0].ContentSequence if item.ValueType == "IMAGE"]
+    assert refs == [axial.images[i].SOPInstanceUID for i in (11, 12)]
+
+
+def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) -> None:
+    with pytest.raises(ValueError, match="'key'"):
+        IchResult("stroke", 0.5, True)
+    with pytest.raises(ValueError, match="'probability'"):
+        IchResult("any", 1.5, True)
+    with pytest.raises(ValueError, match="'slice_indices'"):
+        build_ich_sr(axial.images, [IchResult("any", 0.9, True, (999,))], algorithm)
+    with pytest.raises(ValueError, match="repeated"):
+        build_ich_sr(axial.images, [IchResult("any", 0.9, True), IchResult("any", 0.9, True)],
+                     algorithm)
