@@ -348,7 +348,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                   "stage1_spacing_mm": list(LIVER_SPACING),
                   "stage2_spacing_mm": list(TUMOUR_SPACING),
                   "liver_box_margin_mm": BOX_MARGIN_MM,
-                  "labels": {"1": "Liver", "2": "GTV_Liver"}},
+                  "labels": {"1": "Liver", "2": "Lesion_Liver"}},
         "training_data": (
             f"{len(prepared)} cases: "
             + (f"synthetic abdomen phantoms (dicomnode.phantoms) seeds {_ranges(seeds)} at "

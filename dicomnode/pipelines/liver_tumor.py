@@ -30,11 +30,12 @@ from dicomnode.pipelines.base import (
     ResultObject,
     register,
 )
+from dicomnode.results.codes import ABDOMEN
 
 log = logging.getLogger(__name__)
 
-#: Label value -> structure name; the names are those of ``results.codes.ABDOMEN``.
-STRUCTURES: dict[int, str] = {liver25d.LIVER: "Liver", liver25d.TUMOUR: "GTV_Liver"}
+#: Label value -> structure name, from the result encoders' table so the names always match.
+STRUCTURES: dict[int, str] = {s.label: s.name for s in ABDOMEN}
 #: Below these the volume cannot hold a liver the network can find.
 MIN_SLICES = 8
 MIN_EXTENT_Z_MM = 40.0

@@ -109,3 +109,9 @@ def test_phantom_abdomen_liver_and_measurements() -> None:
     assert all(d["volume_ml"] > 0 and d["longest_axial_diameter_mm"] > 0 for d in m["lesions"])
     assert {"stage1_liver", "stage2_tumour", "total"} <= set(result.timings)
     json.dumps(result.summary())
+
+
+def test_structure_names_are_those_of_the_result_codes() -> None:
+    from dicomnode.results.codes import ABDOMEN
+
+    assert {s.label: s.name for s in ABDOMEN} == liver_tumor.STRUCTURES
