@@ -226,6 +226,8 @@ def train(
     out: Annotated[Path, typer.Option(help="Models folder (weights, manifest).")] = Path("models"),
     version: Annotated[str, typer.Option(help="Version written to the manifest.")] = "1.0.0",
     cache_dir: Annotated[Path | None, typer.Option(help="Cache of generated phantoms.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Time budget per stage (the "
+                                                      "learning rate decays to it).")] = None,
 ) -> None:
     """Train a model's weights and record them in the models manifest."""
     from dicomnode.logs import configure_logging
@@ -236,7 +238,7 @@ def train(
         entry = train_from_cli(model, data=data, phantom_seeds=phantom_seeds,
                                heldout_seeds=heldout_seeds, epochs=epochs,
                                steps_per_epoch=steps_per_epoch, out=out, version=version,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, max_minutes_per_stage=max_minutes)
     except ValueError as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc

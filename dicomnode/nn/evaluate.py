@@ -1,7 +1,8 @@
 """Evaluation of the liver/tumour segmenter on cases with ground truth.
 
 Per case: liver Dice (liver including tumours, the LiTS convention); tumour Dice
-restricted to tumours of at least ``min_diameter_mm`` (ground truth: those tumours;
+restricted to tumours whose longest axial diameter, measured on the truth mask, is at
+least ``min_diameter_mm`` (ground truth: those tumours;
 prediction: every predicted tumour component except those touching only smaller true
 tumours); lesion detection (a true tumour >= ``min_diameter_mm`` counts as detected when
 a predicted tumour voxel overlaps it); false-positive components (predicted tumour
@@ -35,15 +36,21 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _true_lesions(case: datasets.Case) -> tuple[np.ndarray, dict[int, float]]:
-    """Instance map of the true tumours and each one's diameter (mm)."""
+    """Instance map of the true tumours and each one's longest axial diameter (mm).
+
+    The diameter is measured on the painted truth mask (RECIST style), not taken from
+    the phantom's nominal size: a nominal 15 mm tumour clipped by vessels or the liver
+    edge can be a few voxels in the label map.
+    """
     tumour = case.labels == TUMOUR
-    if case.instances is not None and case.lesions:
+    if case.instances is not None and case.instances.shape == tumour.shape:
         instances = np.where(tumour, case.instances, 0).astype(np.int32)
-        sizes = {int(d["id"]): float(d["diameter_mm"]) for d in case.lesions}
-        return instances, {i: sizes.get(i, 0.0) for i in np.unique(instances) if i}
-    instances, count = ndimage.label(tumour, structure=_CONNECT)
-    sizes = {i: _longest_axial_diameter(instances == i, case.spacing)
-             for i in range(1, count + 1)}
+    else:
+        instances, _ = ndimage.label(tumour, structure=_CONNECT)
+    sizes = {}
+    for index, box in enumerate(ndimage.find_objects(instances), start=1):
+        if box is not None:
+            sizes[index] = _longest_axial_diameter(instances[box] == index, case.spacing)
     return instances, sizes
 
 

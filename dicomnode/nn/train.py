@@ -47,7 +47,7 @@ class TrainConfig:
 
     epochs: int = 10
     steps_per_epoch: int = 40
-    tumour_step_factor: int = 5
+    tumour_step_factor: int = 15
     batch_size: int = 4
     slab: int = 8
     liver_patch: int = 128
@@ -56,9 +56,10 @@ class TrainConfig:
     width_tumour: int = 12
     lr: float = 3e-3
     tumour_class_weight: float = 3.0
-    tumour_fraction: float = 0.6
+    tumour_fraction: float = 0.7
     seed: int = 0
     threads: int = 2
+    max_minutes_per_stage: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("epochs", "steps_per_epoch", "tumour_step_factor", "batch_size",
@@ -74,6 +75,9 @@ class TrainConfig:
             if value < 32 or value % 8:
                 raise ValueError(f"Invalid '{key}' value '{value}' - must be a multiple of 8, "
                                  ">= 32")
+        if self.max_minutes_per_stage is not None and not self.max_minutes_per_stage > 0:
+            raise ValueError(f"Invalid 'max_minutes_per_stage' value "
+                             f"'{self.max_minutes_per_stage}' - must be positive")
         if not 0 < self.lr < 1:
             raise ValueError(f"Invalid 'lr' value '{self.lr}' - must be in (0, 1)")
 
@@ -224,26 +228,37 @@ def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfi
     loss_fn = CrossEntropyDiceLoss(class_weights)
     optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total = cfg.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    budget = cfg.max_minutes_per_stage * 60 if cfg.max_minutes_per_stage else math.inf
     progress = Progress(label, total)
     history = []
     net.train()
     step = 0
+    started = time.perf_counter()
+    done = 0.0
     for _ in range(cfg.epochs):
         losses = []
         for _ in range(steps_per_epoch):
+            # cosine decay over whichever runs out first: the steps or the time budget
+            done = max(step / total, (time.perf_counter() - started) / budget)
+            if done >= 1:
+                break
+            for group in optimiser.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
             image, target = sampler(cases, cfg, rng)
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn(net(image), target)
             loss.backward()
             optimiser.step()
-            schedule.step()
             losses.append(float(loss.detach()))
             step += 1
             progress.update(step, float(np.mean(losses[-20:])),
                             epoch_end=len(losses) == steps_per_epoch)
-        history.append(round(float(np.mean(losses)), 5))
+        if losses:
+            history.append(round(float(np.mean(losses)), 5))
+        if done >= 1:
+            log.info("train.time_budget_reached", extra={"dn_fields": {
+                "stage": label.strip(), "steps": step, "of": total}})
+            break
     net.eval()
     return history
 
@@ -396,7 +411,8 @@ def _ranges(values: Sequence[int]) -> str:
 
 def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    heldout_seeds: str | None, epochs: int, steps_per_epoch: int, out: Path,
-                   version: str, cache_dir: Path | None) -> dict[str, Any]:
+                   version: str, cache_dir: Path | None,
+                   max_minutes_per_stage: float | None = None) -> dict[str, Any]:
     """What ``dicomnode train MODEL`` runs: parse the seed lists and train.
 
     Raises
@@ -408,6 +424,7 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
         raise ValueError(f"Invalid 'model' value '{model}' - trainable here: {MODEL_NAME}")
     seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
     heldout = datasets.parse_seeds(heldout_seeds) if heldout_seeds else []
-    config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch)
+    config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch,
+                         max_minutes_per_stage=max_minutes_per_stage)
     return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
                              config=config, version=version, cache_dir=cache_dir)
