@@ -44,3 +44,5 @@ def test_train_rejects_bad_requests(tmp_path: Path) -> None:
         TrainConfig(slab=3)
     with pytest.raises(ValueError, match="'epochs'"):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="'max_minutes_per_stage'"):
+        TrainConfig(max_minutes_per_stage=0)
