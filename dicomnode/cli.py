@@ -211,6 +211,40 @@ def route(
     typer.echo(text, err=code == 2)
     raise typer.Exit(code)
 
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="Model to train (liver_tumor).")],
+    data: Annotated[Path | None, typer.Option(help="Phantom folders and/or LiTS pairs "
+                                              "(volume-N.nii, segmentation-N.nii).")] = None,
+    phantom_seeds: Annotated[str | None, typer.Option(help="Generate training phantoms "
+                                                      "from these seeds, e.g. 1000-1063.")] = None,
+    heldout_seeds: Annotated[str | None, typer.Option(help="Phantom seeds evaluated after "
+                                                      "training, e.g. 0-19.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs per stage.")] = 10,
+    steps_per_epoch: Annotated[int, typer.Option(help="Batches per epoch.")] = 40,
+    out: Annotated[Path, typer.Option(help="Models folder (weights, manifest).")] = Path("models"),
+    version: Annotated[str, typer.Option(help="Version written to the manifest.")] = "1.0.0",
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache of generated phantoms.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Time budget per stage (the "
+                                                      "learning rate decays to it).")] = None,
+) -> None:
+    """Train a model's weights and record them in the models manifest."""
+    from dicomnode.logs import configure_logging
+    from dicomnode.nn.train import train_from_cli
+
+    configure_logging("INFO")
+    try:
+        entry = train_from_cli(model, data=data, phantom_seeds=phantom_seeds,
+                               heldout_seeds=heldout_seeds, epochs=epochs,
+                               steps_per_epoch=steps_per_epoch, out=out, version=version,
+                               cache_dir=cache_dir, max_minutes_per_stage=max_minutes)
+    except ValueError as exc:
+        typer.echo(f"dicomnode: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps(entry, indent=2))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,445 @@
+"""The 2.5D context network for liver and tumours, two-stage inference, post-processing.
+
+Network (:class:`Liver25DNet`), after the 2.5D liver/tumour context networks of the
+LiTS era: a slab of adjacent slices goes in; the encoder's first convolutions are 3D
+(kernel 3 along z) so that each output slice sees ``context_slices`` neighbours; deeper
+encoder levels, the atrous spatial pyramid pooling (ASPP) block and the light decoder
+of depthwise-separable convolutions work per slice (2D). The output has the slab's
+shape, so the same network runs under the generic
+:func:`dicomnode.nn.runtime.sliding_window_inference`.
+
+Two stages (:class:`LiverTumorSegmenter`):
+
+1. liver on a coarse grid (``LIVER_SPACING``) over the whole volume;
+2. liver and tumours at finer resolution (``TUMOUR_SPACING``) inside the liver's bounding
+   box dilated by ``BOX_MARGIN_MM``.
+
+Intensities: HU clipped to ``HU_WINDOW`` [-200, 250] and scaled to [-1, 1].
+Post-processing (:func:`postprocess`): the largest liver component, holes filled,
+tumours only inside the liver, islands smaller than ``min_tumour_ml`` removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from dicomnode.nn import runtime
+
+log = logging.getLogger(__name__)
+
+#: CT window the network sees (HU).
+HU_WINDOW: tuple[float, float] = (-200.0, 250.0)
+#: Grid of stage 1 (liver), ``(dz, dy, dx)`` mm.
+LIVER_SPACING: tuple[float, float, float] = (4.0, 3.125, 3.125)
+#: Grid of stage 2 (liver + tumours inside the liver box), ``(dz, dy, dx)`` mm.
+TUMOUR_SPACING: tuple[float, float, float] = (2.0, 1.5625, 1.5625)
+#: Margin added around the stage-1 liver box before stage 2 (mm).
+BOX_MARGIN_MM: float = 15.0
+#: Output labels.
+BACKGROUND, LIVER, TUMOUR = 0, 1, 2
+
+
+def normalise_hu(hu: torch.Tensor | np.ndarray,
+                 window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:
+    """Clip HU to ``window`` and scale linearly to [-1, 1] (float32 tensor)."""
+    lo, hi = window
+    if not hi > lo:
+        raise ValueError(f"Invalid 'window' value '{window}' - upper must exceed lower")
+    x = torch.as_tensor(hu).float().clamp(lo, hi)
+    return (x - (lo + hi) / 2) / ((hi - lo) / 2)
+
+
+def _fold(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``[B, C, D, H, W]`` -> ``[B*D, C, H, W]`` so 2D layers run per slice."""
+    b, c, d, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w), d
+
+
+def _unfold(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """Inverse of :func:`_fold`."""
+    bd, c, h, w = x.shape
+    return x.reshape(bd // depth, depth, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class _Conv3d(nn.Sequential):
+    """3x3x3 convolution, batch norm, ReLU (optionally strided in-plane)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__(nn.Conv3d(cin, cout, 3, stride=(1, stride, stride), padding=1,
+                                   bias=False),
+                         nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+class _Conv2d(nn.Sequential):
+    """3x3 convolution, batch norm, ReLU (optionally strided or dilated)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
+                 kernel: int = 3) -> None:
+        pad = dilation * (kernel // 2)
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad,
+                                   dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise 3x3 then pointwise 1x1 convolution, batch norm, ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+                         nn.Conv2d(cin, cout, 1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: parallel dilated convolutions and a global context."""
+
+    def __init__(self, cin: int, cout: int, dilations: Sequence[int] = (1, 2, 4, 6)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_Conv2d(cin, cout, kernel=1)]
+            + [_Conv2d(cin, cout, dilation=d) for d in dilations[1:]])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1),
+                                  nn.ReLU(inplace=True))
+        self.project = _Conv2d(cout * (len(self.branches) + 1), cout, kernel=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, cin, H, W]`` -> ``[N, cout, H, W]``."""
+        outs = [branch(x) for branch in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, *x.shape[-2:]))
+        return self.project(torch.cat(outs, dim=1))
+
+
+class Liver25DNet(nn.Module):
+    """2.5D context network: 3D encoder stem, 2D encoder, ASPP, separable-conv decoder.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output channels (2: background/liver; 3: background/liver/tumour).
+    width : int
+        Channels of the first level (doubles twice).
+    in_channels : int
+        Input channels (1: normalised HU).
+
+    Notes
+    -----
+    Input ``[B, in_channels, D, H, W]`` with ``H`` and ``W`` multiples of 8 for exact
+    skips (others are cropped/padded internally); output ``[B, num_classes, D, H, W]``.
+    Three 3D convolutions give every slice a context of ``context_slices`` = 7 slices.
+    """
+
+    context_slices = 7
+
+    def __init__(self, num_classes: int = 2, width: int = 16, in_channels: int = 1) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"Invalid 'num_classes' value '{num_classes}' - must be >= 2")
+        if width < 4:
+            raise ValueError(f"Invalid 'width' value '{width}' - must be >= 4")
+        w = width
+        self.num_classes = num_classes
+        self.width = width
+        # the 3D part: one convolution at full resolution (cheap: one input channel),
+        # two at half resolution, where 3D convolutions cost a quarter
+        self.stem = _Conv3d(in_channels, w)                                       # 1/1
+        self.down1 = nn.Sequential(_Conv3d(w, 2 * w, stride=2), _Conv3d(2 * w, 2 * w))  # 1/2
+        self.down2 = nn.Sequential(_Conv2d(2 * w, 4 * w, stride=2), _Conv2d(4 * w, 4 * w))
+        self.down3 = nn.Sequential(_Conv2d(4 * w, 4 * w, stride=2), _Conv2d(4 * w, 4 * w))
+        self.aspp = ASPP(4 * w, 4 * w)
+        self.up3 = SeparableConv2d(8 * w, 2 * w)
+        self.up2 = SeparableConv2d(4 * w, w)
+        self.up1 = SeparableConv2d(2 * w, w)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    @staticmethod
+    def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x, size=like.shape[-2:], mode="bilinear",
+                                         align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes, D, H, W]`` for a slab ``[B, C, D, H, W]``."""
+        if x.ndim != 5:
+            raise ValueError(f"Invalid input of shape {tuple(x.shape)} - must be [B, C, D, H, W]")
+        s0 = self.stem(x)
+        s1 = self.down1(s0)
+        f0, depth = _fold(s0)
+        f1, _ = _fold(s1)
+        f2 = self.down2(f1)
+        f3 = self.aspp(self.down3(f2))
+        y = self.up3(torch.cat([self._up(f3, f2), f2], dim=1))
+        y = self.up2(torch.cat([self._up(y, f1), f1], dim=1))
+        y = self.up1(torch.cat([self._up(y, f0), f0], dim=1))
+        return _unfold(self.head(y), depth)
+
+
+# ---------------------------------------------------------------------------------------
+# Post-processing and measurements
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (empty stays empty)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes in 3D and in every axial slice."""
+    filled = ndimage.binary_fill_holes(mask)
+    for z in np.flatnonzero(filled.any(axis=(1, 2))):
+        filled[z] = ndimage.binary_fill_holes(filled[z])
+    return filled
+
+
+def remove_small_islands(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop 26-connected components smaller than ``min_voxels``."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
+                min_tumour_ml: float = 0.1) -> np.ndarray:
+    """Clean a liver/tumour label map.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``[z, y, x]`` with 0 background, 1 liver, 2 tumour.
+    spacing : sequence of float
+        ``(dz, dy, dx)`` mm.
+    min_tumour_ml : float
+        Tumour islands below this volume are relabelled liver.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 labels: the liver (tumours included) is its largest component with holes
+        filled; tumours lie only inside it.
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    organ = largest_component(labels > 0)
+    organ = fill_holes(organ)
+    tumour = (labels == TUMOUR) & organ
+    tumour = remove_small_islands(tumour, max(1, int(np.ceil(min_tumour_ml / voxel_ml))))
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    out[organ] = LIVER
+    out[tumour] = TUMOUR
+    return out
+
+
+def _longest_axial_diameter(component: np.ndarray, spacing: Sequence[float]) -> float:
+    """Longest in-plane diameter (mm) of a 3D mask over all its slices (RECIST style)."""
+    _, dy, dx = spacing
+    best = 0.0
+    for z in np.flatnonzero(component.any(axis=(1, 2))):
+        sl = component[z]
+        edge = sl & ~ndimage.binary_erosion(sl)
+        ys, xs = np.nonzero(edge)
+        pts = np.stack([ys * dy, xs * dx], axis=1)
+        if len(pts) > 400:  # subsample long outlines; the error is under one pixel
+            pts = pts[:: int(np.ceil(len(pts) / 400))]
+        diff = pts[:, None, :] - pts[None, :, :]
+        best = max(best, float(np.sqrt((diff ** 2).sum(-1)).max()))
+    # centre-to-centre distance plus one pixel: the outer extent of the voxels
+    return best + float((dx + dy) / 2)
+
+
+def measure(labels: np.ndarray, spacing: Sequence[float],
+            offset: Sequence[int] = (0, 0, 0)) -> dict[str, Any]:
+    """SR measurements of a liver/tumour label map.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``[z, y, x]`` 0 background, 1 liver, 2 tumour (or a box cut out of such a map).
+    spacing : sequence of float
+        ``(dz, dy, dx)`` mm.
+    offset : sequence of int
+        Index of ``labels[0, 0, 0]`` in the full volume (for lesion positions).
+
+    Returns
+    -------
+    dict
+        ``liver_volume_ml`` (liver including tumours), ``lesion_count``, ``lesions``
+        (``id``, ``volume_ml``, ``longest_axial_diameter_mm``, ``centroid_voxel`` [z, y, x],
+        ``slice_index``), ``total_tumour_volume_ml`` and ``tumour_to_liver_ratio``.
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    liver_ml = float((labels > 0).sum()) * voxel_ml
+    comps, _count = ndimage.label(labels == TUMOUR, structure=np.ones((3, 3, 3), dtype=bool))
+    lesions: list[dict[str, Any]] = []
+    for index, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is None:
+            continue
+        comp = comps[box] == index
+        centroid = [float(c + s.start + o) for c, s, o in zip(ndimage.center_of_mass(comp),
+                                                               box, offset, strict=True)]
+        lesions.append({
+            "volume_ml": round(float(comp.sum()) * voxel_ml, 3),
+            "longest_axial_diameter_mm": round(_longest_axial_diameter(comp, spacing), 1),
+            "centroid_voxel": [round(c, 1) for c in centroid],
+            "slice_index": round(centroid[0]),
+        })
+    lesions.sort(key=lambda d: -d["volume_ml"])
+    for i, lesion in enumerate(lesions, start=1):
+        lesion["id"] = i
+    burden = float(sum(d["volume_ml"] for d in lesions))
+    return {
+        "liver_volume_ml": round(liver_ml, 1),
+        "lesion_count": len(lesions),
+        "lesions": lesions,
+        "total_tumour_volume_ml": round(burden, 3),
+        "tumour_to_liver_ratio": round(burden / liver_ml, 5) if liver_ml > 0 else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Two-stage inference
+
+
+@dataclass
+class Segmentation:
+    """Output of :meth:`LiverTumorSegmenter.segment`."""
+
+    labels: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    liver_box: tuple[slice, slice, slice] | None = None
+
+
+class LiverTumorSegmenter:
+    """Stage 1 (liver, coarse) then stage 2 (liver + tumours in the liver box, fine).
+
+    Parameters
+    ----------
+    liver_net, tumour_net : Liver25DNet
+        Stage-1 network (2 classes) and stage-2 network (3 classes), weights loaded.
+    device : torch.device
+        Where the networks run.
+    roi_liver, roi_tumour : tuple of int
+        Sliding-window sizes ``(rz, ry, rx)`` on each stage's grid.
+    batch_size : int
+        Windows per forward pass.
+    """
+
+    def __init__(self, liver_net: Liver25DNet, tumour_net: Liver25DNet, device: torch.device,
+                 *, roi_liver: tuple[int, int, int] = (24, 128, 128),
+                 roi_tumour: tuple[int, int, int] = (24, 128, 128), batch_size: int = 2,
+                 min_tumour_ml: float = 0.2) -> None:
+        self.liver_net = liver_net.to(device).eval()
+        self.tumour_net = tumour_net.to(device).eval()
+        self.device = device
+        self.roi_liver = roi_liver
+        self.roi_tumour = roi_tumour
+        self.batch_size = batch_size
+        self.min_tumour_ml = min_tumour_ml
+
+    def _predict(self, net: Liver25DNet, image: torch.Tensor,
+                 roi: tuple[int, int, int]) -> torch.Tensor:
+        return runtime.sliding_window_inference(
+            net, image[None], roi, net.num_classes, overlap=0.25,
+            batch_size=self.batch_size, device=self.device)
+
+    def segment(self, hu: np.ndarray, spacing: Sequence[float]) -> Segmentation:
+        """Segment liver and tumours of one ``[z, y, x]`` HU volume.
+
+        Returns
+        -------
+        Segmentation
+            uint8 labels on the input grid (0 background, 1 liver, 2 tumour; empty when
+            no liver was found) and seconds per stage.
+        """
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        spacing = tuple(float(s) for s in spacing)
+        shape = hu.shape
+        image = torch.from_numpy(np.ascontiguousarray(hu))
+        coarse, _ = runtime.resample_to_spacing(image, spacing, LIVER_SPACING)
+        timings["resample_in"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        probs = self._predict(self.liver_net, normalise_hu(coarse), self.roi_liver)
+        liver_coarse = probs.argmax(0).numpy().astype(bool)
+        timings["stage1_liver"] = time.perf_counter() - t
+        if not liver_coarse.any():
+            return Segmentation(np.zeros(shape, dtype=np.uint8), timings)
+        liver_coarse = largest_component(liver_coarse)
+
+        # the liver box on the input grid, dilated by the margin
+        t = time.perf_counter()
+        scale = [n / m for n, m in zip(shape, liver_coarse.shape, strict=True)]
+        idx = np.nonzero(liver_coarse)
+        box = []
+        for axis in range(3):
+            margin = BOX_MARGIN_MM / spacing[axis]
+            lo = int(np.floor(idx[axis].min() * scale[axis] - margin))
+            hi = int(np.ceil((idx[axis].max() + 1) * scale[axis] + margin))
+            box.append(slice(max(0, lo), min(shape[axis], hi)))
+        region = image[tuple(box)]
+        fine, _ = runtime.resample_to_spacing(region, spacing, TUMOUR_SPACING)
+        timings["crop_resample"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        probs = self._predict(self.tumour_net, normalise_hu(fine), self.roi_tumour)
+        timings["stage2_tumour"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")
+        labels = np.zeros(shape, dtype=np.uint8)
+        labels[tuple(box)] = probs.argmax(0).numpy().astype(np.uint8)
+        timings["resample_out"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # everything outside the box is background: clean only the box
+        labels[tuple(box)] = postprocess(labels[tuple(box)], spacing,
+                                         min_tumour_ml=self.min_tumour_ml)
+        timings["postprocess"] = time.perf_counter() - t
+        return Segmentation(labels, timings, tuple(box))  # type: ignore[arg-type]
+
+
+def build_segmenter(checkpoint: dict[str, Any], device: torch.device,
+                    **options: Any) -> LiverTumorSegmenter:
+    """Build both networks from a checkpoint (``liver``, ``tumour``, ``config``)."""
+    config = checkpoint.get("config", {})
+    liver = Liver25DNet(2, int(config.get("width_liver", 8)))
+    tumour = Liver25DNet(3, int(config.get("width_tumour", 12)))
+    liver.load_state_dict(checkpoint["liver"])
+    tumour.load_state_dict(checkpoint["tumour"])
+    return LiverTumorSegmenter(liver, tumour, device, **options)
+
+
+def load_segmenter(models: Any = None, device: torch.device | None = None,
+                   name: str = "liver_tumor", **options: Any
+                   ) -> tuple[LiverTumorSegmenter, Any]:
+    """Load the checked weights of ``name`` and build the segmenter.
+
+    Returns
+    -------
+    tuple
+        The segmenter and its :class:`dicomnode.nn.weights.ManifestEntry`.
+
+    Raises
+    ------
+    dicomnode.nn.weights.WeightsError
+        Missing weights or a checksum mismatch.
+    """
+    from dicomnode.nn import weights
+
+    device = device or runtime.select_device()
+    checkpoint, entry = weights.load_weights(name, models)
+    return build_segmenter(checkpoint, device, **options), entry

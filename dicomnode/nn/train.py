@@ -1,0 +1,430 @@
+"""Training of the two-stage liver/tumour network: ``dicomnode train liver_tumor``.
+
+Stage 1 learns the liver on the coarse grid from slabs of whole slices; stage 2 learns
+liver and tumours at the fine grid from patches inside the (ground-truth) liver box,
+half of them centred on a tumour. Both use weighted cross-entropy + soft Dice, AdamW
+and a cosine learning-rate decay. The result is one checkpoint holding both stages, an
+entry in ``manifest.json`` (name, version, sha256, input spec, training data, metrics)
+and a metrics file; when held-out seeds are given they are evaluated at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicomnode.nn import datasets, liver25d, runtime, weights
+from dicomnode.nn.liver25d import (
+    BOX_MARGIN_MM,
+    HU_WINDOW,
+    LIVER_SPACING,
+    TUMOUR_SPACING,
+    Liver25DNet,
+    normalise_hu,
+)
+from dicomnode.nn.losses import CrossEntropyDiceLoss
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "liver_tumor"
+FAMILY = ("2.5D context network (3D-convolution encoder stem, ASPP, depthwise-separable "
+          "2D decoder), two stages: liver, then tumours in the liver box")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (all recorded in the checkpoint)."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 40
+    tumour_step_factor: int = 15
+    batch_size: int = 4
+    slab: int = 8
+    liver_patch: int = 128
+    tumour_patch: int = 96
+    width_liver: int = 8
+    width_tumour: int = 12
+    lr: float = 3e-3
+    tumour_class_weight: float = 3.0
+    tumour_fraction: float = 0.7
+    seed: int = 0
+    threads: int = 2
+    max_minutes_per_stage: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "steps_per_epoch", "tumour_step_factor", "batch_size",
+                    "width_liver", "width_tumour", "threads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid '{key}' value '{value}' - must be a positive integer")
+        if self.slab < Liver25DNet.context_slices:
+            raise ValueError(f"Invalid 'slab' value '{self.slab}' - must be >= "
+                             f"{Liver25DNet.context_slices} (the network's context)")
+        for key in ("liver_patch", "tumour_patch"):
+            value = getattr(self, key)
+            if value < 32 or value % 8:
+                raise ValueError(f"Invalid '{key}' value '{value}' - must be a multiple of 8, "
+                                 ">= 32")
+        if self.max_minutes_per_stage is not None and not self.max_minutes_per_stage > 0:
+            raise ValueError(f"Invalid 'max_minutes_per_stage' value "
+                             f"'{self.max_minutes_per_stage}' - must be positive")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"Invalid 'lr' value '{self.lr}' - must be in (0, 1)")
+
+
+@dataclass
+class _Prepared:
+    """One case on both stage grids, normalised, ready for patch sampling."""
+
+    coarse: torch.Tensor
+    coarse_liver: torch.Tensor
+    fine: torch.Tensor
+    fine_labels: torch.Tensor
+    tumour_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+
+
+def _labels_to_grid(labels: np.ndarray, spacing: Sequence[float],
+                    target: Sequence[float]) -> torch.Tensor:
+    """Resample a 0/1/2 label map by interpolating each nested mask and thresholding."""
+    organ, _ = runtime.resample_to_spacing((labels > 0).astype(np.float32), spacing, target)
+    tumour, _ = runtime.resample_to_spacing((labels == 2).astype(np.float32), spacing, target)
+    out = (organ > 0.5).to(torch.uint8)
+    out[tumour > 0.5] = 2
+    return out
+
+
+def prepare(case: datasets.Case) -> _Prepared | None:
+    """Put one case on the coarse (stage 1) and the fine liver-box (stage 2) grids."""
+    if not (case.labels > 0).any():
+        log.warning("train.case_without_liver", extra={"dn_fields": {"case": case.name}})
+        return None
+    hu = torch.from_numpy(np.ascontiguousarray(case.hu))
+    coarse, _ = runtime.resample_to_spacing(hu, case.spacing, LIVER_SPACING)
+    coarse_labels = _labels_to_grid(case.labels, case.spacing, LIVER_SPACING)
+    idx = np.nonzero(case.labels > 0)
+    box = []
+    for axis in range(3):
+        margin = math.ceil(1.5 * BOX_MARGIN_MM / case.spacing[axis])
+        box.append(slice(max(0, int(idx[axis].min()) - margin),
+                         min(case.labels.shape[axis], int(idx[axis].max()) + 1 + margin)))
+    region = tuple(box)
+    fine, _ = runtime.resample_to_spacing(hu[region], case.spacing, TUMOUR_SPACING)
+    fine_labels = _labels_to_grid(case.labels[region], case.spacing, TUMOUR_SPACING)
+    tumour_voxels = np.argwhere(fine_labels.numpy() == 2)
+    if len(tumour_voxels) > 5000:
+        keep = np.random.default_rng(0).choice(len(tumour_voxels), 5000, replace=False)
+        tumour_voxels = tumour_voxels[keep]
+    return _Prepared(normalise_hu(coarse).half(), (coarse_labels > 0).to(torch.uint8),
+                     normalise_hu(fine).half(), fine_labels, tumour_voxels)
+
+
+def _crop(image: torch.Tensor, labels: torch.Tensor, start: Sequence[int],
+          size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop ``size`` at ``start``, padding with air (-1) / background where it leaves."""
+    out_img = torch.full(tuple(size), -1.0, dtype=torch.float32)
+    out_lab = torch.zeros(tuple(size), dtype=torch.long)
+    src = []
+    dst = []
+    for s, n, total in zip(start, size, image.shape, strict=True):
+        lo, hi = max(0, s), min(total, s + n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out_img[tuple(dst)] = image[tuple(src)].float()
+    out_lab[tuple(dst)] = labels[tuple(src)].long()
+    return out_img, out_lab
+
+
+def _augment(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Contrast and brightness jitter (in normalised units) and a little extra noise."""
+    scale = float(rng.uniform(0.9, 1.1))
+    shift = float(rng.uniform(-0.08, 0.08))   # about +-18 HU
+    noise = float(rng.uniform(0, 0.04))
+    out = image * scale + shift
+    if noise > 0:
+        out = out + noise * torch.randn_like(out)
+    return out
+
+
+def _sample_liver(cases: list[_Prepared], cfg: TrainConfig,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    size = (cfg.slab, cfg.liver_patch, cfg.liver_patch)
+    for _ in range(cfg.batch_size):
+        case = cases[int(rng.integers(len(cases)))]
+        z_n, y_n, x_n = case.coarse.shape
+        liver_z = np.flatnonzero(case.coarse_liver.numpy().any(axis=(1, 2)))
+        if len(liver_z) and rng.random() < 0.8:
+            zc = int(rng.choice(liver_z))
+        else:
+            zc = int(rng.integers(z_n))
+        start = [zc - cfg.slab // 2,
+                 int(rng.integers(min(0, y_n - size[1]), max(0, y_n - size[1]) + 1)),
+                 int(rng.integers(min(0, x_n - size[2]), max(0, x_n - size[2]) + 1))]
+        img, lab = _crop(case.coarse, case.coarse_liver, start, size)
+        images.append(_augment(img, rng))
+        labels.append(lab)
+    return torch.stack(images)[:, None], torch.stack(labels)
+
+
+def _sample_tumour(cases: list[_Prepared], cfg: TrainConfig,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    size = (cfg.slab, cfg.tumour_patch, cfg.tumour_patch)
+    with_tumours = [c for c in cases if len(c.tumour_voxels)]
+    for _ in range(cfg.batch_size):
+        if with_tumours and rng.random() < cfg.tumour_fraction:
+            case = with_tumours[int(rng.integers(len(with_tumours)))]
+            centre = case.tumour_voxels[int(rng.integers(len(case.tumour_voxels)))]
+            jitter = rng.integers(-size[1] // 3, size[1] // 3 + 1, 2)
+            centre = np.array([centre[0], centre[1] + jitter[0], centre[2] + jitter[1]])
+        else:
+            case = cases[int(rng.integers(len(cases)))]
+            centre = np.array([int(rng.integers(n)) for n in case.fine.shape])
+        start = [int(c) - s // 2 for c, s in zip(centre, size, strict=True)]
+        img, lab = _crop(case.fine, case.fine_labels, start, size)
+        images.append(_augment(img, rng))
+        labels.append(lab)
+    return torch.stack(images)[:, None], torch.stack(labels)
+
+
+class Progress:
+    """A progress line: redrawn in place on a terminal, logged once per epoch otherwise."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = total
+        self.started = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int, loss: float, *, epoch_end: bool = False) -> None:
+        """Report ``done`` of ``total`` steps with the running loss."""
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * (self.total - done)
+        width = 30
+        bar = "#" * int(width * done / self.total) + "-" * (width - int(width * done / self.total))
+        line = (f"{self.label} [{bar}] {done}/{self.total} loss {loss:.4f} "
+                f"{elapsed:.0f}s elapsed, {eta:.0f}s left")
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if done == self.total else ""))
+            sys.stderr.flush()
+        elif epoch_end:
+            log.info(line)
+
+
+def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfig,
+         steps_per_epoch: int, class_weights: Sequence[float], label: str,
+         rng: np.random.Generator) -> list[float]:
+    """Train ``net`` for ``cfg.epochs``; returns the mean loss of every epoch."""
+    loss_fn = CrossEntropyDiceLoss(class_weights)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    total = cfg.epochs * steps_per_epoch
+    budget = cfg.max_minutes_per_stage * 60 if cfg.max_minutes_per_stage else math.inf
+    progress = Progress(label, total)
+    history = []
+    net.train()
+    step = 0
+    started = time.perf_counter()
+    done = 0.0
+    for _ in range(cfg.epochs):
+        losses = []
+        for _ in range(steps_per_epoch):
+            # cosine decay over whichever runs out first: the steps or the time budget
+            done = max(step / total, (time.perf_counter() - started) / budget)
+            if done >= 1:
+                break
+            for group in optimiser.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+            image, target = sampler(cases, cfg, rng)
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(net(image), target)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            progress.update(step, float(np.mean(losses[-20:])),
+                            epoch_end=len(losses) == steps_per_epoch)
+        if losses:
+            history.append(round(float(np.mean(losses)), 5))
+        if done >= 1:
+            log.info("train.time_budget_reached", extra={"dn_fields": {
+                "stage": label.strip(), "steps": step, "of": total}})
+            break
+    net.eval()
+    return history
+
+
+def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
+                      seeds: Sequence[int] = (), heldout_seeds: Sequence[int] = (),
+                      config: TrainConfig | None = None, version: str = "1.0.0",
+                      matrix: int = 256, cache_dir: Path | None = None,
+                      update_manifest: bool = True) -> dict[str, Any]:
+    """Train both stages and write the checkpoint, manifest entry and metrics.
+
+    Parameters
+    ----------
+    out_dir : pathlib.Path
+        Models folder: receives ``liver_tumor-VERSION.pt``, ``liver_tumor-VERSION.metrics.json``
+        and the ``manifest.json`` entry.
+    data_dir : pathlib.Path, optional
+        Phantom folders and/or LiTS pairs (see :mod:`dicomnode.nn.datasets`).
+    seeds : sequence of int
+        Phantom seeds generated for training.
+    heldout_seeds : sequence of int
+        Phantom seeds evaluated after training (must not overlap ``seeds``).
+    config : TrainConfig, optional
+        Hyper-parameters.
+    version : str
+        Version written to the manifest and the file name.
+    matrix : int
+        In-plane matrix of generated phantoms.
+    cache_dir : pathlib.Path, optional
+        Cache of generated phantoms.
+    update_manifest : bool
+        Write the manifest entry.
+
+    Returns
+    -------
+    dict
+        The manifest entry (with ``metrics``).
+    """
+    cfg = config or TrainConfig()
+    overlap = set(seeds) & set(heldout_seeds)
+    if overlap:
+        raise ValueError(f"Invalid 'heldout_seeds' value - {sorted(overlap)} are also "
+                         "training seeds")
+    if data_dir is None and not seeds:
+        raise ValueError("Invalid 'data' value 'None' - give a data directory or phantom seeds")
+    runtime.configure_cpu_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    started = time.perf_counter()
+    prepared: list[_Prepared] = []
+    names: list[str] = []
+    for case in datasets.iter_cases(data_dir, seeds, matrix=matrix, cache_dir=cache_dir):
+        item = prepare(case)
+        if item is not None:
+            prepared.append(item)
+            names.append(case.name)
+        log.info("train.case_ready", extra={"dn_fields": {"case": case.name,
+                                                          "cases": len(prepared)}})
+    if not prepared:
+        raise ValueError("Invalid 'data' value - no case with a liver label")
+    prep_seconds = time.perf_counter() - started
+
+    liver_net = Liver25DNet(2, cfg.width_liver)
+    tumour_net = Liver25DNet(3, cfg.width_tumour)
+    t = time.perf_counter()
+    liver_hist = _fit(liver_net, _sample_liver, prepared, cfg, cfg.steps_per_epoch,
+                      (1.0, 1.0), "stage 1 liver ", rng)
+    liver_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    tumour_hist = _fit(tumour_net, _sample_tumour, prepared, cfg,
+                       cfg.steps_per_epoch * cfg.tumour_step_factor,
+                       (1.0, 1.0, cfg.tumour_class_weight), "stage 2 tumour", rng)
+    tumour_seconds = time.perf_counter() - t
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    file_name = f"{MODEL_NAME}-{version}.pt"
+    checkpoint = {
+        "liver": liver_net.state_dict(), "tumour": tumour_net.state_dict(),
+        "config": {"width_liver": cfg.width_liver, "width_tumour": cfg.width_tumour,
+                   "version": version},
+    }
+    tmp = out_dir / (file_name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(out_dir / file_name)
+    digest = weights.sha256_of(out_dir / file_name)
+
+    training = {
+        "cases": len(prepared), "case_names": names,
+        "phantom_seeds": _ranges(seeds), "data_dir": str(data_dir) if data_dir else None,
+        "phantom_matrix": matrix, "config": asdict(cfg),
+        "loss_per_epoch": {"liver": liver_hist, "tumour": tumour_hist},
+        "seconds": {"prepare": round(prep_seconds, 1), "liver": round(liver_seconds, 1),
+                    "tumour": round(tumour_seconds, 1)},
+        "threads": torch.get_num_threads(),
+    }
+    metrics: dict[str, Any] = {"training": training}
+    entry: dict[str, Any] = {
+        "name": MODEL_NAME, "version": version, "file": file_name, "sha256": digest,
+        "family": FAMILY,
+        "input": {"modality": "CT", "region": "abdomen", "units": "HU",
+                  "hu_window": list(HU_WINDOW), "context_slices": Liver25DNet.context_slices,
+                  "stage1_spacing_mm": list(LIVER_SPACING),
+                  "stage2_spacing_mm": list(TUMOUR_SPACING),
+                  "liver_box_margin_mm": BOX_MARGIN_MM,
+                  "labels": {"1": "Liver", "2": "Lesion_Liver"}},
+        "training_data": (
+            f"{len(prepared)} cases: "
+            + (f"synthetic abdomen phantoms (dicomnode.phantoms) seeds {_ranges(seeds)} at "
+               f"matrix {matrix}" if seeds else "")
+            + (f"; data directory {data_dir}" if data_dir else "")
+            + ". Synthetic data only unless a data directory says otherwise; not for "
+              "clinical use."),
+        "heldout": {"phantom_seeds": _ranges(heldout_seeds), "phantom_matrix": matrix},
+        "metrics": {},
+        "model_card": f"{MODEL_NAME}.md",
+    }
+    if heldout_seeds:
+        from dicomnode.nn.evaluate import evaluate_cases
+
+        segmenter = liver25d.LiverTumorSegmenter(liver_net, tumour_net, torch.device("cpu"))
+        cases = (datasets.phantom_case(s, matrix=matrix, cache_dir=cache_dir)
+                 for s in heldout_seeds)
+        report = evaluate_cases(segmenter, cases)
+        metrics["heldout"] = report
+        entry["metrics"] = report["summary"]
+    (out_dir / f"{MODEL_NAME}-{version}.metrics.json").write_text(
+        json.dumps(metrics, indent=2) + "\n")
+    if update_manifest:
+        weights.write_entry(entry, out_dir)
+    log.info("train.done", extra={"dn_fields": {"model": MODEL_NAME, "version": version,
+                                                "sha256": digest[:12],
+                                                "seconds": round(time.perf_counter()
+                                                                 - started, 1)}})
+    return entry
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out: list[str] = []
+    items = sorted(set(int(v) for v in values))
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
+                   heldout_seeds: str | None, epochs: int, steps_per_epoch: int, out: Path,
+                   version: str, cache_dir: Path | None,
+                   max_minutes_per_stage: float | None = None) -> dict[str, Any]:
+    """What ``dicomnode train MODEL`` runs: parse the seed lists and train.
+
+    Raises
+    ------
+    ValueError
+        Unknown model, bad seed lists or no data.
+    """
+    if model != MODEL_NAME:
+        raise ValueError(f"Invalid 'model' value '{model}' - trainable here: {MODEL_NAME}")
+    seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
+    heldout = datasets.parse_seeds(heldout_seeds) if heldout_seeds else []
+    config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch,
+                         max_minutes_per_stage=max_minutes_per_stage)
+    return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
+                             config=config, version=version, cache_dir=cache_dir)

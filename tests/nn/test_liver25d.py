@@ -1,0 +1,87 @@
+"""Tests of dicomnode.nn.liver25d: the network's 2.5D context, post-processing, measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.nn import liver25d
+from dicomnode.nn.liver25d import Liver25DNet, measure, normalise_hu, postprocess
+from tests.nn.synthetic import tiny_case
+
+
+def test_network_shape_and_size() -> None:
+    net = Liver25DNet(3, 8).eval()
+    with torch.inference_mode():
+        out = net(torch.randn(2, 1, 9, 40, 56))
+    assert out.shape == (2, 3, 9, 40, 56)
+    megabytes = sum(p.numel() for p in net.parameters()) * 4 / 2**20
+    assert megabytes < 20
+
+
+def test_each_slice_sees_exactly_its_context() -> None:
+    """Three 3D convolutions: slice z depends on z-3..z+3 and nothing further."""
+    net = Liver25DNet(2, 4).eval()
+    x = torch.randn(1, 1, 15, 32, 32)
+    y = x.clone()
+    y[0, 0, 11] += 5.0  # change slice 11
+    with torch.inference_mode():
+        a, b = net(x), net(y)
+    changed = [(a[0, :, z] - b[0, :, z]).abs().max().item() > 1e-6 for z in range(15)]
+    assert changed == [7 < z < 15 for z in range(15)]
+    assert Liver25DNet.context_slices == 7
+
+
+def test_network_validates() -> None:
+    with pytest.raises(ValueError, match="'num_classes'"):
+        Liver25DNet(1)
+    with pytest.raises(ValueError, match="input"):
+        Liver25DNet(2, 4)(torch.zeros(1, 1, 8, 8))
+
+
+def test_normalise_hu_window() -> None:
+    out = normalise_hu(np.array([-1000, -200, 25, 250, 3000]))
+    assert out.tolist() == pytest.approx([-1, -1, 0, 1, 1])
+
+
+def test_postprocess_cleans_liver_and_tumours() -> None:
+    labels = np.zeros((20, 40, 40), dtype=np.uint8)
+    labels[2:18, 5:35, 5:35] = 1          # liver
+    labels[8:12, 18:22, 18:22] = 0        # a hole inside
+    labels[5:9, 8:14, 8:14] = 2           # a real tumour (144 voxels)
+    labels[15, 30, 30] = 2                # a one-voxel island
+    labels[0, 38:40, 38:40] = 1           # a stray liver island
+    labels[0, 0:3, 0:3] = 2               # tumour outside the liver
+    out = postprocess(labels, (2.0, 1.0, 1.0), min_tumour_ml=0.1)
+    assert out[0, 38, 38] == 0 and out[0, 0, 0] == 0
+    assert out[10, 20, 20] == 1           # hole filled
+    assert out[15, 30, 30] == 1           # island dropped back to liver
+    assert int((out == 2).sum()) == 144
+
+
+def test_measure_sphere_tumour() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    z, y, x = np.mgrid[:60, :60, :60]
+    labels = np.zeros((60, 60, 60), dtype=np.uint8)
+    labels[((z - 30) ** 2 + (y - 30) ** 2 + (x - 30) ** 2) < 25 ** 2] = 1
+    labels[((z - 30) ** 2 + (y - 30) ** 2 + (x - 30) ** 2) < 10 ** 2] = 2
+    m = measure(labels, spacing)
+    assert m["lesion_count"] == 1
+    lesion = m["lesions"][0]
+    assert lesion["volume_ml"] == pytest.approx(4 / 3 * np.pi * 1000 / 1000, rel=0.05)
+    assert lesion["longest_axial_diameter_mm"] == pytest.approx(20, abs=1.5)
+    assert m["liver_volume_ml"] == pytest.approx(4 / 3 * np.pi * 25 ** 3 / 1000, rel=0.03)
+    assert m["tumour_to_liver_ratio"] == pytest.approx(
+        m["total_tumour_volume_ml"] / m["liver_volume_ml"], rel=1e-3)
+
+
+def test_segmenter_runs_two_stages_on_tiny_case() -> None:
+    case = tiny_case()
+    torch.manual_seed(0)
+    seg = liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
+                                       torch.device("cpu"), roi_liver=(8, 32, 32),
+                                       roi_tumour=(8, 32, 32))
+    out = seg.segment(case.hu, case.spacing)
+    assert out.labels.shape == case.hu.shape and out.labels.dtype == np.uint8
+    assert "stage1_liver" in out.timings

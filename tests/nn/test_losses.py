@@ -1,0 +1,35 @@
+"""Tests of dicomnode.nn.losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dicomnode.nn.losses import CrossEntropyDiceLoss, soft_dice_loss
+
+
+def _logits_for(target: torch.Tensor, classes: int, scale: float = 20.0) -> torch.Tensor:
+    onehot = torch.nn.functional.one_hot(target, classes).movedim(-1, 1).float()
+    return (onehot * 2 - 1) * scale
+
+
+def test_dice_loss_perfect_and_wrong() -> None:
+    target = torch.zeros(2, 4, 8, 8, dtype=torch.long)
+    target[:, 1:3, 2:6, 2:6] = 1
+    assert float(soft_dice_loss(_logits_for(target, 2), target)) == pytest.approx(0, abs=1e-3)
+    assert float(soft_dice_loss(_logits_for(1 - target, 2), target)) > 0.95
+
+
+def test_weighted_loss_weighs_the_rare_class() -> None:
+    target = torch.zeros(1, 2, 8, 8, dtype=torch.long)
+    target[0, 0, 0, 0] = 2
+    logits = _logits_for(target, 3)
+    logits[0, :, 0, 0, 0] = 0.0  # unsure about the one tumour voxel
+    plain = CrossEntropyDiceLoss((1.0, 1.0, 1.0), dice_weight=0)(logits, target)
+    heavy = CrossEntropyDiceLoss((1.0, 1.0, 5.0), dice_weight=0)(logits, target)
+    assert float(heavy) > float(plain)
+
+
+def test_loss_validates_weights() -> None:
+    with pytest.raises(ValueError, match="'ce_weight'"):
+        CrossEntropyDiceLoss(ce_weight=0, dice_weight=0)

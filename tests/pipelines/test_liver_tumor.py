@@ -1,0 +1,117 @@
+"""Tests of the liver_tumor pipeline: availability checks, bad input, a phantom abdomen."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomnode.nn import weights
+from dicomnode.pipelines import liver_tumor
+from dicomnode.pipelines.base import (
+    PipelineUnavailableError,
+    ResultObject,
+    get_pipeline,
+    registered,
+)
+from dicomnode.pipelines.liver_tumor import LiverTumorPipeline
+
+
+@dataclass
+class StandInVolume:
+    """What the pipeline reads of ``imaging.series.Volume``."""
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def _copy_models(tmp_path: Path) -> Path:
+    entry = weights.find_entry("liver_tumor")
+    target = tmp_path / "models"
+    target.mkdir()
+    shutil.copy(entry.directory / "manifest.json", target / "manifest.json")
+    shutil.copy(entry.path, target / entry.path.name)
+    return target
+
+
+def test_registered_and_declares_its_outputs() -> None:
+    assert "liver_tumor" in registered()
+    pipeline = get_pipeline("liver_tumor")
+    assert isinstance(pipeline, LiverTumorPipeline)
+    assert pipeline.region == "abdomen"
+    assert pipeline.emits == (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
+
+
+def test_missing_weights_make_it_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(PipelineUnavailableError, match="liver_tumor unavailable: no weights"):
+        LiverTumorPipeline(models=tmp_path).check()
+
+
+def test_checksum_mismatch_names_the_file(tmp_path: Path) -> None:
+    models = _copy_models(tmp_path)
+    entry = json.loads((models / "manifest.json").read_text())["models"][0]
+    with (models / entry["file"]).open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(PipelineUnavailableError, match=entry["file"].replace(".", r"\.")
+                       + ".*fails its checksum"):
+        LiverTumorPipeline(models=models).check()
+
+
+def test_too_small_volume_is_no_result() -> None:
+    volume = StandInVolume(np.zeros((4, 64, 64), dtype=np.int16), (5.0, 3.0, 3.0))
+    result = LiverTumorPipeline().run(volume)
+    assert not result.ok and "too small" in result.reason
+    assert result.label_map is None
+
+
+def test_too_large_for_memory_is_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(liver_tumor, "available_memory", lambda: 1 << 20)
+    volume = StandInVolume(np.zeros((40, 128, 128), dtype=np.int16), (5.0, 3.0, 3.0))
+    result = LiverTumorPipeline().run(volume)
+    assert not result.ok and "too large" in result.reason
+
+
+def test_volume_without_liver_is_no_result() -> None:
+    """A water cylinder in air: no liver, so no finding and no empty mask."""
+    _z, y, x = np.mgrid[:40, :128, :128]
+    hu = np.full((40, 128, 128), -1000, dtype=np.int16)
+    hu[(y - 64) ** 2 + (x - 64) ** 2 < 50 ** 2] = 0
+    result = LiverTumorPipeline(device="cpu").run(StandInVolume(hu, (5.0, 3.125, 3.125)))
+    assert not result.ok and "no liver" in result.reason
+    assert result.label_map is None
+    assert result.algorithm["name"] == "liver_tumor" and len(result.algorithm["sha256"]) == 64
+
+
+def test_phantom_abdomen_liver_and_measurements() -> None:
+    phantoms = pytest.importorskip("dicomnode.phantoms")
+    if not hasattr(phantoms, "make_phantom"):
+        pytest.skip("dicomnode.phantoms is not installed on this branch")
+    phantom = phantoms.make_phantom("abdomen", 3, matrix=192, slices=100)
+    volume = StandInVolume(phantom.hu, phantom.spacing)
+    result = LiverTumorPipeline(device="cpu").run(volume)
+    assert result.ok, result.reason
+    assert result.label_map is not None
+    assert result.label_map.shape == phantom.hu.shape and result.label_map.dtype == np.uint8
+    assert result.structures[1] == "Liver"
+    assert set(result.structures) <= {1, 2}
+    truth = np.isin(phantom.labels, (1, 2))
+    pred = result.label_map > 0
+    assert 2 * (truth & pred).sum() / (truth.sum() + pred.sum()) > 0.85
+    m = result.measurements
+    for key in ("liver_volume_ml", "lesion_count", "lesions", "total_tumour_volume_ml",
+                "tumour_to_liver_ratio"):
+        assert key in m
+    assert m["lesion_count"] == len(m["lesions"])
+    assert all(d["volume_ml"] > 0 and d["longest_axial_diameter_mm"] > 0 for d in m["lesions"])
+    assert {"stage1_liver", "stage2_tumour", "total"} <= set(result.timings)
+    json.dumps(result.summary())
+
+
+def test_structure_names_are_those_of_the_result_codes() -> None:
+    from dicomnode.results.codes import ABDOMEN
+
+    assert {s.label: s.name for s in ABDOMEN} == liver_tumor.STRUCTURES
