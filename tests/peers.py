@@ -64,8 +64,7 @@ def orthanc(work: Path, aet: str = "ORTHANC", modalities: dict[str, list[object]
         "DicomServerEnabled": True, "HttpServerEnabled": True, "Plugins": [],
         "DicomModalities": modalities or {}, "DicomAlwaysAllowStore": True,
         "DicomCheckCalledAet": False, "StableAge": 2, "ConcurrentJobs": 1,
-        "HttpBindAddress": "127.0.0.1", "DicomBindAddress": "127.0.0.1" if False else None,
-    }
+            }
     config = {k: v for k, v in config.items() if v is not None}
     cfg = work / "orthanc.json"
     cfg.write_text(json.dumps(config))
@@ -89,3 +88,9 @@ def orthanc_get(url: str) -> object:
     """GET a JSON resource from Orthanc's REST API."""
     with urllib.request.urlopen(url, timeout=30) as resp:
         return json.loads(resp.read())
+
+
+def orthanc_text(url: str) -> str:
+    """GET a plain-text resource (e.g. an instance's metadata) from Orthanc's REST API."""
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return str(resp.read().decode("utf-8")).strip()

@@ -79,10 +79,17 @@ def _frames_in_source_order(seg: hd.seg.Segmentation, source_uids: list[str]) ->
     """
     n_frames = int(seg.NumberOfFrames)
     position = {uid: i for i, uid in enumerate(source_uids)}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+
+    def group(item: Dataset, keyword: str) -> Dataset:
+        # A macro that is the same for every frame (the one segment of a one-structure
+        # SEG) sits in the shared functional groups instead of each frame's.
+        return (item if keyword in item else shared).get(keyword)[0]
+
     keys = []
     for item in seg.PerFrameFunctionalGroupsSequence:
-        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0]
+        segment = int(group(item, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        uid = str(group(item, "DerivationImageSequence").SourceImageSequence[0]
                   .ReferencedSOPInstanceUID)
         keys.append((segment, position[uid]))
     order = sorted(range(n_frames), key=keys.__getitem__)

@@ -18,7 +18,7 @@ import pytest
 from dicomnode.config import Peer, Settings
 from dicomnode.node import Node
 from dicomnode.phantoms import make_phantom, write_phantom
-from tests.peers import orthanc, orthanc_get
+from tests.peers import orthanc, orthanc_get, orthanc_text
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
                 time.sleep(1)
                 _fail_on_no_result(node)
                 for inst in orthanc_get(f"{url}/instances?expand"):  # type: ignore[union-attr]
-                    sop_class = orthanc_get(
+                    sop_class = orthanc_text(
                         f"{url}/instances/{inst['ID']}/metadata/SopClassUid")
                     if sop_class in (SEG, RTSTRUCT, SR):
                         classes[str(sop_class)] = inst["ID"]

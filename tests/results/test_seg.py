@@ -96,3 +96,22 @@ def test_overlapping_masks_by_name(axial: CtSeries, algorithm: AlgorithmInfo,
 def test_invalid_content_label(axial: CtSeries, algorithm: AlgorithmInfo) -> None:
     with pytest.raises(ValueError, match="'content_label'"):
         build_seg(axial.images, axial.labels, HEADNECK, algorithm, content_label="lower")
+
+
+def test_single_structure_seg_keeps_source_order(reversed_axial: CtSeries,
+                                                 algorithm: AlgorithmInfo,
+                                                 tmp_path: Path) -> None:
+    """One segment: highdicom shares its identification across frames; order still holds."""
+    liver_only = tuple(s for s in ABDOMEN if s.name == "Liver")
+    labels = (reversed_axial.labels > 0).astype(np.uint8)
+    seg = build_seg(reversed_axial.images, labels, liver_only, algorithm)
+    path = write(seg, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []
+    read = hd.seg.segread(path)
+    uids = [im.SOPInstanceUID for im in reversed_axial.images]
+    refs = [item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            for item in read.PerFrameFunctionalGroupsSequence]
+    assert refs == uids
+    mask = read.get_pixels_by_source_instance(uids, segment_numbers=[1],
+                                              combine_segments=True, relabel=False)
+    assert np.array_equal(mask, labels)
