@@ -80,6 +80,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record.
+
+    A handler bound to the stream of the moment breaks once that stream is replaced
+    and closed (a test runner, an embedding application).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send the package's logs to stderr in the chosen format.
 
@@ -90,7 +102,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     fmt : {"text", "json"}
         Output format.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(PhiFilter())
     root = logging.getLogger("dicomnode")

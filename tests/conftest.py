@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,17 @@ import pytest
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.node import Node
+
+
+@pytest.fixture(autouse=True)
+def _reset_package_logging() -> Iterator[None]:
+    """Commands run in-process (CliRunner) configure logging; undo it after each test."""
+    yield
+    root = logging.getLogger("dicomnode")
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.NullHandler):
+            root.removeHandler(handler)
+    root.setLevel(logging.NOTSET)
 
 
 def free_port() -> int:

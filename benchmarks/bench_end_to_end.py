@@ -1,0 +1,114 @@
+"""End-to-end latency: last instance acknowledged -> SR stored at the PACS (Orthanc).
+
+An abdomen phantom (default 512x512x300) is sent with dcmtk ``storescu`` to the node
+with Orthanc's calling AE; the node completes the study (association release +
+contiguity), routes it, runs ``liver_tumor`` and sends SEG, RTSTRUCT and SR to
+Orthanc. The figure is the time from storescu's exit to the SR appearing in Orthanc,
+with the job's per-stage breakdown. The peer, measured in the same process, is the
+pipeline alone on the same volume (plain PyTorch inference + post-processing), so the
+ratio says what the node adds around the model.
+
+Run: ``.venv/bin/python benchmarks/bench_end_to_end.py [--matrix 512] [--slices 300]``
+Target (issue 6): <= 60 s on the 2-core CPU, <= 5 s on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_ingest import ENV, free_port, wait_port
+from dicomnode.config import Peer, load_settings
+from dicomnode.imaging.series import load_series
+from dicomnode.node import Node
+from dicomnode.phantoms import make_phantom, write_phantom
+from dicomnode.pipelines.base import get_pipeline
+from dicomnode.store.status import node_status
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _get(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        body = resp.read().decode()
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return body.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=21)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        work = Path(tmp)
+        phantom = make_phantom("abdomen", seed=args.seed, slices=args.slices,
+                               matrix=args.matrix)
+        files = sorted(p for p in write_phantom(phantom, work / "study") if p.suffix == ".dcm")
+        dicom_port, http_port = free_port(), free_port()
+        (work / "orthanc.json").write_text(json.dumps({
+            "Name": "bench", "StorageDirectory": str(work / "db"),
+            "IndexDirectory": str(work / "db"), "DicomAet": "ORTHANC",
+            "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+            "DicomAlwaysAllowStore": True, "Plugins": [],
+        }))
+        orthanc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        settings = load_settings(None, port=free_port(), bind_address="127.0.0.1",
+                                 data_dir=work / "node", disk_reserve_mb=0,
+                                 log_level="WARNING",
+                                 peers={"ORTHANC": Peer(host="127.0.0.1", port=dicom_port)})
+        node = Node(settings)
+        try:
+            wait_port(http_port)
+            wait_port(dicom_port)
+            node.start()
+            sent = time.monotonic()
+            subprocess.run(["storescu", "-aet", "ORTHANC", "-aec", settings.ae_title,
+                            "127.0.0.1", str(node.scp.port), *map(str, files)],
+                           env=ENV, check=True, capture_output=True, timeout=600)
+            acked = time.monotonic()
+            url = f"http://127.0.0.1:{http_port}"
+            while time.monotonic() - acked < 900:
+                ids = _get(f"{url}/instances")
+                if any(_get(f"{url}/instances/{i}/metadata/SopClassUid") == SR
+                       for i in ids):  # type: ignore[union-attr]
+                    break
+                time.sleep(0.1)
+            else:
+                sys.exit(f"no SR at Orthanc: {node_status(node.db)['jobs']}")
+            latency = time.monotonic() - acked
+            jobs = node_status(node.db)["jobs"]
+        finally:
+            node.stop()
+            orthanc.terminate()
+            orthanc.wait()
+        volume = load_series(files)
+        pipeline = get_pipeline("liver_tumor")
+        started = time.perf_counter()
+        pipeline.run(volume)
+        alone = time.perf_counter() - started
+    print(f"end to end: abdomen phantom {args.matrix}x{args.matrix}x{len(files)}, CPU")
+    print(f"  send (storescu, {len(files)} instances)        {acked - sent:7.2f} s")
+    print(f"  last ack -> SR stored at Orthanc            {latency:7.2f} s  (target <= 60 s)")
+    for job in reversed(jobs):
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in (job["timings"] or {}).items()
+                           if isinstance(v, int | float))
+        print(f"    job {job['pipeline'] or 'routing'}: {job['state']}; {stages}")
+    print(f"  peer: pipeline alone on the same volume     {alone:7.2f} s")
+    print(f"  ratio end-to-end / pipeline alone           {latency / alone:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
