@@ -192,13 +192,15 @@ class _YamlSource(PydanticBaseSettingsSource):
         return read_yaml(Path(path))
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a config file and check that it is a mapping.
+def read_yaml(path: Path, name: str = "config") -> dict[str, Any]:
+    """Read a YAML file and check that it is a mapping.
 
     Parameters
     ----------
     path : Path
         The YAML file.
+    name : str
+        The setting that named the file, for error messages.
 
     Returns
     -------
@@ -206,15 +208,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
         The parsed mapping (empty for an empty file).
     """
     if not path.is_file():
-        raise ValueError(f"Invalid 'config' value '{path}' - no such file")
+        raise ValueError(f"Invalid '{name}' value '{path}' - no such file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"Invalid 'config' value '{path}' - not valid YAML: {exc}") from exc
+        raise ValueError(f"Invalid '{name}' value '{path}' - not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"Invalid 'config' value '{path}' - the top level must be a mapping")
+        raise ValueError(f"Invalid '{name}' value '{path}' - the top level must be a mapping")
     return data
 
 

@@ -222,11 +222,10 @@ class StorageSCP:
             return self._refuse(event, STATUS_SOP_CLASS_NOT_SUPPORTED, "sop_class",
                                 f"SOP class {sop_class} not accepted", sop_uid)
         calling = event.assoc.requestor.ae_title
-        received = getattr(request, "_dataset_path", None)
         try:
-            if received is not None:  # chunked receive: already in a file under spool/tmp
+            if self._previous_receive is not None:  # chunked: already a file in spool/tmp
                 outcome = self.store.store_file(
-                    Path(received), calling, expected_sop_uid=sop_uid,
+                    Path(event.dataset_path), calling, expected_sop_uid=sop_uid,
                     expected_sop_class_uid=sop_class,
                 )
             else:

@@ -165,14 +165,6 @@ def labels_on_series(labels_path: str | os.PathLike[str],
     return out.astype(np.uint8)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def encode_label_map(
     series_dir: str | os.PathLike[str],
     labels_path: str | os.PathLike[str],
@@ -212,7 +204,9 @@ def encode_label_map(
     images = _read_series(Path(series_dir))
     labels = labels_on_series(labels_file, images)
     if algorithm is None:
-        algorithm = AlgorithmInfo("external-label-map", "unknown", _sha256(labels_file),
+        with labels_file.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        algorithm = AlgorithmInfo("external-label-map", "unknown", digest,
                                   "External segmentation (checksum of the label file)")
     # Tools such as TotalSegmentator label far more than the table: keep the table's.
     present = np.nonzero(np.bincount(labels.ravel(), minlength=256))[0]

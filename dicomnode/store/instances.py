@@ -365,10 +365,6 @@ class InstanceStore:
         log.info("node.recovered", extra=fields(**report.__dict__))
         return report
 
-    def path_of(self, relative: str) -> Path:
-        """Absolute path of a spooled instance."""
-        return self.spool.root / relative
-
 
 def _rowcount(result: object) -> int:
     """Rows an UPDATE touched (a CursorResult's rowcount; typed as Result by SQLAlchemy)."""

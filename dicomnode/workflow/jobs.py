@@ -149,8 +149,12 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
     StudyRun
         ``done`` when at least one pipeline produced results.
     """
+    from dicomnode.imaging.selection import describe_study
+    from dicomnode.imaging.series import load_series
+
     started = time.perf_counter()
-    decision = route_study([Path(f) for f in files], rules or load_rules(), calling_aet or None)
+    infos = describe_study([Path(f) for f in files])  # headers read once, for both uses
+    decision = route_study([], rules or load_rules(), calling_aet or None, infos=infos)
     timings = {"route": round(time.perf_counter() - started, 3)}
     routing = decision.to_dict()
     names = [a.pipeline for a in decision.actions]
@@ -167,7 +171,8 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         action = next((a for a in decision.actions if a.pipeline == name), None)
         volume = decision.volume
         if action is not None and action.series_instance_uid != decision.series_instance_uid:
-            volume = _load_series_of(files, action.series_instance_uid)
+            info = next(i for i in infos if i.series_instance_uid == action.series_instance_uid)
+            volume = load_series(info.paths or info.headers)
         run = run_pipeline(name, volume, out_dir / name)
         runs.append(run)
         timings.update({f"{name}.{k}": v for k, v in run.timings.items()})
@@ -182,13 +187,6 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         summary={"pipelines": {r.pipeline: {"state": r.state.value, "reason": r.reason,
                                             **r.summary} for r in runs}},
     )
-
-
-def _load_series_of(files: Sequence[Path], series_uid: str) -> Any:
-    from dicomnode.imaging.series import load_series, read_header
-
-    paths = [f for f in files if str(read_header(f).get("SeriesInstanceUID", "")) == series_uid]
-    return load_series(paths)
 
 
 class JobRunner:

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydicom.dataset import Dataset
 
+from dicomnode.config import read_yaml
 from dicomnode.imaging.bodypart import RegionEstimate, detect_region
 from dicomnode.imaging.selection import (
     SelectionPreferences,
@@ -454,14 +454,7 @@ def load_rules(path: Path | str | None = None) -> RoutingRules:
     """
     if path is None:
         return RoutingRules.from_dict(DEFAULT_RULES)
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"Invalid 'rules' value '{p}' - no such file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"Invalid 'rules' value '{p}' - not valid YAML: {exc}") from exc
-    return RoutingRules.from_dict(data or {})
+    return RoutingRules.from_dict(read_yaml(Path(path), "rules"))
 
 
 # ---------------------------------------------------------------------------------------
