@@ -228,6 +228,12 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="Cache of generated phantoms.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Time budget per stage (the "
                                                       "learning rate decays to it).")] = None,
+    stages: Annotated[str, typer.Option(help="Stages to train: liver,tumour (a stage left "
+                                        "out keeps the --init weights).")] = "liver,tumour",
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights "
+                                              "(fine-tuning, retraining one stage).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine decay; "
+                                             "default 0.003).")] = None,
 ) -> None:
     """Train a model's weights and record them in the models manifest."""
     from dicomnode.logs import configure_logging
@@ -238,7 +244,8 @@ def train(
         entry = train_from_cli(model, data=data, phantom_seeds=phantom_seeds,
                                heldout_seeds=heldout_seeds, epochs=epochs,
                                steps_per_epoch=steps_per_epoch, out=out, version=version,
-                               cache_dir=cache_dir, max_minutes_per_stage=max_minutes)
+                               cache_dir=cache_dir, max_minutes_per_stage=max_minutes,
+                               stages=stages, init_from=init, lr=lr)
     except ValueError as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc

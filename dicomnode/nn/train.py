@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from dicomnode.nn import datasets, liver25d, runtime, weights
 from dicomnode.nn.liver25d import (
@@ -37,6 +38,10 @@ from dicomnode.nn.losses import CrossEntropyDiceLoss
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "liver_tumor"
+#: The two training stages, in order.
+STAGES = ("liver", "tumour")
+#: At most this many voxels of one tumour are kept for centring patches on it.
+_VOXELS_PER_LESION = 400
 FAMILY = ("2.5D context network (3D-convolution encoder stem, ASPP, depthwise-separable "
           "2D decoder), two stages: liver, then tumours in the liver box")
 
@@ -60,6 +65,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     max_minutes_per_stage: float | None = None
+    stages: tuple[str, ...] = ("liver", "tumour")
+    init_from: Path | None = None
 
     def __post_init__(self) -> None:
         for key in ("epochs", "steps_per_epoch", "tumour_step_factor", "batch_size",
@@ -80,6 +87,13 @@ class TrainConfig:
                              f"'{self.max_minutes_per_stage}' - must be positive")
         if not 0 < self.lr < 1:
             raise ValueError(f"Invalid 'lr' value '{self.lr}' - must be in (0, 1)")
+        unknown = set(self.stages) - set(STAGES)
+        if unknown or not self.stages:
+            raise ValueError(f"Invalid 'stages' value '{','.join(self.stages)}' - choose from "
+                             f"{', '.join(STAGES)}")
+        if set(self.stages) != set(STAGES) and self.init_from is None:
+            raise ValueError("Invalid 'stages' value - a stage that is not trained needs its "
+                             "weights from 'init_from'")
 
 
 @dataclass
@@ -90,7 +104,8 @@ class _Prepared:
     coarse_liver: torch.Tensor
     fine: torch.Tensor
     fine_labels: torch.Tensor
-    tumour_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    lesion_voxels: list[np.ndarray] = field(default_factory=list)
+    liver_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
 
 
 def _labels_to_grid(labels: np.ndarray, spacing: Sequence[float],
@@ -120,12 +135,31 @@ def prepare(case: datasets.Case) -> _Prepared | None:
     region = tuple(box)
     fine, _ = runtime.resample_to_spacing(hu[region], case.spacing, TUMOUR_SPACING)
     fine_labels = _labels_to_grid(case.labels[region], case.spacing, TUMOUR_SPACING)
-    tumour_voxels = np.argwhere(fine_labels.numpy() == 2)
-    if len(tumour_voxels) > 5000:
-        keep = np.random.default_rng(0).choice(len(tumour_voxels), 5000, replace=False)
-        tumour_voxels = tumour_voxels[keep]
     return _Prepared(normalise_hu(coarse).half(), (coarse_labels > 0).to(torch.uint8),
-                     normalise_hu(fine).half(), fine_labels, tumour_voxels)
+                     normalise_hu(fine).half(), fine_labels,
+                     *_centres(fine_labels.numpy()))
+
+
+def _centres(labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Patch centres: voxels of each tumour (one array per tumour) and of the liver.
+
+    Sampling a tumour first and then one of its voxels gives a 10 mm tumour as many
+    patches as a 60 mm one (uniform voxel sampling would favour the large one ~200-fold).
+    """
+    rng = np.random.default_rng(0)
+    comps, _ = ndimage.label(labels == 2, structure=np.ones((3, 3, 3), dtype=bool))
+    lesions = []
+    for index, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is None:
+            continue
+        voxels = np.argwhere(comps[box] == index) + [s.start for s in box]
+        if len(voxels) > _VOXELS_PER_LESION:
+            voxels = voxels[rng.choice(len(voxels), _VOXELS_PER_LESION, replace=False)]
+        lesions.append(voxels)
+    liver = np.argwhere(labels == 1)
+    if len(liver) > 5000:
+        liver = liver[rng.choice(len(liver), 5000, replace=False)]
+    return lesions, liver
 
 
 def _crop(image: torch.Tensor, labels: torch.Tensor, start: Sequence[int],
@@ -180,16 +214,22 @@ def _sample_tumour(cases: list[_Prepared], cfg: TrainConfig,
                    rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     size = (cfg.slab, cfg.tumour_patch, cfg.tumour_patch)
-    with_tumours = [c for c in cases if len(c.tumour_voxels)]
+    lesions = [(case, voxels) for case in cases for voxels in case.lesion_voxels]
     for _ in range(cfg.batch_size):
-        if with_tumours and rng.random() < cfg.tumour_fraction:
-            case = with_tumours[int(rng.integers(len(with_tumours)))]
-            centre = case.tumour_voxels[int(rng.integers(len(case.tumour_voxels)))]
+        draw = rng.random()
+        if lesions and draw < cfg.tumour_fraction:
+            # a tumour uniformly over all tumours, then one of its voxels
+            case, voxels = lesions[int(rng.integers(len(lesions)))]
+            centre = voxels[int(rng.integers(len(voxels)))]
             jitter = rng.integers(-size[1] // 3, size[1] // 3 + 1, 2)
             centre = np.array([centre[0], centre[1] + jitter[0], centre[2] + jitter[1]])
         else:
             case = cases[int(rng.integers(len(cases)))]
-            centre = np.array([int(rng.integers(n)) for n in case.fine.shape])
+            if len(case.liver_voxels) and draw < (1 + cfg.tumour_fraction) / 2:
+                # hard negatives: liver parenchyma with its vessels and mottle
+                centre = case.liver_voxels[int(rng.integers(len(case.liver_voxels)))]
+            else:
+                centre = np.array([int(rng.integers(n)) for n in case.fine.shape])
         start = [int(c) - s // 2 for c, s in zip(centre, size, strict=True)]
         img, lab = _crop(case.fine, case.fine_labels, start, size)
         images.append(_augment(img, rng))
@@ -321,16 +361,19 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
         raise ValueError("Invalid 'data' value - no case with a liver label")
     prep_seconds = time.perf_counter() - started
 
-    liver_net = Liver25DNet(2, cfg.width_liver)
-    tumour_net = Liver25DNet(3, cfg.width_tumour)
+    liver_net, tumour_net, init = _networks(cfg)
+    liver_hist: list[float] = []
+    tumour_hist: list[float] = []
     t = time.perf_counter()
-    liver_hist = _fit(liver_net, _sample_liver, prepared, cfg, cfg.steps_per_epoch,
-                      (1.0, 1.0), "stage 1 liver ", rng)
+    if "liver" in cfg.stages:
+        liver_hist = _fit(liver_net, _sample_liver, prepared, cfg, cfg.steps_per_epoch,
+                          (1.0, 1.0), "stage 1 liver ", rng)
     liver_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    tumour_hist = _fit(tumour_net, _sample_tumour, prepared, cfg,
-                       cfg.steps_per_epoch * cfg.tumour_step_factor,
-                       (1.0, 1.0, cfg.tumour_class_weight), "stage 2 tumour", rng)
+    if "tumour" in cfg.stages:
+        tumour_hist = _fit(tumour_net, _sample_tumour, prepared, cfg,
+                           cfg.steps_per_epoch * cfg.tumour_step_factor,
+                           (1.0, 1.0, cfg.tumour_class_weight), "stage 2 tumour", rng)
     tumour_seconds = time.perf_counter() - t
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,11 +391,14 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     training = {
         "cases": len(prepared), "case_names": names,
         "phantom_seeds": _ranges(seeds), "data_dir": str(data_dir) if data_dir else None,
-        "phantom_matrix": matrix, "config": asdict(cfg),
+        "phantom_matrix": matrix,
+        "config": {**asdict(cfg), "init_from": str(cfg.init_from) if cfg.init_from else None},
         "loss_per_epoch": {"liver": liver_hist, "tumour": tumour_hist},
         "seconds": {"prepare": round(prep_seconds, 1), "liver": round(liver_seconds, 1),
                     "tumour": round(tumour_seconds, 1)},
         "threads": torch.get_num_threads(),
+        "stages_trained": list(cfg.stages),
+        "initialised_from": init,
     }
     metrics: dict[str, Any] = {"training": training}
     entry: dict[str, Any] = {
@@ -395,6 +441,33 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     return entry
 
 
+def _networks(cfg: TrainConfig) -> tuple[Liver25DNet, Liver25DNet, dict[str, Any] | None]:
+    """Both networks, fresh or initialised from ``cfg.init_from`` (a checkpoint file).
+
+    Returns the networks and a record of the initial checkpoint (file name, sha256,
+    version) for the metrics file, or ``None`` when trained from scratch.
+    """
+    if cfg.init_from is None:
+        return Liver25DNet(2, cfg.width_liver), Liver25DNet(3, cfg.width_tumour), None
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise ValueError(f"Invalid 'init_from' value '{path}' - no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        previous = checkpoint["config"]
+        liver = Liver25DNet(2, int(previous.get("width_liver", cfg.width_liver)))
+        tumour = Liver25DNet(3, int(previous.get("width_tumour", cfg.width_tumour)))
+        liver.load_state_dict(checkpoint["liver"])
+        tumour.load_state_dict(checkpoint["tumour"])
+    except Exception as exc:  # torch.load raises pickle/zip/runtime errors alike
+        raise ValueError(f"Invalid 'init_from' value '{path}' - not a liver_tumor "
+                         f"checkpoint ({exc})") from exc
+    cfg.width_liver, cfg.width_tumour = liver.width, tumour.width
+    record = {"file": path.name, "sha256": weights.sha256_of(path),
+              "version": previous.get("version")}
+    return liver, tumour, record
+
+
 def _ranges(values: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
     out: list[str] = []
@@ -412,7 +485,8 @@ def _ranges(values: Sequence[int]) -> str:
 def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    heldout_seeds: str | None, epochs: int, steps_per_epoch: int, out: Path,
                    version: str, cache_dir: Path | None,
-                   max_minutes_per_stage: float | None = None) -> dict[str, Any]:
+                   max_minutes_per_stage: float | None = None, stages: str = "liver,tumour",
+                   init_from: Path | None = None, lr: float | None = None) -> dict[str, Any]:
     """What ``dicomnode train MODEL`` runs: parse the seed lists and train.
 
     Raises
@@ -425,6 +499,8 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
     seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
     heldout = datasets.parse_seeds(heldout_seeds) if heldout_seeds else []
     config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch,
-                         max_minutes_per_stage=max_minutes_per_stage)
+                         max_minutes_per_stage=max_minutes_per_stage,
+                         stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                         init_from=init_from, lr=TrainConfig.lr if lr is None else lr)
     return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
                              config=config, version=version, cache_dir=cache_dir)

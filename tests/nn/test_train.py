@@ -46,3 +46,64 @@ def test_train_rejects_bad_requests(tmp_path: Path) -> None:
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="'max_minutes_per_stage'"):
         TrainConfig(max_minutes_per_stage=0)
+
+
+def test_train_one_stage_from_a_checkpoint_keeps_the_other(tmp_path: Path) -> None:
+    import torch
+
+    data = tmp_path / "lits"
+    data.mkdir()
+    write_lits(tiny_case(0), data, 0)
+    first = tmp_path / "first"
+    train_liver_tumor(first, data_dir=data, config=TrainConfig(epochs=1, steps_per_epoch=1),
+                      version="0.0.1")
+    start = torch.load(first / "liver_tumor-0.0.1.pt", weights_only=True)
+    second = tmp_path / "second"
+    cfg = TrainConfig(epochs=1, steps_per_epoch=1, stages=("tumour",),
+                      init_from=first / "liver_tumor-0.0.1.pt")
+    train_liver_tumor(second, data_dir=data, config=cfg, version="0.0.2")
+    after = torch.load(second / "liver_tumor-0.0.2.pt", weights_only=True)
+    for key, value in start["liver"].items():
+        assert torch.equal(value, after["liver"][key]), key
+    changed = [k for k, v in start["tumour"].items()
+               if v.is_floating_point() and not torch.equal(v, after["tumour"][k])]
+    assert changed
+    metrics = json.loads((second / "liver_tumor-0.0.2.metrics.json").read_text())
+    assert metrics["training"]["stages_trained"] == ["tumour"]
+    assert metrics["training"]["initialised_from"]["version"] == "0.0.1"
+    assert metrics["training"]["loss_per_epoch"]["liver"] == []
+
+
+def test_train_refuses_bad_stage_and_init_requests(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'stages'"):
+        TrainConfig(stages=("spleen",))
+    with pytest.raises(ValueError, match="'stages'"):
+        TrainConfig(stages=("tumour",))   # the liver weights would come from nowhere
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    data = tmp_path / "lits"
+    data.mkdir()
+    write_lits(tiny_case(0), data, 0)
+    with pytest.raises(ValueError, match="'init_from'"):
+        train_liver_tumor(tmp_path / "m", data_dir=data,
+                          config=TrainConfig(epochs=1, steps_per_epoch=1,
+                                             init_from=tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match=r"'init_from'.*not a liver_tumor checkpoint"):
+        train_liver_tumor(tmp_path / "m", data_dir=data,
+                          config=TrainConfig(epochs=1, steps_per_epoch=1, init_from=bogus))
+
+
+def test_tumour_centres_give_every_tumour_its_own_draw() -> None:
+    import numpy as np
+
+    from dicomnode.nn.train import _centres
+
+    labels = np.ones((20, 60, 60), dtype=np.uint8)
+    labels[2:18, 5:45, 5:45] = 2          # a large tumour
+    labels[8:11, 50:53, 50:53] = 2        # a small one, 27 voxels
+    lesions, liver = _centres(labels)
+    assert len(lesions) == 2
+    sizes = sorted(len(v) for v in lesions)
+    assert sizes == [27, 400]
+    assert all((labels[tuple(v.T)] == 2).all() for v in lesions)
+    assert (labels[tuple(liver.T)] == 1).all()
