@@ -16,6 +16,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self._previous_receive: tuple[bool, str | None] | None = None
+        # flushes started as a dataset's last fragment arrived: path -> (association, future)
+        self._early_flush: dict[str, tuple[int, Future[None]]] = {}
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -141,7 +144,8 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
-        ]
+        ] + ([(evt.EVT_DIMSE_RECV, self._on_dimse_recv)] if self.settings.chunked_receive
+             else [])
 
     def start(self) -> None:
         """Listen in background threads."""
@@ -200,6 +204,26 @@ class StorageSCP:
         except SQLAlchemyError:
             log.exception("audit.failed")
 
+    def _on_dimse_recv(self, event: Any) -> None:
+        # Runs on pynetdicom's DUL thread the moment a message's last fragment is in its
+        # file; the association thread takes the message up on its next poll (up to 1 ms
+        # later). Starting the fdatasync here overlaps it with that wait.
+        name = getattr(getattr(event.message, "_data_set_file", None), "name", None)
+        if not isinstance(name, str):
+            return
+        future = self.store.begin_flush(Path(name))
+        with self._lock:
+            self._early_flush[name] = (id(event.assoc), future)
+
+    def _take_early_flush(self, event: Any) -> Future[None] | None:
+        try:
+            name = str(event.dataset_path)
+        except (AttributeError, TypeError):
+            return None
+        with self._lock:
+            entry = self._early_flush.pop(name, None)
+        return entry[1] if entry is not None else None
+
     def _on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
@@ -216,6 +240,7 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> Dataset | int:
         request = event.request
+        flushed = self._take_early_flush(event) if self._previous_receive is not None else None
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         sop_class = str(request.AffectedSOPClassUID or "")
         if sop_class not in self.accepted:
@@ -226,7 +251,7 @@ class StorageSCP:
             if self._previous_receive is not None:  # chunked: already a file in spool/tmp
                 outcome = self.store.store_file(
                     Path(event.dataset_path), calling, expected_sop_uid=sop_uid,
-                    expected_sop_class_uid=sop_class,
+                    expected_sop_class_uid=sop_class, flushed=flushed,
                 )
             else:
                 outcome = self.store.store(
@@ -251,14 +276,17 @@ class StorageSCP:
             self._assoc_studies.setdefault(id(event.assoc), set()).add(outcome.study_uid)
             self._assoc_counts.setdefault(id(event.assoc), Counter())[
                 "duplicate" if outcome.duplicate else "stored"] += 1
-        log.debug("instance.stored", extra=fields(sop=outcome.sop_uid, study=outcome.study_uid,
-                                                  duplicate=outcome.duplicate))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("instance.stored", extra=fields(
+                sop=outcome.sop_uid, study=outcome.study_uid, duplicate=outcome.duplicate))
         return STATUS_SUCCESS
 
     def _finish(self, event: Any, how: str) -> set[str]:
         with self._lock:
             studies = self._assoc_studies.pop(id(event.assoc), set())
             counts = self._assoc_counts.pop(id(event.assoc), Counter())
+            for name in [k for k, (a, _) in self._early_flush.items() if a == id(event.assoc)]:
+                del self._early_flush[name]
         if counts or how != "released":
             log.info(f"association.{how}", extra=fields(
                 calling_aet=event.assoc.requestor.ae_title, studies=len(studies),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -43,6 +44,11 @@ class _NeedsFullPathError(Exception):
 
 # The fast path's statements, built once (SQLAlchemy then reuses their compiled form).
 _INSERT_INSTANCE = insert(Instance)
+_INSERT_KEYS = (
+    "sop_uid", "series_pk", "sop_class_uid", "transfer_syntax_uid", "path", "size",
+    "instance_number", "image_type", "orientation", "slice_position", "images_in_acquisition",
+    "study_version", "calling_aet", "received_at",
+)
 _TOUCH_STUDY = (
     update(Study)
     .where(Study.id == bindparam("pk"), Study.state == bindparam("receiving"),
@@ -53,6 +59,100 @@ _TOUCH_SERIES = (
     update(Series).where(Series.id == bindparam("pk"))
     .values(instance_count=Series.instance_count + 1)
 )
+
+
+class _DriverStatement:
+    """One statement compiled by SQLAlchemy, its parameters laid out for the DBAPI driver.
+
+    Parameters
+    ----------
+    statement : sqlalchemy.sql.Executable
+        Core statement with named bind parameters.
+    dialect : sqlalchemy.engine.Dialect
+        A dialect with a positional paramstyle (SQLite's ``qmark``).
+    keys : tuple of str, optional
+        For an INSERT, the columns it sets (all of them given at every execution).
+    """
+
+    def __init__(self, statement: Any, dialect: Any, keys: tuple[str, ...] | None = None
+                 ) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=keys)
+        if not compiled.positiontup:
+            raise ValueError("Invalid 'dialect' value - needs a positional paramstyle")
+        self.sql = compiled.string
+        self.order = tuple(compiled.positiontup)
+        # literals such as the "+ 1" of a count (named parameters are always given)
+        self.fixed = {key: bind.effective_value for key, bind in compiled.binds.items()}
+        self.processors = {key: bind.type.bind_processor(dialect)
+                           for key, bind in compiled.binds.items()}
+
+    def parameters(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        """The driver's positional parameters for ``values`` (bind processors applied)."""
+        out = []
+        for key in self.order:
+            value = values[key] if key in values else self.fixed[key]
+            process = self.processors.get(key)
+            out.append(process(value) if process is not None else value)
+        return tuple(out)
+
+
+class _DriverIndex:
+    """The fast path's three statements on one SQLite DBAPI connection.
+
+    The C-STORE handler indexes every received instance; through SQLAlchemy's
+    execution layer the three statements and their transaction cost ~0.3 ms, on the
+    sqlite3 connection ~0.06 ms. SQLAlchemy still writes the SQL (compiled once from the
+    same Core statements) and converts the values (its bind processors); only the
+    per-execution machinery is skipped. Other databases keep the Core path.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        dialect = engine.dialect
+        self.insert = _DriverStatement(_INSERT_INSTANCE, dialect, _INSERT_KEYS)
+        self.touch_study = _DriverStatement(_TOUCH_STUDY, dialect)
+        self.touch_series = _DriverStatement(_TOUCH_SERIES, dialect)
+        self.connection = engine.raw_connection()
+
+    @staticmethod
+    def usable(engine: Any) -> bool:
+        """Whether ``engine`` is SQLite through the standard library's driver."""
+        return bool(engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite"
+                    and engine.dialect.paramstyle == "qmark")
+
+    def run(self, row: dict[str, Any], study: dict[str, Any], series: dict[str, Any],
+            before_commit: Callable[[], object] | None) -> bool:
+        """Insert the row and bump the counts in one transaction.
+
+        Returns False, with everything rolled back, when the row is a duplicate or the
+        study is not receiving at the expected version.
+        """
+        import sqlite3
+
+        conn = self.connection
+        cursor = conn.cursor()
+        try:
+            cursor.execute(self.insert.sql, self.insert.parameters(row))
+            cursor.execute(self.touch_study.sql, self.touch_study.parameters(study))
+            if cursor.rowcount != 1:
+                conn.rollback()
+                return False
+            cursor.execute(self.touch_series.sql, self.touch_series.parameters(series))
+            if before_commit is not None:
+                before_commit()
+            conn.commit()
+        except sqlite3.IntegrityError:
+            conn.rollback()
+            return False
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cursor.close()
+        return True
+
+    def close(self) -> None:
+        """Give the connection back to the pool."""
+        self.connection.close()
 
 
 @dataclass(frozen=True)
@@ -96,6 +196,7 @@ class InstanceStore:
         # Primary keys of rows that never move, and the study version last seen here.
         self._series_pk: dict[str, int] = {}
         self._study_key: dict[str, tuple[int, int]] = {}
+        self._driver = _DriverIndex(db.engine) if _DriverIndex.usable(db.engine) else None
 
     def store(
         self,
@@ -148,6 +249,7 @@ class InstanceStore:
         *,
         expected_sop_uid: str | None = None,
         expected_sop_class_uid: str | None = None,
+        flushed: Future[None] | None = None,
     ) -> StoreOutcome:
         """Check, spool and index an instance already written to a file in ``spool/tmp``.
 
@@ -163,6 +265,9 @@ class InstanceStore:
             The received file (preamble, file meta, dataset), on the spool's file system.
         calling_aet, expected_sop_uid, expected_sop_class_uid
             As for ``store``.
+        flushed : Future, optional
+            From ``begin_flush`` for this file, when the caller started the flush as the
+            last byte arrived; otherwise the flush starts here.
 
         Returns
         -------
@@ -170,7 +275,8 @@ class InstanceStore:
         """
         size = path.stat().st_size
         self.spool.check_reserve(0)
-        flushed = self._io.submit(Spool.flush, path)
+        if flushed is None:
+            flushed = self.begin_flush(path)
         try:
             header = parse_header(
                 path, expected_sop_uid=expected_sop_uid,
@@ -181,6 +287,21 @@ class InstanceStore:
                 flushed.result()
             raise
         return self._commit(header, path, size, calling_aet, flushed.result)
+
+    def begin_flush(self, path: Path) -> Future[None]:
+        """Start flushing a received file to disk on the I/O threads.
+
+        Parameters
+        ----------
+        path : Path
+            A complete file in ``spool/tmp``.
+
+        Returns
+        -------
+        Future
+            Done when the file's data and size are on disk (``Spool.flush``).
+        """
+        return self._io.submit(Spool.flush, path)
 
     def _commit(self, header: InstanceHeader, tmp: Path, size: int, calling_aet: str,
                 wait_flushed: Callable[[], object] | None) -> StoreOutcome:
@@ -244,23 +365,28 @@ class InstanceStore:
             return None
         study_pk, version = known
         now = utcnow()
+        row = {
+            "sop_uid": header.sop_uid, "series_pk": series_pk,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "path": relative, "size": size,
+            "instance_number": header.instance_number,
+            "image_type": header.image_type, "orientation": header.orientation,
+            "slice_position": header.slice_position,
+            "images_in_acquisition": header.images_in_acquisition,
+            "study_version": version, "calling_aet": calling_aet, "received_at": now,
+        }
+        study = {"pk": study_pk, "v": version, "now": now,
+                 "receiving": StudyState.RECEIVING.value}
+        if self._driver is not None:
+            if not self._driver.run(row, study, {"pk": series_pk}, before_commit):
+                return None  # rolled back: a duplicate or a study that is not receiving
+            return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
+                                duplicate=False, reopened=False, study_version=version)
         try:
             with self.db.engine.begin() as conn:
-                conn.execute(_INSERT_INSTANCE, {
-                    "sop_uid": header.sop_uid, "series_pk": series_pk,
-                    "sop_class_uid": header.sop_class_uid,
-                    "transfer_syntax_uid": header.transfer_syntax_uid,
-                    "path": relative, "size": size,
-                    "instance_number": header.instance_number,
-                    "image_type": header.image_type, "orientation": header.orientation,
-                    "slice_position": header.slice_position,
-                    "images_in_acquisition": header.images_in_acquisition,
-                    "study_version": version, "calling_aet": calling_aet, "received_at": now,
-                })
-                touched = _rowcount(conn.execute(
-                    _TOUCH_STUDY, {"pk": study_pk, "v": version, "now": now,
-                                   "receiving": StudyState.RECEIVING.value}))
-                if touched != 1:
+                conn.execute(_INSERT_INSTANCE, row)
+                if _rowcount(conn.execute(_TOUCH_STUDY, study)) != 1:
                     raise _NeedsFullPathError
                 conn.execute(_TOUCH_SERIES, {"pk": series_pk})
                 if before_commit is not None:
@@ -316,8 +442,12 @@ class InstanceStore:
         return outcome
 
     def close(self) -> None:
-        """Wait for writes in progress and stop the I/O threads."""
+        """Wait for writes in progress, stop the I/O threads, release the connection."""
         self._io.shutdown(wait=True)
+        with self.db.write_lock:
+            if self._driver is not None:
+                self._driver.close()
+                self._driver = None
 
     def recover(self) -> RecoveryReport:
         """Make the spool and the index agree after a crash or power loss.

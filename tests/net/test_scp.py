@@ -203,3 +203,31 @@ def test_no_patient_values_in_logs(node: Node, caplog: pytest.LogCaptureFixture,
     assert "instance.refused" in text and "association.released" in text
     for secret in ("Secret", "SECRET-ID-42", "19700101"):
         assert secret not in text
+
+
+def test_flush_starts_when_the_last_fragment_arrives(node: Node, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fdatasync is started on pynetdicom's DUL thread as the dataset completes, and
+    # the C-STORE handler waits on that same flush instead of starting another.
+    begun: list[str] = []
+    handed: list[bool] = []
+    begin, store_file = node.store.begin_flush, node.store.store_file
+
+    def spy_begin(path: Path):  # type: ignore[no-untyped-def]
+        begun.append(path.name)
+        return begin(path)
+
+    def spy_store_file(path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.append(kwargs.get("flushed") is not None)
+        return store_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(node.store, "begin_flush", spy_begin)
+    monkeypatch.setattr(node.store, "store_file", spy_store_file)
+    paths = write_series(tmp_path / "in", 5)
+    out = subprocess.run(["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.scp.port),
+                          *map(str, paths)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert _count(node) == 5
+    assert len(begun) == 5 and handed == [True] * 5
+    assert not node.scp._early_flush          # nothing left behind
+    assert not list(node.spool.tmp_dir.iterdir())

@@ -54,3 +54,93 @@ def test_refusals_name_the_attribute() -> None:
     with pytest.raises(InstanceRejectedError) as err:
         parse_header(_encode(ok)[:-50])
     assert err.value.code == "truncated"
+
+
+# --- the fast reader: same header as pydicom, pydicom for what it does not take -------
+
+def _pydicom_header(data: bytes) -> object:
+    from dicomnode.store.header import _parse
+
+    return _parse(BytesIO(data), len(data), None, None)
+
+
+def _variants() -> dict[str, bytes]:
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence
+    from pydicom.uid import JPEGLSLossless
+
+    out = {}
+    base = ct_slice(generate_uid(), generate_uid(), -3.5, 7)
+    out["explicit"] = _encode(base)
+    out["implicit"] = _encode(ct_slice(generate_uid(), generate_uid(), 1.0, 1), implicit=True)
+    seq = ct_slice(generate_uid(), generate_uid(), 2.0, 2)
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator = "T-62000", "SRT"
+    inner = Dataset()
+    inner.CodeMeaning = "nested"
+    item.PurposeOfReferenceCodeSequence = Sequence([inner])
+    seq.AnatomicRegionSequence = Sequence([item, Dataset()])
+    seq.add_new(0x00091010, "OB", b"\x01" * 70_000)   # a private value past the first 64 KiB
+    out["sequences_and_long_private"] = _encode(seq)
+    enc = ct_slice(generate_uid(), generate_uid(), 3.0, 3)
+    enc.file_meta.TransferSyntaxUID = JPEGLSLossless
+    enc.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 100 + b"\xff\xd9"])
+    enc["PixelData"].VR = "OB"
+    out["encapsulated"] = _encode(enc)
+    return out
+
+
+def _undefined_length_sequences(data: bytes) -> bytes:
+    """Re-encode with undefined-length sequences and items (as many scanners send)."""
+    from pydicom import dcmread
+
+    ds = dcmread(BytesIO(data))
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["explicit", "implicit", "sequences_and_long_private",
+                                  "encapsulated", "undefined_lengths"])
+def test_fast_reader_gives_pydicoms_header(name: str, tmp_path: Path) -> None:
+    from dicomnode.store.header import _read_fast, _walk_file
+
+    variants = _variants()
+    variants["undefined_lengths"] = _undefined_length_sequences(
+        variants["sequences_and_long_private"])
+    data = variants[name]
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    _walk_file(data, len(data))          # taken by the fast reader, no fallback
+    _read_fast(path)
+    expected = _pydicom_header(data)
+    assert parse_header(data) == expected
+    assert parse_header(path) == expected
+
+
+def test_fast_reader_leaves_other_encodings_and_bad_lengths_to_pydicom(tmp_path: Path) -> None:
+    from dicomnode.store.header import _FallbackError, _walk_file
+
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"   # deflated
+    data = _encode(ds)
+    with pytest.raises(_FallbackError):
+        _walk_file(data, len(data))
+    assert parse_header(data) == _pydicom_header(data)
+    ok = _encode(ct_slice(generate_uid(), generate_uid(), 0.0, 0))
+    for bad in (ok[:-50], ok[:100], b"\x00" * 132 + b"garbage"):
+        with pytest.raises(_FallbackError):
+            _walk_file(bad, len(bad))
+        with pytest.raises(InstanceRejectedError):
+            parse_header(bad)
+    short = tmp_path / "short.dcm"
+    short.write_bytes(ok[:-50])
+    with pytest.raises(InstanceRejectedError) as err:
+        parse_header(short)
+    assert err.value.code == "truncated"
