@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomnode.config import Settings
 from dicomnode.logs import fields
 from dicomnode.store.header import InstanceRejectedError
-from dicomnode.store.instances import InstanceStore
+from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
 from dicomnode.store.spool import SpoolFullError
 
@@ -114,8 +114,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self._previous_receive: tuple[bool, str | None] | None = None
-        # flushes started as a dataset's last fragment arrived: path -> (association, future)
-        self._early_flush: dict[str, tuple[int, Future[None]]] = {}
+        # stores begun as a dataset's last fragment arrived: path -> (association, future)
+        self._early: dict[str, tuple[int, Future[StoreOutcome]]] = {}
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -206,22 +206,35 @@ class StorageSCP:
 
     def _on_dimse_recv(self, event: Any) -> None:
         # Runs on pynetdicom's DUL thread the moment a message's last fragment is in its
-        # file; the association thread takes the message up on its next poll (up to 1 ms
-        # later). Starting the fdatasync here overlaps it with that wait.
-        name = getattr(getattr(event.message, "_data_set_file", None), "name", None)
-        if not isinstance(name, str):
+        # file; the association thread takes the request up on its next poll (up to 1 ms
+        # later) and only then calls _on_store. Checking, flushing and indexing start
+        # here, and _on_store answers when they are done: the same order and the same
+        # "acknowledged once committed", with pynetdicom's poll no longer in the way.
+        message = event.message
+        name = getattr(getattr(message, "_data_set_file", None), "name", None)
+        command = getattr(message, "command_set", None)
+        if not isinstance(name, str) or command is None:
             return
-        future = self.store.begin_flush(Path(name))
+        try:
+            sop_class = str(command.AffectedSOPClassUID or "")
+            sop_uid = str(command.AffectedSOPInstanceUID or "")
+            calling = event.assoc.requestor.ae_title
+        except AttributeError:
+            return
+        if sop_class not in self.accepted:
+            return  # _on_store refuses it
+        future = self.store.begin_store(Path(name), calling, expected_sop_uid=sop_uid,
+                                        expected_sop_class_uid=sop_class)
         with self._lock:
-            self._early_flush[name] = (id(event.assoc), future)
+            self._early[name] = (id(event.assoc), future)
 
-    def _take_early_flush(self, event: Any) -> Future[None] | None:
+    def _take_early(self, event: Any) -> Future[StoreOutcome] | None:
         try:
             name = str(event.dataset_path)
         except (AttributeError, TypeError):
             return None
         with self._lock:
-            entry = self._early_flush.pop(name, None)
+            entry = self._early.pop(name, None)
         return entry[1] if entry is not None else None
 
     def _on_echo(self, event: Any) -> int:
@@ -240,7 +253,7 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> Dataset | int:
         request = event.request
-        flushed = self._take_early_flush(event) if self._previous_receive is not None else None
+        early = self._take_early(event) if self._previous_receive is not None else None
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         sop_class = str(request.AffectedSOPClassUID or "")
         if sop_class not in self.accepted:
@@ -248,10 +261,12 @@ class StorageSCP:
                                 f"SOP class {sop_class} not accepted", sop_uid)
         calling = event.assoc.requestor.ae_title
         try:
-            if self._previous_receive is not None:  # chunked: already a file in spool/tmp
+            if early is not None:  # begun by _on_dimse_recv
+                outcome = early.result()
+            elif self._previous_receive is not None:  # chunked: already a file in spool/tmp
                 outcome = self.store.store_file(
                     Path(event.dataset_path), calling, expected_sop_uid=sop_uid,
-                    expected_sop_class_uid=sop_class, flushed=flushed,
+                    expected_sop_class_uid=sop_class,
                 )
             else:
                 outcome = self.store.store(
@@ -285,8 +300,8 @@ class StorageSCP:
         with self._lock:
             studies = self._assoc_studies.pop(id(event.assoc), set())
             counts = self._assoc_counts.pop(id(event.assoc), Counter())
-            for name in [k for k, (a, _) in self._early_flush.items() if a == id(event.assoc)]:
-                del self._early_flush[name]
+            for name in [k for k, (a, _) in self._early.items() if a == id(event.assoc)]:
+                del self._early[name]
         if counts or how != "released":
             log.info(f"association.{how}", extra=fields(
                 calling_aet=event.assoc.requestor.ae_title, studies=len(studies),

@@ -193,6 +193,9 @@ class InstanceStore:
         self.db = db
         self.spool = spool
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="spool-io")
+        # ``begin_store`` runs ``store_file`` here; its flushes go to ``_io``, never to the
+        # pool a waiting caller sits in (a full pool would wait on itself).
+        self._ingest = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ingest")
         # Primary keys of rows that never move, and the study version last seen here.
         self._series_pk: dict[str, int] = {}
         self._study_key: dict[str, tuple[int, int]] = {}
@@ -266,8 +269,7 @@ class InstanceStore:
         calling_aet, expected_sop_uid, expected_sop_class_uid
             As for ``store``.
         flushed : Future, optional
-            From ``begin_flush`` for this file, when the caller started the flush as the
-            last byte arrived; otherwise the flush starts here.
+            ``begin_flush(path)``, when the caller started it already.
 
         Returns
         -------
@@ -287,6 +289,33 @@ class InstanceStore:
                 flushed.result()
             raise
         return self._commit(header, path, size, calling_aet, flushed.result)
+
+    def begin_store(
+        self,
+        path: Path,
+        calling_aet: str = "",
+        *,
+        expected_sop_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> Future[StoreOutcome]:
+        """Run ``store_file`` on the ingest threads; the caller acknowledges on its result.
+
+        The C-STORE SCP calls this the moment a dataset's last fragment is in its file,
+        before pynetdicom hands the request to the service handler (up to a millisecond
+        later); the handler then waits on the future. The order on disk and in the index,
+        and the rule "acknowledged only once committed", are those of ``store_file``.
+
+        Returns
+        -------
+        Future
+            Resolves to the ``StoreOutcome``, or raises what ``store_file`` raises.
+        """
+        # the flush and the check start together, each on its own thread
+        flushed = self.begin_flush(path)
+        return self._ingest.submit(self.store_file, path, calling_aet,
+                                   expected_sop_uid=expected_sop_uid,
+                                   expected_sop_class_uid=expected_sop_class_uid,
+                                   flushed=flushed)
 
     def begin_flush(self, path: Path) -> Future[None]:
         """Start flushing a received file to disk on the I/O threads.
@@ -443,6 +472,7 @@ class InstanceStore:
 
     def close(self) -> None:
         """Wait for writes in progress, stop the I/O threads, release the connection."""
+        self._ingest.shutdown(wait=True)
         self._io.shutdown(wait=True)
         with self.db.write_lock:
             if self._driver is not None:

@@ -205,29 +205,41 @@ def test_no_patient_values_in_logs(node: Node, caplog: pytest.LogCaptureFixture,
         assert secret not in text
 
 
-def test_flush_starts_when_the_last_fragment_arrives(node: Node, tmp_path: Path,
+def test_store_begins_when_the_last_fragment_arrives(node: Node, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # The fdatasync is started on pynetdicom's DUL thread as the dataset completes, and
-    # the C-STORE handler waits on that same flush instead of starting another.
+    # Check, flush and index start on pynetdicom's DUL thread as the dataset completes;
+    # the C-STORE handler answers with that store's outcome instead of storing again.
     begun: list[str] = []
-    handed: list[bool] = []
-    begin, store_file = node.store.begin_flush, node.store.store_file
+    direct: list[str] = []
+    begin, store_file = node.store.begin_store, node.store.store_file
 
-    def spy_begin(path: Path):  # type: ignore[no-untyped-def]
+    def spy_begin(path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
         begun.append(path.name)
-        return begin(path)
+        return begin(path, *args, **kwargs)
 
     def spy_store_file(path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        handed.append(kwargs.get("flushed") is not None)
+        direct.append(path.name)
         return store_file(path, *args, **kwargs)
 
-    monkeypatch.setattr(node.store, "begin_flush", spy_begin)
-    monkeypatch.setattr(node.store, "store_file", spy_store_file)
+    monkeypatch.setattr(node.store, "begin_store", spy_begin)
     paths = write_series(tmp_path / "in", 5)
-    out = subprocess.run(["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.scp.port),
-                          *map(str, paths)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["storescu", "-aet", "EARLY", "-aec", "DICOMNODE", "127.0.0.1",
+                          str(node.scp.port), *map(str, paths)],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert _count(node) == 5
-    assert len(begun) == 5 and handed == [True] * 5
-    assert not node.scp._early_flush          # nothing left behind
+    assert len(begun) == 5
+    assert not node.scp._early                # nothing left behind
     assert not list(node.spool.tmp_dir.iterdir())
+    with node.db.session() as s:
+        assert s.execute(select(Study)).scalar_one().calling_aet == "EARLY"
+    # without the early start (e.g. an older pynetdicom) the handler stores itself
+    monkeypatch.setattr(node.scp, "_on_dimse_recv", lambda event: None)
+    node.scp.stop()
+    node.scp.start()
+    monkeypatch.setattr(node.store, "store_file", spy_store_file)
+    more = write_series(tmp_path / "more", 3)
+    out = subprocess.run(["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.scp.port),
+                          *map(str, more)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert _count(node) == 8 and len(direct) == 3
