@@ -98,6 +98,9 @@ def status(
         return
     typer.echo(f"{report['totals']['studies']} studies, {report['totals']['jobs']} jobs, "
                f"{report['totals']['deliveries']} deliveries")
+    if report["pipelines"]:
+        for name, state in sorted(report["pipelines"]["states"].items()):
+            typer.echo(f"  pipeline {name:<14} {state}")
     for st in report["studies"]:
         typer.echo(f"  study {st['study_uid']}  {st['state']:<9} v{st['version']} "
                    f"{st['instances']:>5} instances  trigger={st['completion_trigger']}  "

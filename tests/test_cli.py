@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port
 from tests.factories import write_series
 from tests.peers import wait_port
@@ -63,3 +65,40 @@ def test_bad_config_exits_with_message(tmp_path: Path) -> None:
     cfg.write_text("port: -1\n")
     res = _cli("status", "--config", str(cfg), cwd=tmp_path, env=dict(os.environ))
     assert res.returncode == 2 and "port" in res.stderr
+
+
+def test_node_with_broken_weights_says_so_and_keeps_receiving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from dicomnode.config import Settings
+    from dicomnode.nn import weights
+    from dicomnode.node import Node
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(weights.models_dir() / "manifest.json", models / "manifest.json")
+    entry = weights.read_manifest(models)[0]
+    (models / entry["file"]).write_bytes(b"not the trained weights")
+    monkeypatch.setenv("DICOMNODE_MODELS_DIR", str(models))
+    settings = Settings(port=0, bind_address="127.0.0.1", data_dir=tmp_path / "var",
+                        disk_reserve_mb=0, workers=1)
+    node = Node(settings)
+    with caplog.at_level("WARNING", logger="dicomnode"):
+        node.start()
+        try:
+            states = node.runner.check_pipelines()
+            paths = write_series(tmp_path / "in", 3)
+            out = subprocess.run(["storescu", "-aec", "DICOMNODE", "127.0.0.1",
+                                  str(node.scp.port), *map(str, paths)],
+                                 capture_output=True, text=True, timeout=60)
+        finally:
+            node.stop()
+    assert out.returncode == 0, out.stderr
+    assert "checksum" in states["liver_tumor"] or "sha256" in states["liver_tumor"]
+    assert any("pipeline.unavailable" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+    env = {**os.environ, "DICOMNODE_DATA_DIR": str(tmp_path / "var")}
+    report = json.loads(_cli("status", "--json", cwd=tmp_path, env=env).stdout)
+    assert report["totals"]["studies"] == 1
+    assert report["pipelines"]["states"]["liver_tumor"] == states["liver_tumor"]

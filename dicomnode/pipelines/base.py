@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -174,19 +175,27 @@ def availability() -> dict[str, str]:
 
 _BUILTIN = ("liver_tumor", "headneck_oar", "brain_ich")
 _loaded = False
+_loading = threading.Lock()
 
 
 def _load_builtin() -> None:
-    """Import the built-in pipeline modules that exist (each registers itself)."""
+    """Import the built-in pipeline modules that exist (each registers itself).
+
+    Several threads ask at once (the start-up check, the workers): the first imports,
+    the others wait for the registry to be whole.
+    """
     global _loaded
     if _loaded:
         return
-    _loaded = True
     import importlib
 
-    for module in _BUILTIN:
-        try:
-            importlib.import_module(f"dicomnode.pipelines.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dicomnode.pipelines.{module}":
-                raise
+    with _loading:
+        if _loaded:
+            return
+        for module in _BUILTIN:
+            try:
+                importlib.import_module(f"dicomnode.pipelines.{module}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"dicomnode.pipelines.{module}":
+                    raise
+        _loaded = True

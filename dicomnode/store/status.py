@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicomnode.store.db import Database
-from dicomnode.store.models import Delivery, Job, Series, Study
+from dicomnode.store.models import AuditEvent, Delivery, Job, Series, Study
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -68,9 +68,15 @@ def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
             "next_attempt_at": _ts(d.next_attempt_at), "sent_at": _ts(d.sent_at),
         } for d in session.execute(
             select(Delivery).order_by(Delivery.id.desc()).limit(limit)).scalars()]
+        checked = session.execute(
+            select(AuditEvent).where(AuditEvent.event == "pipelines.checked")
+            .order_by(AuditEvent.id.desc()).limit(1)).scalar_one_or_none()
+        pipelines = ({"checked_at": _ts(checked.ts), "states": checked.detail or {}}
+                     if checked is not None else None)
         totals = {
             "studies": session.execute(select(func.count(Study.id))).scalar_one(),
             "jobs": session.execute(select(func.count(Job.id))).scalar_one(),
             "deliveries": session.execute(select(func.count(Delivery.id))).scalar_one(),
         }
-    return {"totals": totals, "studies": studies, "jobs": jobs, "deliveries": deliveries}
+    return {"totals": totals, "pipelines": pipelines, "studies": studies, "jobs": jobs,
+            "deliveries": deliveries}

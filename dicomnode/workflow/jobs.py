@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
-from dicomnode.pipelines.base import PipelineUnavailableError, get_pipeline
+from dicomnode.pipelines.base import PipelineUnavailableError, availability, get_pipeline
 from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
 from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
@@ -331,9 +331,44 @@ class JobRunner:
                                               pipeline=run.pipeline or "routing",
                                               reason=run.reason, deliveries=len(deliveries)))
 
+    def check_pipelines(self) -> dict[str, str]:
+        """Check every installed pipeline (weights present and intact), log and record it.
+
+        An unavailable pipeline is logged as a warning with its reason and recorded as a
+        ``pipelines.checked`` audit event that ``dicomnode status`` shows; the node keeps
+        receiving, and studies routed to it end as ``no_result`` with the same reason.
+
+        Returns
+        -------
+        dict
+            Pipeline name -> ``"ok"`` or the reason it cannot run.
+        """
+        states = availability()
+        for name, state in states.items():
+            if state == "ok":
+                log.info("pipeline.available", extra=fields(pipeline=name))
+            else:
+                log.warning("pipeline.unavailable", extra=fields(pipeline=name, reason=state))
+        with self.db.transaction() as session:
+            session.add(AuditEvent(event="pipelines.checked", detail=states))
+        return states
+
+    def _check_in_background(self) -> None:
+        try:
+            self.check_pipelines()
+        except Exception:
+            log.exception("pipeline.check_failed")
+
     def start(self) -> None:
-        """Start ``settings.workers`` worker threads."""
+        """Start ``settings.workers`` worker threads (and check the pipelines they run)."""
         self._stop.clear()
+        if self.settings.workers > 0:
+            # weights are hashed and torch imported off the start-up path: the node
+            # listens at once and says which pipeline is unavailable when it knows
+            thread = threading.Thread(target=self._check_in_background,
+                                      name="pipeline-check", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         for n in range(self.settings.workers):
             name = f"worker-{os.getpid()}-{n}"
             thread = threading.Thread(target=self._run, args=(name,), name=name, daemon=True)
