@@ -232,7 +232,11 @@ def train(
     max_minutes: Annotated[float | None, typer.Option(help="Time budget per stage (the "
                                                       "learning rate decays to it).")] = None,
     stages: Annotated[str, typer.Option(help="Stages to train: liver,tumour (a stage left "
-                                        "out keeps the --init weights).")] = "liver,tumour",
+                                        "out keeps the --init weights; 'none' trains "
+                                        "nothing).")] = "liver,tumour",
+    val_seeds: Annotated[str | None, typer.Option(help="Phantom seeds on which the tumour "
+                                                  "threshold is chosen, e.g. 2000-2019.")
+                         ] = None,
     init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights "
                                               "(fine-tuning, retraining one stage).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine decay; "
@@ -248,7 +252,7 @@ def train(
                                heldout_seeds=heldout_seeds, epochs=epochs,
                                steps_per_epoch=steps_per_epoch, out=out, version=version,
                                cache_dir=cache_dir, max_minutes_per_stage=max_minutes,
-                               stages=stages, init_from=init, lr=lr)
+                               stages=stages, init_from=init, lr=lr, val_seeds=val_seeds)
     except ValueError as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc

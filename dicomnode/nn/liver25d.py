@@ -336,12 +336,22 @@ class LiverTumorSegmenter:
         Sliding-window sizes ``(rz, ry, rx)`` on each stage's grid.
     batch_size : int
         Windows per forward pass.
+    min_tumour_ml : float
+        Tumour islands below this volume are relabelled liver.
+    tumour_threshold : float, optional
+        A voxel of the organ is tumour when its tumour probability reaches this
+        (chosen on validation cases by ``dicomnode train``); None: the most probable
+        class.
     """
 
     def __init__(self, liver_net: Liver25DNet, tumour_net: Liver25DNet, device: torch.device,
                  *, roi_liver: tuple[int, int, int] = (24, 128, 128),
                  roi_tumour: tuple[int, int, int] = (24, 128, 128), batch_size: int = 2,
-                 min_tumour_ml: float = 0.2) -> None:
+                 min_tumour_ml: float = 0.2, tumour_threshold: float | None = None) -> None:
+        if tumour_threshold is not None and not 0 < tumour_threshold < 1:
+            raise ValueError(f"Invalid 'tumour_threshold' value '{tumour_threshold}' - must "
+                             "be in (0, 1)")
+        self.tumour_threshold = tumour_threshold
         self.liver_net = liver_net.to(device).eval()
         self.tumour_net = tumour_net.to(device).eval()
         self.device = device
@@ -365,6 +375,26 @@ class LiverTumorSegmenter:
             uint8 labels on the input grid (0 background, 1 liver, 2 tumour; empty when
             no liver was found) and seconds per stage.
         """
+        return self.segment_thresholds(hu, spacing, [self.tumour_threshold])[0]
+
+    def segment_thresholds(self, hu: np.ndarray, spacing: Sequence[float],
+                           thresholds: Sequence[float | None]) -> list[Segmentation]:
+        """Run the networks once and label the volume at each tumour threshold.
+
+        Parameters
+        ----------
+        hu : numpy.ndarray
+            ``[z, y, x]`` Hounsfield units.
+        spacing : sequence of float
+            ``(dz, dy, dx)`` mm.
+        thresholds : sequence of float or None
+            Tumour-probability thresholds (None: the most probable class).
+
+        Returns
+        -------
+        list of Segmentation
+            One per threshold, in order; the timings are those of the whole run.
+        """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         spacing = tuple(float(s) for s in spacing)
@@ -378,7 +408,8 @@ class LiverTumorSegmenter:
         liver_coarse = probs.argmax(0).numpy().astype(bool)
         timings["stage1_liver"] = time.perf_counter() - t
         if not liver_coarse.any():
-            return Segmentation(np.zeros(shape, dtype=np.uint8), timings)
+            return [Segmentation(np.zeros(shape, dtype=np.uint8), timings)
+                    for _ in thresholds]
         liver_coarse = largest_component(liver_coarse)
 
         # the liver box on the input grid, dilated by the margin
@@ -401,21 +432,41 @@ class LiverTumorSegmenter:
 
         t = time.perf_counter()
         probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")
-        labels = np.zeros(shape, dtype=np.uint8)
-        labels[tuple(box)] = probs.argmax(0).numpy().astype(np.uint8)
         timings["resample_out"] = time.perf_counter() - t
-        t = time.perf_counter()
-        # everything outside the box is background: clean only the box
-        labels[tuple(box)] = postprocess(labels[tuple(box)], spacing,
-                                         min_tumour_ml=self.min_tumour_ml)
-        timings["postprocess"] = time.perf_counter() - t
-        return Segmentation(labels, timings, tuple(box))  # type: ignore[arg-type]
+        out = []
+        for threshold in thresholds:
+            t = time.perf_counter()
+            labels = np.zeros(shape, dtype=np.uint8)
+            labels[tuple(box)] = label_probabilities(probs, threshold)
+            # everything outside the box is background: clean only the box
+            labels[tuple(box)] = postprocess(labels[tuple(box)], spacing,
+                                             min_tumour_ml=self.min_tumour_ml)
+            out.append(Segmentation(labels, {**timings,
+                                             "postprocess": time.perf_counter() - t},
+                                    tuple(box)))  # type: ignore[arg-type]
+        return out
+
+
+def label_probabilities(probs: torch.Tensor, tumour_threshold: float | None) -> np.ndarray:
+    """Labels from stage-2 probabilities ``[3, z, y, x]`` (background, liver, tumour).
+
+    With no threshold, the most probable class; with one, organ (liver or tumour) where
+    that is more probable than background, and tumour within it where the tumour
+    probability reaches the threshold.
+    """
+    if tumour_threshold is None:
+        return probs.argmax(0).numpy().astype(np.uint8)
+    organ = (probs[1] + probs[2]) > probs[0]
+    tumour = organ & (probs[2] >= tumour_threshold)
+    return (organ.to(torch.uint8) + tumour.to(torch.uint8)).numpy()
 
 
 def build_segmenter(checkpoint: dict[str, Any], device: torch.device,
                     **options: Any) -> LiverTumorSegmenter:
     """Build both networks from a checkpoint (``liver``, ``tumour``, ``config``)."""
     config = checkpoint.get("config", {})
+    if config.get("tumour_threshold") is not None:
+        options.setdefault("tumour_threshold", float(config["tumour_threshold"]))
     liver = Liver25DNet(2, int(config.get("width_liver", 8)))
     tumour = Liver25DNet(3, int(config.get("width_tumour", 12)))
     liver.load_state_dict(checkpoint["liver"])

@@ -88,7 +88,7 @@ class TrainConfig:
         if not 0 < self.lr < 1:
             raise ValueError(f"Invalid 'lr' value '{self.lr}' - must be in (0, 1)")
         unknown = set(self.stages) - set(STAGES)
-        if unknown or not self.stages:
+        if unknown:
             raise ValueError(f"Invalid 'stages' value '{','.join(self.stages)}' - choose from "
                              f"{', '.join(STAGES)}")
         if set(self.stages) != set(STAGES) and self.init_from is None:
@@ -305,6 +305,7 @@ def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfi
 
 def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                       seeds: Sequence[int] = (), heldout_seeds: Sequence[int] = (),
+                      val_seeds: Sequence[int] = (),
                       config: TrainConfig | None = None, version: str = "1.0.0",
                       matrix: int = 256, cache_dir: Path | None = None,
                       update_manifest: bool = True) -> dict[str, Any]:
@@ -321,6 +322,9 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
         Phantom seeds generated for training.
     heldout_seeds : sequence of int
         Phantom seeds evaluated after training (must not overlap ``seeds``).
+    val_seeds : sequence of int
+        Phantom seeds on which the tumour threshold is chosen (overlapping neither
+        ``seeds`` nor ``heldout_seeds``); none: the most probable class.
     config : TrainConfig, optional
         Hyper-parameters.
     version : str
@@ -342,6 +346,10 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     if overlap:
         raise ValueError(f"Invalid 'heldout_seeds' value - {sorted(overlap)} are also "
                          "training seeds")
+    overlap = set(val_seeds) & (set(seeds) | set(heldout_seeds))
+    if overlap:
+        raise ValueError(f"Invalid 'val_seeds' value - {sorted(overlap)} are also training "
+                         "or held-out seeds")
     if data_dir is None and not seeds:
         raise ValueError("Invalid 'data' value 'None' - give a data directory or phantom seeds")
     runtime.configure_cpu_threads(cfg.threads)
@@ -376,12 +384,31 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                            (1.0, 1.0, cfg.tumour_class_weight), "stage 2 tumour", rng)
     tumour_seconds = time.perf_counter() - t
 
+    config_record: dict[str, Any] = {"width_liver": cfg.width_liver,
+                                     "width_tumour": cfg.width_tumour, "version": version}
+    segmenter = liver25d.LiverTumorSegmenter(liver_net, tumour_net, torch.device("cpu"))
+    validation: dict[str, Any] | None = None
+    if val_seeds:
+        from dicomnode.nn.evaluate import choose_tumour_threshold
+
+        with torch.inference_mode():
+            validation = choose_tumour_threshold(segmenter, (
+                datasets.phantom_case(s, matrix=matrix, cache_dir=cache_dir)
+                for s in val_seeds))
+        segmenter.tumour_threshold = validation["threshold"]
+        validation["phantom_seeds"] = _ranges(val_seeds)
+    elif init and "tumour" not in cfg.stages:
+        # nothing retrained, nothing chosen: keep the initial checkpoint's threshold
+        previous = torch.load(Path(cfg.init_from or ""), map_location="cpu",
+                              weights_only=True)["config"].get("tumour_threshold")
+        segmenter.tumour_threshold = previous
+    config_record["tumour_threshold"] = segmenter.tumour_threshold
+
     out_dir.mkdir(parents=True, exist_ok=True)
     file_name = f"{MODEL_NAME}-{version}.pt"
     checkpoint = {
         "liver": liver_net.state_dict(), "tumour": tumour_net.state_dict(),
-        "config": {"width_liver": cfg.width_liver, "width_tumour": cfg.width_tumour,
-                   "version": version},
+        "config": config_record,
     }
     tmp = out_dir / (file_name + ".tmp")
     torch.save(checkpoint, tmp)
@@ -401,6 +428,8 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
         "initialised_from": init,
     }
     metrics: dict[str, Any] = {"training": training}
+    if validation is not None:
+        metrics["validation"] = validation
     entry: dict[str, Any] = {
         "name": MODEL_NAME, "version": version, "file": file_name, "sha256": digest,
         "family": FAMILY,
@@ -409,6 +438,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                   "stage1_spacing_mm": list(LIVER_SPACING),
                   "stage2_spacing_mm": list(TUMOUR_SPACING),
                   "liver_box_margin_mm": BOX_MARGIN_MM,
+                  "tumour_threshold": segmenter.tumour_threshold,
                   "labels": {"1": "Liver", "2": "Lesion_Liver"}},
         "training_data": (
             f"{len(prepared)} cases: "
@@ -418,13 +448,14 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
             + ". Synthetic data only unless a data directory says otherwise; not for "
               "clinical use."),
         "heldout": {"phantom_seeds": _ranges(heldout_seeds), "phantom_matrix": matrix},
+        "validation": ({"phantom_seeds": _ranges(val_seeds),
+                        "tumour_threshold": segmenter.tumour_threshold} if val_seeds else None),
         "metrics": {},
         "model_card": f"{MODEL_NAME}.md",
     }
     if heldout_seeds:
         from dicomnode.nn.evaluate import evaluate_cases
 
-        segmenter = liver25d.LiverTumorSegmenter(liver_net, tumour_net, torch.device("cpu"))
         cases = (datasets.phantom_case(s, matrix=matrix, cache_dir=cache_dir)
                  for s in heldout_seeds)
         report = evaluate_cases(segmenter, cases)
@@ -484,6 +515,7 @@ def _ranges(values: Sequence[int]) -> str:
 
 def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    heldout_seeds: str | None, epochs: int, steps_per_epoch: int, out: Path,
+                   val_seeds: str | None = None,
                    version: str, cache_dir: Path | None,
                    max_minutes_per_stage: float | None = None, stages: str = "liver,tumour",
                    init_from: Path | None = None, lr: float | None = None) -> dict[str, Any]:
@@ -498,9 +530,12 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
         raise ValueError(f"Invalid 'model' value '{model}' - trainable here: {MODEL_NAME}")
     seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
     heldout = datasets.parse_seeds(heldout_seeds) if heldout_seeds else []
+    validation = datasets.parse_seeds(val_seeds) if val_seeds else []
     config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch,
                          max_minutes_per_stage=max_minutes_per_stage,
-                         stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                         stages=tuple(s.strip() for s in stages.split(",")
+                                      if s.strip() and s.strip() != "none"),
                          init_from=init_from, lr=TrainConfig.lr if lr is None else lr)
     return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
+                             val_seeds=validation,
                              config=config, version=version, cache_dir=cache_dir)

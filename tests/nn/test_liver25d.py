@@ -85,3 +85,51 @@ def test_segmenter_runs_two_stages_on_tiny_case() -> None:
     out = seg.segment(case.hu, case.spacing)
     assert out.labels.shape == case.hu.shape and out.labels.dtype == np.uint8
     assert "stage1_liver" in out.timings
+
+
+def test_label_probabilities_with_and_without_threshold() -> None:
+    probs = torch.tensor([
+        [0.6, 0.2, 0.2, 0.1],    # background
+        [0.3, 0.5, 0.45, 0.3],   # liver
+        [0.1, 0.3, 0.35, 0.6],   # tumour
+    ]).reshape(3, 1, 1, 4)
+    assert liver25d.label_probabilities(probs, None).ravel().tolist() == [0, 1, 1, 2]
+    # organ where liver + tumour beat background; tumour where p(tumour) >= threshold
+    assert liver25d.label_probabilities(probs, 0.3).ravel().tolist() == [0, 2, 2, 2]
+    assert liver25d.label_probabilities(probs, 0.5).ravel().tolist() == [0, 1, 1, 2]
+
+
+def test_threshold_comes_from_the_checkpoint_and_is_checked() -> None:
+    nets = {"liver": Liver25DNet(2, 4).state_dict(), "tumour": Liver25DNet(3, 4).state_dict()}
+    config = {"width_liver": 4, "width_tumour": 4, "tumour_threshold": 0.35}
+    seg = liver25d.build_segmenter({**nets, "config": config}, torch.device("cpu"))
+    assert seg.tumour_threshold == 0.35
+    seg = liver25d.build_segmenter({**nets, "config": {"width_liver": 4, "width_tumour": 4}},
+                                   torch.device("cpu"))
+    assert seg.tumour_threshold is None
+    with pytest.raises(ValueError, match="'tumour_threshold'"):
+        liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
+                                     torch.device("cpu"), tumour_threshold=1.5)
+
+
+def test_threshold_choice_scores_every_candidate_once_per_case() -> None:
+    from dicomnode.nn.evaluate import choose_tumour_threshold
+
+    torch.manual_seed(0)
+    seg = liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
+                                       torch.device("cpu"), roi_liver=(8, 32, 32),
+                                       roi_tumour=(8, 32, 32))
+    calls = []
+    run = seg.segment_thresholds
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    seg.segment_thresholds = counted  # type: ignore[method-assign]
+    with torch.inference_mode():
+        choice = choose_tumour_threshold(seg, [tiny_case(1), tiny_case(2)], (None, 0.5, 0.3))
+    assert len(calls) == 2
+    assert choice["threshold"] in (None, 0.5, 0.3)
+    assert set(choice["candidates"]) == {"argmax", "0.5", "0.3"}
+    assert all(s["cases"] == 2 for s in choice["candidates"].values())
