@@ -115,9 +115,14 @@ class _DriverIndex:
 
     @staticmethod
     def usable(engine: Any) -> bool:
-        """Whether ``engine`` is SQLite through the standard library's driver."""
+        """Whether ``engine`` is a SQLite file through the standard library's driver.
+
+        (An in-memory SQLite database is one per connection: not shared, not usable.)
+        """
+        database = engine.url.database or ""
         return bool(engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite"
-                    and engine.dialect.paramstyle == "qmark")
+                    and engine.dialect.paramstyle == "qmark"
+                    and database not in ("", ":memory:") and "mode=memory" not in database)
 
     def run(self, row: dict[str, Any], study: dict[str, Any], series: dict[str, Any],
             before_commit: Callable[[], object] | None) -> bool:
