@@ -75,6 +75,17 @@ CT_STUDY_SOP_CLASSES: frozenset[str] = frozenset({
 })
 
 
+def _log_unanswered(future: Future[StoreOutcome]) -> None:
+    """An early store whose association ended before its answer: say how it ended."""
+    exc = future.exception()
+    if exc is not None:
+        log.warning("instance.unanswered_store_failed", extra=fields(error=type(exc).__name__))
+    else:
+        outcome = future.result()
+        log.info("instance.stored_unanswered", extra=fields(sop=outcome.sop_uid,
+                                                            study=outcome.study_uid))
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -173,8 +184,12 @@ class StorageSCP:
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()        # no new associations
+            for assoc in server.active_associations:
+                assoc.abort()        # nothing in flight is acknowledged after this
+            for assoc in server.active_associations:
+                assoc.join(timeout=10)
         if self._previous_receive is not None:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous_receive
             self._previous_receive = None
@@ -229,6 +244,8 @@ class StorageSCP:
             self._early[name] = (id(event.assoc), future)
 
     def _take_early(self, event: Any) -> Future[StoreOutcome] | None:
+        if not self._early:
+            return None
         try:
             name = str(event.dataset_path)
         except (AttributeError, TypeError):
@@ -253,7 +270,7 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> Dataset | int:
         request = event.request
-        early = self._take_early(event) if self._previous_receive is not None else None
+        early = self._take_early(event)
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         sop_class = str(request.AffectedSOPClassUID or "")
         if sop_class not in self.accepted:
@@ -300,8 +317,10 @@ class StorageSCP:
         with self._lock:
             studies = self._assoc_studies.pop(id(event.assoc), set())
             counts = self._assoc_counts.pop(id(event.assoc), Counter())
-            for name in [k for k, (a, _) in self._early.items() if a == id(event.assoc)]:
-                del self._early[name]
+            dropped = [k for k, (a, _) in self._early.items() if a == id(event.assoc)]
+            futures = [self._early.pop(name)[1] for name in dropped]
+        for future in futures:   # begun, never answered: the sender was not told success
+            future.add_done_callback(_log_unanswered)
         if counts or how != "released":
             log.info(f"association.{how}", extra=fields(
                 calling_aet=event.assoc.requestor.ae_title, studies=len(studies),

@@ -143,7 +143,7 @@ def _slice_position(get: _Getter) -> tuple[str, float | None]:
 
 
 def _required_uid(get: _Getter, keyword: str) -> str:
-    value = _text(get, keyword)
+    value = _text(get, keyword, 1024)  # not cut to 64 first: a longer UID is refused
     if not value:
         raise InstanceRejectedError(f"Missing '{keyword}' - required to store an instance",
                                     "missing_uid")
@@ -186,7 +186,7 @@ def parse_header(
         else:
             get, ts = _walk_file(encoded, len(encoded))
         return _header(get, ts, expected_sop_uid, expected_sop_class_uid)
-    except (_FallbackError, _NeedMoreError, InstanceRejectedError):
+    except (_FallbackError, _NeedMoreError, InstanceRejectedError, RecursionError):
         pass  # pydicom reads it again and accepts it or says what is wrong
     if isinstance(encoded, Path):
         # In memory: pydicom asks for the position at every element, a system call on a
@@ -218,7 +218,7 @@ def _parse(fp: BinaryIO, size: int, expected_sop_uid: str | None,
     try:
         # Large values are skipped, not read; a malformed value of an attribute the node
         # does not use is kept as received (refusing it would lose the study).
-        ds = pydicom.dcmread(fp, defer_size=1024)
+        ds = pydicom.dcmread(fp, defer_size=_DEFER_SIZE)
     except Exception as exc:
         raise InstanceRejectedError(f"Dataset cannot be decoded: {type(exc).__name__}",
                                     "undecodable") from exc
@@ -300,6 +300,10 @@ def _check_pixel_length(ds: Dataset, ts: str) -> None:
 # The fast reader
 
 _HEAD_BYTES = 64 * 1024
+#: Values longer than this are not read by pydicom's path (``defer_size``).
+_DEFER_SIZE = 1024
+#: Nested undefined-length sequences deeper than this go to pydicom.
+_MAX_DEPTH = 32
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
                        b"UN", b"UR", b"UT", b"UV"})
@@ -362,16 +366,16 @@ def _walk_file(buf: bytes | memoryview, size: int) -> tuple[_Getter, str]:
     values: dict[int, bytes] = {}
     pixel_length = _walk_dataset(buf, pos, size, ts != _IMPLICIT_LE, values)
     if ts in _NATIVE_SYNTAXES and pixel_length is not None:
-        try:
-            rows = _UNPACK_U16(values[_ROWS])[0]
-            cols = _UNPACK_U16(values[_COLUMNS])[0]
-            bits = _UNPACK_U16(values[_BITS])[0]
-            samples = _UNPACK_U16(values[_SAMPLES])[0] if _SAMPLES in values else 1
-        except (KeyError, struct.error):
-            raise _FallbackError from None
+        if any(len(values.get(tag, b"")) != 2 for tag in (_ROWS, _COLUMNS, _BITS)) or (
+                _SAMPLES in values and len(values[_SAMPLES]) != 2):
+            raise _FallbackError
+        rows = _UNPACK_U16(values[_ROWS])[0]
+        cols = _UNPACK_U16(values[_COLUMNS])[0]
+        bits = _UNPACK_U16(values[_BITS])[0]
+        samples = _UNPACK_U16(values[_SAMPLES])[0] if _SAMPLES in values else 1
         frames_text = values.get(int(_TAGS["NumberOfFrames"]), b"").strip(b"\x00 ")
         try:
-            frames = int(frames_text) if frames_text else 1
+            frames = (int(frames_text) if frames_text else 1) or 1  # as pydicom's path
         except ValueError:
             raise _FallbackError from None
         if pixel_length < (rows * cols * frames * max(samples, 1) * bits + 7) // 8:
@@ -395,13 +399,16 @@ def _walk_dataset(buf: bytes | memoryview, pos: int, size: int, explicit: bool,
 
 def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int | None,
           values: dict[int, bytes] | None, *, stop_group: int | None = None,
-          pixel: list[int] | None = None) -> int:
+          pixel: list[int] | None = None, depth: int = 0) -> int:
     """Walk elements from ``pos`` to ``end`` (or to the ``stop`` delimiter).
 
     Values of wanted top-level tags go into ``values`` (None: inside a sequence, keep
     nothing). With ``stop_group``, returns after the first element of that group
-    (the file meta group is walked one element at a time by its caller).
+    (the file meta group is walked one element at a time by its caller). ``depth``
+    counts nested undefined-length items; past ``_MAX_DEPTH`` pydicom takes over.
     """
+    if depth > _MAX_DEPTH:
+        raise _FallbackError
     have = len(buf)
     while pos < end:
         if pos + 8 > end:
@@ -417,6 +424,8 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
         vr = b""
         if explicit:
             vr = bytes(buf[pos + 4:pos + 6])
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise _FallbackError      # not a VR: pydicom guesses the encoding
             if vr in _LONG_VRS:
                 if pos + 12 > have:
                     raise _NeedMoreError
@@ -432,7 +441,7 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
             if tag == PIXEL_DATA:
                 pos = _hop_fragments(buf, pos, end)
             elif vr in (b"SQ", b""):
-                pos = _hop_sequence(buf, pos, end, explicit)
+                pos = _hop_sequence(buf, pos, end, explicit, depth + 1)
             else:
                 raise _FallbackError      # undefined-length UN: implicit VR inside
             continue
@@ -442,6 +451,8 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
             if tag == PIXEL_DATA and pixel is not None:
                 pixel.append(length)
             elif tag in _WANTED or group == stop_group:
+                if length > _DEFER_SIZE and group != stop_group:
+                    raise _FallbackError  # pydicom's path defers it: keep one behaviour
                 if pos + length > have:
                     raise _NeedMoreError
                 values[tag] = bytes(buf[pos:pos + length])
@@ -453,7 +464,8 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
     return pos
 
 
-def _hop_sequence(buf: bytes | memoryview, pos: int, end: int, explicit: bool) -> int:
+def _hop_sequence(buf: bytes | memoryview, pos: int, end: int, explicit: bool,
+                  depth: int) -> int:
     """Skip the items of an undefined-length sequence; returns the position after it."""
     while True:
         if pos + 8 > end:
@@ -469,7 +481,7 @@ def _hop_sequence(buf: bytes | memoryview, pos: int, end: int, explicit: bool) -
         if tag != _ITEM:
             raise _FallbackError
         if length == 0xFFFFFFFF:
-            pos = _walk(buf, pos, end, explicit, _ITEM_END, None)
+            pos = _walk(buf, pos, end, explicit, _ITEM_END, None, depth=depth)
         elif pos + length > end:
             raise _FallbackError
         else:

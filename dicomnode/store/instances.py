@@ -83,7 +83,9 @@ class _DriverStatement:
         self.order = tuple(compiled.positiontup)
         # literals such as the "+ 1" of a count (named parameters are always given)
         self.fixed = {key: bind.effective_value for key, bind in compiled.binds.items()}
-        self.processors = {key: bind.type.bind_processor(dialect)
+        # the dialect's own implementation of each type: for DateTime on SQLite, the
+        # string form SQLAlchemy stores, not the driver's deprecated default adapter
+        self.processors = {key: bind.type.dialect_impl(dialect).bind_processor(dialect)
                            for key, bind in compiled.binds.items()}
 
     def parameters(self, values: dict[str, Any]) -> tuple[Any, ...]:
@@ -108,10 +110,11 @@ class _DriverIndex:
 
     def __init__(self, engine: Any) -> None:
         dialect = engine.dialect
+        self.engine = engine
         self.insert = _DriverStatement(_INSERT_INSTANCE, dialect, _INSERT_KEYS)
         self.touch_study = _DriverStatement(_TOUCH_STUDY, dialect)
         self.touch_series = _DriverStatement(_TOUCH_SERIES, dialect)
-        self.connection = engine.raw_connection()
+        self.connection: Any = None
 
     @staticmethod
     def usable(engine: Any) -> bool:
@@ -133,6 +136,8 @@ class _DriverIndex:
         """
         import sqlite3
 
+        if self.connection is None:
+            self.connection = self.engine.raw_connection()
         conn = self.connection
         cursor = conn.cursor()
         try:
@@ -146,18 +151,31 @@ class _DriverIndex:
                 before_commit()
             conn.commit()
         except sqlite3.IntegrityError:
-            conn.rollback()
+            self._rollback()
             return False
+        except sqlite3.DatabaseError:
+            # e.g. a disk I/O error: this connection may be unusable; take a new one next
+            self._rollback()
+            self.close()
+            raise
         except BaseException:
-            conn.rollback()
+            self._rollback()
             raise
         finally:
             cursor.close()
         return True
 
+    def _rollback(self) -> None:
+        """Roll back without hiding the error that led here."""
+        with contextlib.suppress(Exception):
+            self.connection.rollback()
+
     def close(self) -> None:
-        """Give the connection back to the pool."""
-        self.connection.close()
+        """Give the connection back to the pool (it is taken again when next needed)."""
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.close()
+            self.connection = None
 
 
 @dataclass(frozen=True)
@@ -482,7 +500,6 @@ class InstanceStore:
         with self.db.write_lock:
             if self._driver is not None:
                 self._driver.close()
-                self._driver = None
 
     def recover(self) -> RecoveryReport:
         """Make the spool and the index agree after a crash or power loss.

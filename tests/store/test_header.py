@@ -144,3 +144,54 @@ def test_fast_reader_leaves_other_encodings_and_bad_lengths_to_pydicom(tmp_path:
     with pytest.raises(InstanceRejectedError) as err:
         parse_header(short)
     assert err.value.code == "truncated"
+
+
+def test_fast_reader_edge_cases_agree_with_pydicom(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from dicomnode.store.header import _FallbackError, _walk_file
+
+    # a UID longer than 64 characters is refused, not cut to 64 (it could merge studies)
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.StudyInstanceUID = "1.2." + "3" * 100
+    with pytest.raises(InstanceRejectedError) as err:
+        parse_header(_encode(ds))
+    assert err.value.code == "missing_uid"
+    # NumberOfFrames 0 counts as one frame, as pydicom's path does: short pixels refused
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.NumberOfFrames = 0
+    ds.PixelData = ds.PixelData[:100]
+    with pytest.raises(InstanceRejectedError) as err:
+        parse_header(_encode(ds))
+    assert err.value.code == "truncated"
+    # a value longer than pydicom's defer size goes to pydicom (one behaviour for both)
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.SeriesDescription = "x" * 1030
+    data = _encode(ds)
+    with pytest.raises(_FallbackError):
+        _walk_file(data, len(data))
+    assert parse_header(data) == _pydicom_header(data)
+    # deeply nested undefined-length sequences: pydicom decides, never a RecursionError
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    inner = Dataset()
+    inner.CodeMeaning = "deep"
+    for _ in range(40):
+        outer = Dataset()
+        outer.ContentSequence = Sequence([inner])
+        inner = outer
+    ds.ContentSequence = Sequence([inner])
+    data = _undefined_length_sequences(_encode(ds))
+    with pytest.raises(_FallbackError):
+        _walk_file(data, len(data))
+    assert parse_header(data) == _pydicom_header(data)
+
+
+def test_fast_reader_falls_back_on_bytes_that_are_not_a_vr() -> None:
+    from dicomnode.store.header import _FallbackError, _walk_file
+
+    data = bytearray(_encode(ct_slice(generate_uid(), generate_uid(), 0.0, 0)))
+    at = data.index(b"\x08\x00\x60\x00CS")       # Modality's explicit VR
+    data[at + 4:at + 6] = b"\x00\x01"
+    with pytest.raises(_FallbackError):
+        _walk_file(bytes(data), len(data))
