@@ -464,18 +464,21 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
     return pos
 
 
+def _item_header(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """Tag and length of the item or delimiter at ``pos``, and the position after them."""
+    if pos + 8 > end:
+        raise _FallbackError
+    if pos + 8 > len(buf):
+        raise _NeedMoreError
+    group, element = _UNPACK_TAG(buf, pos)
+    return group << 16 | element, _UNPACK_U32(buf, pos + 4)[0], pos + 8
+
+
 def _hop_sequence(buf: bytes | memoryview, pos: int, end: int, explicit: bool,
                   depth: int) -> int:
     """Skip the items of an undefined-length sequence; returns the position after it."""
     while True:
-        if pos + 8 > end:
-            raise _FallbackError
-        if pos + 8 > len(buf):
-            raise _NeedMoreError
-        group, element = _UNPACK_TAG(buf, pos)
-        tag = group << 16 | element
-        length = _UNPACK_U32(buf, pos + 4)[0]
-        pos += 8
+        tag, length, pos = _item_header(buf, pos, end)
         if tag == _SEQUENCE_END:
             return pos
         if tag != _ITEM:
@@ -491,14 +494,7 @@ def _hop_sequence(buf: bytes | memoryview, pos: int, end: int, explicit: bool,
 def _hop_fragments(buf: bytes | memoryview, pos: int, end: int) -> int:
     """Skip encapsulated pixel data (offset table and fragments) to its delimiter."""
     while True:
-        if pos + 8 > end:
-            raise _FallbackError
-        if pos + 8 > len(buf):
-            raise _NeedMoreError
-        group, element = _UNPACK_TAG(buf, pos)
-        tag = group << 16 | element
-        length = _UNPACK_U32(buf, pos + 4)[0]
-        pos += 8
+        tag, length, pos = _item_header(buf, pos, end)
         if tag == _SEQUENCE_END:
             return pos
         if tag != _ITEM or length == 0xFFFFFFFF or pos + length > end:

@@ -31,6 +31,13 @@ def _assoc(node: Node, calling: str = "TESTSCU", sop: str = CTImageStorage,
     return assoc
 
 
+def _storescu(node: Node, paths: list[Path], calling: str = "STORESCU"
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["storescu", "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1",
+                           str(node.scp.port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=60)
+
+
 def _count(node: Node) -> int:
     with node.db.session() as s:
         return s.execute(select(func.count(Instance.id))).scalar_one()
@@ -52,9 +59,7 @@ def test_echo_with_dcmtk_and_pynetdicom(node: Node) -> None:
 
 def test_storescu_stores_series_and_files_are_intact(node: Node, tmp_path: Path) -> None:
     paths = write_series(tmp_path / "in", 12)
-    out = subprocess.run(["storescu", "-aet", "CTSCANNER", "-aec", "DICOMNODE", "127.0.0.1",
-                          str(node.scp.port), *map(str, paths)],
-                         capture_output=True, text=True, timeout=60)
+    out = _storescu(node, paths, "CTSCANNER")
     assert out.returncode == 0, out.stderr
     assert _count(node) == 12
     with node.db.session() as s:
@@ -223,9 +228,7 @@ def test_store_begins_when_the_last_fragment_arrives(node: Node, tmp_path: Path,
 
     monkeypatch.setattr(node.store, "begin_store", spy_begin)
     paths = write_series(tmp_path / "in", 5)
-    out = subprocess.run(["storescu", "-aet", "EARLY", "-aec", "DICOMNODE", "127.0.0.1",
-                          str(node.scp.port), *map(str, paths)],
-                         capture_output=True, text=True, timeout=60)
+    out = _storescu(node, paths, "EARLY")
     assert out.returncode == 0, out.stderr
     assert _count(node) == 5
     assert len(begun) == 5
@@ -239,7 +242,6 @@ def test_store_begins_when_the_last_fragment_arrives(node: Node, tmp_path: Path,
     node.scp.start()
     monkeypatch.setattr(node.store, "store_file", spy_store_file)
     more = write_series(tmp_path / "more", 3)
-    out = subprocess.run(["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.scp.port),
-                          *map(str, more)], capture_output=True, text=True, timeout=60)
+    out = _storescu(node, more)
     assert out.returncode == 0, out.stderr
     assert _count(node) == 8 and len(direct) == 3
