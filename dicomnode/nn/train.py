@@ -399,9 +399,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
         validation["phantom_seeds"] = _ranges(val_seeds)
     elif init and "tumour" not in cfg.stages:
         # nothing retrained, nothing chosen: keep the initial checkpoint's threshold
-        previous = torch.load(Path(cfg.init_from or ""), map_location="cpu",
-                              weights_only=True)["config"].get("tumour_threshold")
-        segmenter.tumour_threshold = previous
+        segmenter.tumour_threshold = init["tumour_threshold"]
     config_record["tumour_threshold"] = segmenter.tumour_threshold
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -495,7 +493,8 @@ def _networks(cfg: TrainConfig) -> tuple[Liver25DNet, Liver25DNet, dict[str, Any
                          f"checkpoint ({exc})") from exc
     cfg.width_liver, cfg.width_tumour = liver.width, tumour.width
     record = {"file": path.name, "sha256": weights.sha256_of(path),
-              "version": previous.get("version")}
+              "version": previous.get("version"),
+              "tumour_threshold": previous.get("tumour_threshold")}
     return liver, tumour, record
 
 

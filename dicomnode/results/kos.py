@@ -20,7 +20,7 @@ from dicomnode.results.source import (
     MANUFACTURER,
     check_source_images,
     copy_patient_study,
-    new_uid,
+    object_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,7 @@ def build_kos(
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=flagged,
         content=content,
-        series_instance_uid=series_instance_uid or new_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or new_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **object_identity(series_number, series_instance_uid, sop_instance_uid),
     )
     kos.SeriesDescription = series_description
     kos.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]

@@ -22,12 +22,12 @@ from dicomnode.logs import fields
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import Structure
 from dicomnode.results.source import (
-    MANUFACTURER,
     MODEL_NAME,
     check_label_map,
     check_source_images,
     copy_patient_study,
     new_uid,
+    object_identity,
     structure_masks,
 )
 
@@ -176,11 +176,7 @@ def build_seg(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid or new_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or new_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **object_identity(series_number, series_instance_uid, sop_instance_uid),
         manufacturer_model_name=MODEL_NAME,
         software_versions=list(algorithm.software_versions),  # type: ignore[arg-type]
         device_serial_number="0",

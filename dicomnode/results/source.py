@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -215,6 +216,18 @@ def now() -> tuple[str, str]:
 def new_uid() -> str:
     """A fresh UID (pydicom's root)."""
     return str(generate_uid())
+
+
+def object_identity(series_number: int, series_instance_uid: str | None,
+                    sop_instance_uid: str | None) -> dict[str, Any]:
+    """The identity arguments every highdicom result constructor takes.
+
+    A new series of one instance, made by this node; UIDs are fresh unless given.
+    """
+    return {"series_instance_uid": series_instance_uid or new_uid(),
+            "series_number": series_number,
+            "sop_instance_uid": sop_instance_uid or new_uid(),
+            "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
 def write(ds: Dataset, path: str | os.PathLike[str]) -> Path:

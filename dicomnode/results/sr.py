@@ -37,6 +37,7 @@ from dicomnode.results.source import (
     check_source_images,
     copy_patient_study,
     new_uid,
+    object_identity,
     structure_crops,
 )
 
@@ -74,11 +75,7 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(evidence),
         content=report,
-        series_instance_uid=series_instance_uid or new_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or new_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **object_identity(series_number, series_instance_uid, sop_instance_uid),
         is_complete=True,
         is_final=False,
         is_verified=False,

@@ -316,7 +316,8 @@ _NATIVE_SYNTAXES = frozenset({_IMPLICIT_LE, "1.2.840.10008.1.2.1", "1.2.840.1000
                               "1.2.840.10008.1.2.1.99"})
 _TRANSFER_SYNTAX = 0x00020010
 _ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x00280100
-_WANTED = frozenset({int(t) for t in _TAGS.values()} | {_ROWS, _COLUMNS, _SAMPLES, _BITS})
+_TAG_NUMBERS = {kw: int(tag) for kw, tag in _TAGS.items()}
+_WANTED = frozenset(set(_TAG_NUMBERS.values()) | {_ROWS, _COLUMNS, _SAMPLES, _BITS})
 _UNPACK_TAG = struct.Struct("<HH").unpack_from
 _UNPACK_U16 = struct.Struct("<H").unpack_from
 _UNPACK_U32 = struct.Struct("<I").unpack_from
@@ -373,17 +374,15 @@ def _walk_file(buf: bytes | memoryview, size: int) -> tuple[_Getter, str]:
         cols = _UNPACK_U16(values[_COLUMNS])[0]
         bits = _UNPACK_U16(values[_BITS])[0]
         samples = _UNPACK_U16(values[_SAMPLES])[0] if _SAMPLES in values else 1
-        frames_text = values.get(int(_TAGS["NumberOfFrames"]), b"").strip(b"\x00 ")
+        frames_text = values.get(_TAG_NUMBERS["NumberOfFrames"], b"").strip(b"\x00 ")
         try:
             frames = (int(frames_text) if frames_text else 1) or 1  # as pydicom's path
         except ValueError:
             raise _FallbackError from None
         if pixel_length < (rows * cols * frames * max(samples, 1) * bits + 7) // 8:
             raise _FallbackError
-    by_keyword = {kw: int(tag) for kw, tag in _TAGS.items()}
-
     def get(keyword: str) -> str:
-        value = values.get(by_keyword[keyword])
+        value = values.get(_TAG_NUMBERS[keyword])
         return "" if value is None else value.decode("latin-1")
 
     return get, ts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,8 +135,6 @@ class _DriverIndex:
         Returns False, with everything rolled back, when the row is a duplicate or the
         study is not receiving at the expected version.
         """
-        import sqlite3
-
         if self.connection is None:
             self.connection = self.engine.raw_connection()
         conn = self.connection

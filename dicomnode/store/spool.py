@@ -57,10 +57,11 @@ def uid_to_name(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
 
 
-def _fsync_dir(path: Path) -> None:
+def _sync(path: Path, sync: Callable[[int], None] = os.fsync) -> None:
+    """Open ``path`` (a file or a directory) read-only and ``sync`` it to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        sync(fd)
     finally:
         os.close(fd)
 
@@ -205,11 +206,7 @@ class Spool:
     @staticmethod
     def flush(path: Path) -> None:
         """Flush a file's data and size to disk (``fdatasync``)."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        _sync(path, os.fdatasync)
 
     @staticmethod
     def discard(tmp: Path) -> None:
@@ -248,7 +245,7 @@ class Spool:
                 self.place(path, *uids)
                 placed += 1
         for directory in {self.tmp_dir, self.instances_dir}:
-            _fsync_dir(directory)
+            _sync(directory)
         if removed or placed:
             log.warning("spool.recovered", extra=fields(partial_files_removed=removed,
                                                         whole_files_placed=placed))

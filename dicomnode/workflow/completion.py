@@ -165,10 +165,8 @@ class CompletionMonitor:
 
     def _ready_trigger(self, study_uid: str) -> str | None:
         with self.db.session() as session:
-            study = session.execute(
-                select(Study).where(Study.study_uid == study_uid)
-            ).scalar_one_or_none()
-            if study is None or study.state != StudyState.RECEIVING.value:
+            study = _receiving_study(session, study_uid)
+            if study is None:
                 return None
             by_series = _image_series(session, study)
         if not by_series:
@@ -199,10 +197,8 @@ class CompletionMonitor:
 
     def _complete(self, study_uid: str, trigger: str, require_quiet: object = None) -> bool:
         with self.db.transaction() as session:
-            study = session.execute(
-                select(Study).where(Study.study_uid == study_uid)
-            ).scalar_one_or_none()
-            if study is None or study.state != StudyState.RECEIVING.value:
+            study = _receiving_study(session, study_uid)
+            if study is None:
                 return False
             if require_quiet is not None and study.last_received_at > require_quiet:  # type: ignore[operator]
                 return False
@@ -243,6 +239,13 @@ class CompletionMonitor:
                 self.check_quiet()
             except Exception:
                 log.exception("completion.poll_failed")
+
+
+def _receiving_study(session: Session, study_uid: str) -> Study | None:
+    """The study if it is still receiving (else None: unknown, complete or processed)."""
+    study = session.execute(
+        select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    return study if study is not None and study.state == StudyState.RECEIVING.value else None
 
 
 def study_instances(session: Session, study_uid: str, version: int) -> Sequence[Instance]:
