@@ -2,7 +2,8 @@
 
 Stage 1 learns the liver on the coarse grid from slabs of whole slices; stage 2 learns
 liver and tumours at the fine grid from patches inside the (ground-truth) liver box,
-half of them centred on a tumour. Both use weighted cross-entropy + soft Dice, AdamW
+most of them centred on a tumour, drawn by how much of it the network still misses
+(:class:`TumourSampler`). Both use weighted cross-entropy + soft Dice, AdamW
 and a cosine learning-rate decay. The result is one checkpoint holding both stages, an
 entry in ``manifest.json`` (name, version, sha256, input spec, training data, metrics)
 and a metrics file; when held-out seeds are given they are evaluated at the end.
@@ -210,31 +211,93 @@ def _sample_liver(cases: list[_Prepared], cfg: TrainConfig,
     return torch.stack(images)[:, None], torch.stack(labels)
 
 
-def _sample_tumour(cases: list[_Prepared], cfg: TrainConfig,
-                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
-    size = (cfg.slab, cfg.tumour_patch, cfg.tumour_patch)
-    lesions = [(case, voxels) for case in cases for voxels in case.lesion_voxels]
-    for _ in range(cfg.batch_size):
-        draw = rng.random()
-        if lesions and draw < cfg.tumour_fraction:
-            # a tumour uniformly over all tumours, then one of its voxels
-            case, voxels = lesions[int(rng.integers(len(lesions)))]
-            centre = voxels[int(rng.integers(len(voxels)))]
-            jitter = rng.integers(-size[1] // 3, size[1] // 3 + 1, 2)
-            centre = np.array([centre[0], centre[1] + jitter[0], centre[2] + jitter[1]])
-        else:
-            case = cases[int(rng.integers(len(cases)))]
-            if len(case.liver_voxels) and draw < (1 + cfg.tumour_fraction) / 2:
-                # hard negatives: liver parenchyma with its vessels and mottle
-                centre = case.liver_voxels[int(rng.integers(len(case.liver_voxels)))]
+class TumourSampler:
+    """Stage-2 patches, tumours drawn by how much of them the network still misses.
+
+    A fraction ``cfg.tumour_fraction`` of the patches is centred on a tumour; the rest
+    is split between liver parenchyma (hard negatives: vessels, mottle) and anywhere in
+    the liver box. A tumour is drawn with probability proportional to
+    ``floor + difficulty``, where difficulty is a running mean of the fraction of the
+    patch's tumour voxels the network labelled otherwise (1 for a tumour not yet seen).
+    Uniform drawing spends most patches on tumours the network already finds (large,
+    hypodense ones) and few on those it misses (cysts at the liver edge, hyperdense or
+    thin-rimmed ones); the floor keeps every tumour in the rotation.
+
+    Parameters
+    ----------
+    cases : list of _Prepared
+        The training cases.
+    floor : float
+        Weight of a tumour the network finds perfectly, against 1 + floor for one it
+        misses entirely.
+    memory : float
+        Weight of the previous difficulty in the running mean.
+    """
+
+    def __init__(self, cases: list[_Prepared], *, floor: float = 0.25,
+                 memory: float = 0.7) -> None:
+        if not floor > 0:
+            raise ValueError(f"Invalid 'floor' value '{floor}' - must be positive")
+        if not 0 <= memory < 1:
+            raise ValueError(f"Invalid 'memory' value '{memory}' - must be in [0, 1)")
+        self.lesions = [(case, voxels) for case in cases for voxels in case.lesion_voxels]
+        self.difficulty = np.ones(len(self.lesions))
+        self.floor = floor
+        self.memory = memory
+        self._drawn: list[int] = []
+
+    def __call__(self, cases: list[_Prepared], cfg: TrainConfig,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch ``([B, 1, slab, P, P] image, [B, slab, P, P] labels)``."""
+        images, labels = [], []
+        size = (cfg.slab, cfg.tumour_patch, cfg.tumour_patch)
+        weights = self.floor + self.difficulty
+        weights = weights / weights.sum() if len(weights) else weights
+        self._drawn = []
+        for _ in range(cfg.batch_size):
+            draw = rng.random()
+            drawn = -1
+            if self.lesions and draw < cfg.tumour_fraction:
+                drawn = int(rng.choice(len(self.lesions), p=weights))
+                case, voxels = self.lesions[drawn]
+                centre = voxels[int(rng.integers(len(voxels)))]
+                jitter = rng.integers(-size[1] // 3, size[1] // 3 + 1, 2)
+                centre = np.array([centre[0], centre[1] + jitter[0], centre[2] + jitter[1]])
             else:
-                centre = np.array([int(rng.integers(n)) for n in case.fine.shape])
-        start = [int(c) - s // 2 for c, s in zip(centre, size, strict=True)]
-        img, lab = _crop(case.fine, case.fine_labels, start, size)
-        images.append(_augment(img, rng))
-        labels.append(lab)
-    return torch.stack(images)[:, None], torch.stack(labels)
+                case = cases[int(rng.integers(len(cases)))]
+                if len(case.liver_voxels) and draw < (1 + cfg.tumour_fraction) / 2:
+                    centre = case.liver_voxels[int(rng.integers(len(case.liver_voxels)))]
+                else:
+                    centre = np.array([int(rng.integers(n)) for n in case.fine.shape])
+            start = [int(c) - s // 2 for c, s in zip(centre, size, strict=True)]
+            img, lab = _crop(case.fine, case.fine_labels, start, size)
+            images.append(_augment(img, rng))
+            labels.append(lab)
+            self._drawn.append(drawn)
+        return torch.stack(images)[:, None], torch.stack(labels)
+
+    def feedback(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Update the difficulty of the tumours of the last batch from its output."""
+        with torch.no_grad():
+            predicted = logits.argmax(1) == liver25d.TUMOUR
+            truth = target == liver25d.TUMOUR
+            for item, drawn in enumerate(self._drawn):
+                total = int(truth[item].sum())
+                if drawn < 0 or total == 0:
+                    continue
+                missed = 1.0 - int((predicted[item] & truth[item]).sum()) / total
+                self.difficulty[drawn] = (self.memory * self.difficulty[drawn]
+                                          + (1 - self.memory) * missed)
+
+    def summary(self) -> dict[str, Any]:
+        """Tumour count and the distribution of their final difficulty."""
+        if not len(self.difficulty):
+            return {"tumours": 0}
+        return {"tumours": len(self.difficulty),
+                "difficulty_mean": round(float(self.difficulty.mean()), 3),
+                "difficulty_quartiles": [round(float(q), 3) for q in
+                                         np.quantile(self.difficulty, [0.25, 0.5, 0.75])],
+                "mostly_missed": int((self.difficulty > 0.5).sum())}
 
 
 class Progress:
@@ -286,8 +349,11 @@ def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfi
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
             image, target = sampler(cases, cfg, rng)
             optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(net(image), target)
+            logits = net(image)
+            loss = loss_fn(logits, target)
             loss.backward()
+            if hasattr(sampler, "feedback"):
+                sampler.feedback(logits, target)
             optimiser.step()
             losses.append(float(loss.detach()))
             step += 1
@@ -372,6 +438,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     liver_net, tumour_net, init = _networks(cfg)
     liver_hist: list[float] = []
     tumour_hist: list[float] = []
+    tumour_sampling: dict[str, Any] | None = None
     t = time.perf_counter()
     if "liver" in cfg.stages:
         liver_hist = _fit(liver_net, _sample_liver, prepared, cfg, cfg.steps_per_epoch,
@@ -379,9 +446,11 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     liver_seconds = time.perf_counter() - t
     t = time.perf_counter()
     if "tumour" in cfg.stages:
-        tumour_hist = _fit(tumour_net, _sample_tumour, prepared, cfg,
+        sampler = TumourSampler(prepared)
+        tumour_hist = _fit(tumour_net, sampler, prepared, cfg,
                            cfg.steps_per_epoch * cfg.tumour_step_factor,
                            (1.0, 1.0, cfg.tumour_class_weight), "stage 2 tumour", rng)
+        tumour_sampling = sampler.summary()
     tumour_seconds = time.perf_counter() - t
 
     config_record: dict[str, Any] = {"width_liver": cfg.width_liver,
@@ -423,6 +492,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                     "tumour": round(tumour_seconds, 1)},
         "threads": torch.get_num_threads(),
         "stages_trained": list(cfg.stages),
+        "tumour_sampling": tumour_sampling,
         "initialised_from": init,
     }
     metrics: dict[str, Any] = {"training": training}

@@ -107,3 +107,49 @@ def test_tumour_centres_give_every_tumour_its_own_draw() -> None:
     assert sizes == [27, 400]
     assert all((labels[tuple(v.T)] == 2).all() for v in lesions)
     assert (labels[tuple(liver.T)] == 1).all()
+
+
+def test_tumour_sampler_draws_missed_tumours_more_often() -> None:
+    import numpy as np
+    import torch
+
+    from dicomnode.nn.train import TrainConfig, TumourSampler, _centres, _Prepared
+
+    labels = np.ones((16, 64, 64), dtype=np.uint8)
+    labels[6:10, 8:16, 8:16] = 2          # tumour A
+    labels[6:10, 44:52, 44:52] = 2        # tumour B
+    lesions, liver = _centres(labels)
+    fine = torch.zeros(labels.shape, dtype=torch.float16)
+    case = _Prepared(fine, torch.zeros((4, 16, 16), dtype=torch.uint8), fine,
+                     torch.from_numpy(labels), lesions, liver)
+    sampler = TumourSampler([case], floor=0.1)
+    cfg = TrainConfig(batch_size=8, tumour_patch=32, tumour_fraction=1.0)
+    rng = np.random.default_rng(0)
+    assert sampler.summary()["difficulty_mean"] == 1.0
+    for _ in range(20):
+        image, target = sampler([case], cfg, rng)
+        assert image.shape == (8, 1, 8, 32, 32) and target.shape == (8, 8, 32, 32)
+        # a network that finds every tumour voxel in patches of A and none in B's
+        logits = torch.zeros((8, 3, 8, 32, 32))
+        for item, drawn in enumerate(sampler._drawn):
+            if lesions[drawn][0][1] < 32:
+                logits[item, 2][target[item] == 2] = 5.0
+        sampler.feedback(logits, target)
+    a, b = (0, 1) if lesions[0][0][1] < 32 else (1, 0)
+    assert sampler.difficulty[a] < 0.05 and sampler.difficulty[b] == 1.0
+    draws = []
+    for _ in range(50):
+        sampler([case], cfg, rng)
+        draws += sampler._drawn
+    assert draws.count(b) > 5 * draws.count(a)
+    assert sampler.summary()["mostly_missed"] == 1
+
+
+def test_tumour_sampler_rejects_bad_settings() -> None:
+    from dicomnode.nn.train import TumourSampler
+
+    with pytest.raises(ValueError, match="floor"):
+        TumourSampler([], floor=0)
+    with pytest.raises(ValueError, match="memory"):
+        TumourSampler([], memory=1.0)
+    assert TumourSampler([]).summary() == {"tumours": 0}
