@@ -111,45 +111,55 @@ def evaluate_cases(segmenter: LiverTumorSegmenter, cases: Iterable[datasets.Case
 
 #: Tumour-probability thresholds tried on validation cases (None: the most probable class).
 TUMOUR_THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.4, 0.3, 0.2)
+#: Smallest kept tumour islands (ml) tried on validation cases.
+MIN_TUMOUR_ML: tuple[float, ...] = (0.2, 0.1, 0.05)
+
+
+def _rule_name(threshold: float | None, min_tumour_ml: float) -> str:
+    return f"{'argmax' if threshold is None else threshold} / {min_tumour_ml} ml"
 
 
 def choose_tumour_threshold(segmenter: LiverTumorSegmenter, cases: Iterable[datasets.Case],
-                            candidates: Sequence[float | None] = TUMOUR_THRESHOLDS, *,
+                            candidates: Sequence[float | None] = TUMOUR_THRESHOLDS,
+                            min_tumour_mls: Sequence[float] = MIN_TUMOUR_ML, *,
                             min_diameter_mm: float = 10.0) -> dict[str, Any]:
-    """Pick the tumour threshold that scores best on validation cases.
+    """Pick the tumour threshold and smallest tumour island that score best on validation.
 
-    The networks run once per case; each candidate labels the same probabilities.
-    The score is mean tumour Dice plus detection recall (tumours >= ``min_diameter_mm``),
-    ties going to the higher threshold (fewer false positives). The cases must be
-    neither training nor held-out test cases.
+    The networks run once per case; each (threshold, island size) rule labels the same
+    probabilities. The score is mean tumour Dice plus detection recall (tumours >=
+    ``min_diameter_mm``); ties go to the higher threshold, then the larger island
+    (fewer false positives). The cases must be neither training nor held-out test
+    cases.
 
     Returns
     -------
     dict
-        ``threshold`` (the choice) and ``candidates``: the summary of every candidate.
+        ``threshold`` and ``min_tumour_ml`` (the choice) and ``candidates``: the summary
+        of every rule, keyed ``"THRESHOLD / ML ml"``.
     """
-    rows: dict[float | None, list[dict[str, Any]]] = {c: [] for c in candidates}
+    rules = [(c, m) for c in candidates for m in min_tumour_mls]
+    rows: dict[tuple[float | None, float], list[dict[str, Any]]] = {r: [] for r in rules}
     for case in cases:
         started = time.perf_counter()
-        segs = segmenter.segment_thresholds(case.hu, case.spacing, candidates)
+        segs = segmenter.segment_rules(case.hu, case.spacing, rules)
         seconds = round(time.perf_counter() - started, 2)
-        for candidate, seg in zip(candidates, segs, strict=True):
+        for rule, seg in zip(rules, segs, strict=True):
             row = score_case(seg.labels, case, min_diameter_mm=min_diameter_mm)
-            rows[candidate].append({**row, "seconds": seconds})
-    summaries = {c: summarise(rows[c], min_diameter_mm) for c in candidates}
+            rows[rule].append({**row, "seconds": seconds})
+    summaries = {r: summarise(rows[r], min_diameter_mm) for r in rules}
 
-    def score(candidate: float | None) -> tuple[float, float]:
-        summary = summaries[candidate]
+    def score(rule: tuple[float | None, float]) -> tuple[float, float, float]:
+        summary = summaries[rule]
         value = (summary.get("tumour_dice_mean") or 0.0) + (summary.get("detection_recall")
                                                             or 0.0)
-        return round(value, 4), 1.0 if candidate is None else candidate
+        threshold, min_ml = rule
+        return round(value, 4), 1.0 if threshold is None else threshold, min_ml
 
-    best = max(candidates, key=score)
+    best = max(rules, key=score)
     log.info("evaluate.threshold_chosen", extra={"dn_fields": {
-        "threshold": best, "score": score(best)[0]}})
-    return {"threshold": best,
-            "candidates": {("argmax" if c is None else str(c)): summaries[c]
-                           for c in candidates}}
+        "threshold": best[0], "min_tumour_ml": best[1], "score": score(best)[0]}})
+    return {"threshold": best[0], "min_tumour_ml": best[1],
+            "candidates": {_rule_name(*r): summaries[r] for r in rules}}
 
 
 def summarise(rows: Sequence[dict[str, Any]], min_diameter_mm: float = 10.0) -> dict[str, Any]:

@@ -337,7 +337,8 @@ class LiverTumorSegmenter:
     batch_size : int
         Windows per forward pass.
     min_tumour_ml : float
-        Tumour islands below this volume are relabelled liver.
+        Tumour islands below this volume are relabelled liver (checkpoints chosen on
+        validation cases carry their own).
     tumour_threshold : float, optional
         A voxel of the organ is tumour when its tumour probability reaches this
         (chosen on validation cases by ``dicomnode train``); None: the most probable
@@ -351,6 +352,8 @@ class LiverTumorSegmenter:
         if tumour_threshold is not None and not 0 < tumour_threshold < 1:
             raise ValueError(f"Invalid 'tumour_threshold' value '{tumour_threshold}' - must "
                              "be in (0, 1)")
+        if min_tumour_ml < 0:
+            raise ValueError(f"Invalid 'min_tumour_ml' value '{min_tumour_ml}' - must be >= 0")
         self.tumour_threshold = tumour_threshold
         self.liver_net = liver_net.to(device).eval()
         self.tumour_net = tumour_net.to(device).eval()
@@ -375,11 +378,12 @@ class LiverTumorSegmenter:
             uint8 labels on the input grid (0 background, 1 liver, 2 tumour; empty when
             no liver was found) and seconds per stage.
         """
-        return self.segment_thresholds(hu, spacing, [self.tumour_threshold])[0]
+        return self.segment_rules(hu, spacing,
+                                  [(self.tumour_threshold, self.min_tumour_ml)])[0]
 
-    def segment_thresholds(self, hu: np.ndarray, spacing: Sequence[float],
-                           thresholds: Sequence[float | None]) -> list[Segmentation]:
-        """Run the networks once and label the volume at each tumour threshold.
+    def segment_rules(self, hu: np.ndarray, spacing: Sequence[float],
+                      rules: Sequence[tuple[float | None, float]]) -> list[Segmentation]:
+        """Run the networks once and label the volume by each labelling rule.
 
         Parameters
         ----------
@@ -387,13 +391,14 @@ class LiverTumorSegmenter:
             ``[z, y, x]`` Hounsfield units.
         spacing : sequence of float
             ``(dz, dy, dx)`` mm.
-        thresholds : sequence of float or None
-            Tumour-probability thresholds (None: the most probable class).
+        rules : sequence of (float or None, float)
+            ``(tumour threshold, smallest tumour island in ml)`` pairs; a threshold of
+            None labels the most probable class.
 
         Returns
         -------
         list of Segmentation
-            One per threshold, in order; the timings are those of the whole run.
+            One per rule, in order; the timings are those of the whole run.
         """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -408,8 +413,7 @@ class LiverTumorSegmenter:
         liver_coarse = probs.argmax(0).numpy().astype(bool)
         timings["stage1_liver"] = time.perf_counter() - t
         if not liver_coarse.any():
-            return [Segmentation(np.zeros(shape, dtype=np.uint8), timings)
-                    for _ in thresholds]
+            return [Segmentation(np.zeros(shape, dtype=np.uint8), timings) for _ in rules]
         liver_coarse = largest_component(liver_coarse)
 
         # the liver box on the input grid, dilated by the margin
@@ -434,13 +438,13 @@ class LiverTumorSegmenter:
         probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")
         timings["resample_out"] = time.perf_counter() - t
         out = []
-        for threshold in thresholds:
+        for threshold, min_tumour_ml in rules:
             t = time.perf_counter()
             labels = np.zeros(shape, dtype=np.uint8)
             labels[tuple(box)] = label_probabilities(probs, threshold)
             # everything outside the box is background: clean only the box
             labels[tuple(box)] = postprocess(labels[tuple(box)], spacing,
-                                             min_tumour_ml=self.min_tumour_ml)
+                                             min_tumour_ml=min_tumour_ml)
             out.append(Segmentation(labels, {**timings,
                                              "postprocess": time.perf_counter() - t},
                                     tuple(box)))  # type: ignore[arg-type]
@@ -467,6 +471,8 @@ def build_segmenter(checkpoint: dict[str, Any], device: torch.device,
     config = checkpoint.get("config", {})
     if config.get("tumour_threshold") is not None:
         options.setdefault("tumour_threshold", float(config["tumour_threshold"]))
+    if config.get("min_tumour_ml") is not None:
+        options.setdefault("min_tumour_ml", float(config["min_tumour_ml"]))
     liver = Liver25DNet(2, int(config.get("width_liver", 8)))
     tumour = Liver25DNet(3, int(config.get("width_tumour", 12)))
     liver.load_state_dict(checkpoint["liver"])

@@ -389,7 +389,8 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     heldout_seeds : sequence of int
         Phantom seeds evaluated after training (must not overlap ``seeds``).
     val_seeds : sequence of int
-        Phantom seeds on which the tumour threshold is chosen (overlapping neither
+        Phantom seeds on which the tumour threshold and the smallest kept tumour island
+        are chosen (overlapping neither
         ``seeds`` nor ``heldout_seeds``); none: the most probable class.
     config : TrainConfig, optional
         Hyper-parameters.
@@ -465,11 +466,15 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                 datasets.phantom_case(s, matrix=matrix, cache_dir=cache_dir)
                 for s in val_seeds))
         segmenter.tumour_threshold = validation["threshold"]
+        segmenter.min_tumour_ml = validation["min_tumour_ml"]
         validation["phantom_seeds"] = _ranges(val_seeds)
     elif init and "tumour" not in cfg.stages:
-        # nothing retrained, nothing chosen: keep the initial checkpoint's threshold
+        # nothing retrained, nothing chosen: keep the initial checkpoint's rule
         segmenter.tumour_threshold = init["tumour_threshold"]
+        if init.get("min_tumour_ml") is not None:
+            segmenter.min_tumour_ml = init["min_tumour_ml"]
     config_record["tumour_threshold"] = segmenter.tumour_threshold
+    config_record["min_tumour_ml"] = segmenter.min_tumour_ml
 
     out_dir.mkdir(parents=True, exist_ok=True)
     file_name = f"{MODEL_NAME}-{version}.pt"
@@ -507,6 +512,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
                   "stage2_spacing_mm": list(TUMOUR_SPACING),
                   "liver_box_margin_mm": BOX_MARGIN_MM,
                   "tumour_threshold": segmenter.tumour_threshold,
+                  "min_tumour_ml": segmenter.min_tumour_ml,
                   "labels": {"1": "Liver", "2": "Lesion_Liver"}},
         "training_data": (
             f"{len(prepared)} cases: "
@@ -517,7 +523,8 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
               "clinical use."),
         "heldout": {"phantom_seeds": _ranges(heldout_seeds), "phantom_matrix": matrix},
         "validation": ({"phantom_seeds": _ranges(val_seeds),
-                        "tumour_threshold": segmenter.tumour_threshold} if val_seeds else None),
+                        "tumour_threshold": segmenter.tumour_threshold,
+                        "min_tumour_ml": segmenter.min_tumour_ml} if val_seeds else None),
         "metrics": {},
         "model_card": f"{MODEL_NAME}.md",
     }
@@ -564,7 +571,8 @@ def _networks(cfg: TrainConfig) -> tuple[Liver25DNet, Liver25DNet, dict[str, Any
     cfg.width_liver, cfg.width_tumour = liver.width, tumour.width
     record = {"file": path.name, "sha256": weights.sha256_of(path),
               "version": previous.get("version"),
-              "tumour_threshold": previous.get("tumour_threshold")}
+              "tumour_threshold": previous.get("tumour_threshold"),
+              "min_tumour_ml": previous.get("min_tumour_ml")}
     return liver, tumour, record
 
 

@@ -74,8 +74,9 @@ class LiverTumorPipeline:
         repository's ``models/``).
     device : str, optional
         ``"auto"`` (default: CUDA when present), ``"cpu"`` or ``"cuda:N"``.
-    min_tumour_ml : float
-        Tumour islands below this volume are removed.
+    min_tumour_ml : float, optional
+        Tumour islands below this volume are removed (default: the weights' own, chosen
+        on validation cases, else 0.2 ml).
     """
 
     name: ClassVar[str] = "liver_tumor"
@@ -84,8 +85,8 @@ class LiverTumorPipeline:
                                                   ResultObject.SR)
 
     def __init__(self, models: Path | None = None, device: str | None = None,
-                 min_tumour_ml: float = 0.2) -> None:
-        if min_tumour_ml < 0:
+                 min_tumour_ml: float | None = None) -> None:
+        if min_tumour_ml is not None and min_tumour_ml < 0:
             raise ValueError(f"Invalid 'min_tumour_ml' value '{min_tumour_ml}' - must be >= 0")
         self.models = models
         self.device_name = device or os.environ.get("DICOMNODE_DEVICE") or "auto"
@@ -109,8 +110,10 @@ class LiverTumorPipeline:
                 if device.type == "cpu":
                     runtime.configure_cpu_threads()
                 try:
+                    options = ({} if self.min_tumour_ml is None
+                               else {"min_tumour_ml": self.min_tumour_ml})
                     self._segmenter, self._entry = liver25d.load_segmenter(
-                        self.models, device, self.name, min_tumour_ml=self.min_tumour_ml)
+                        self.models, device, self.name, **options)
                 except weights.WeightsError as exc:
                     raise PipelineUnavailableError(f"{self.name} unavailable: {exc}") from None
             return self._segmenter, self._entry

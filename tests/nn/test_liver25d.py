@@ -101,15 +101,22 @@ def test_label_probabilities_with_and_without_threshold() -> None:
 
 def test_threshold_comes_from_the_checkpoint_and_is_checked() -> None:
     nets = {"liver": Liver25DNet(2, 4).state_dict(), "tumour": Liver25DNet(3, 4).state_dict()}
-    config = {"width_liver": 4, "width_tumour": 4, "tumour_threshold": 0.35}
+    config = {"width_liver": 4, "width_tumour": 4, "tumour_threshold": 0.35,
+              "min_tumour_ml": 0.05}
     seg = liver25d.build_segmenter({**nets, "config": config}, torch.device("cpu"))
-    assert seg.tumour_threshold == 0.35
+    assert seg.tumour_threshold == 0.35 and seg.min_tumour_ml == 0.05
+    seg = liver25d.build_segmenter({**nets, "config": config}, torch.device("cpu"),
+                                   min_tumour_ml=0.3)
+    assert seg.min_tumour_ml == 0.3
     seg = liver25d.build_segmenter({**nets, "config": {"width_liver": 4, "width_tumour": 4}},
                                    torch.device("cpu"))
     assert seg.tumour_threshold is None
     with pytest.raises(ValueError, match="'tumour_threshold'"):
         liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
                                      torch.device("cpu"), tumour_threshold=1.5)
+    with pytest.raises(ValueError, match="'min_tumour_ml'"):
+        liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
+                                     torch.device("cpu"), min_tumour_ml=-1)
 
 
 def test_threshold_choice_scores_every_candidate_once_per_case() -> None:
@@ -120,16 +127,19 @@ def test_threshold_choice_scores_every_candidate_once_per_case() -> None:
                                        torch.device("cpu"), roi_liver=(8, 32, 32),
                                        roi_tumour=(8, 32, 32))
     calls = []
-    run = seg.segment_thresholds
+    run = seg.segment_rules
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return run(*args, **kwargs)
 
-    seg.segment_thresholds = counted  # type: ignore[method-assign]
+    seg.segment_rules = counted  # type: ignore[method-assign]
     with torch.inference_mode():
-        choice = choose_tumour_threshold(seg, [tiny_case(1), tiny_case(2)], (None, 0.5, 0.3))
+        choice = choose_tumour_threshold(seg, [tiny_case(1), tiny_case(2)], (None, 0.5, 0.3),
+                                         (0.2, 0.1))
     assert len(calls) == 2
     assert choice["threshold"] in (None, 0.5, 0.3)
-    assert set(choice["candidates"]) == {"argmax", "0.5", "0.3"}
+    assert choice["min_tumour_ml"] in (0.2, 0.1)
+    assert set(choice["candidates"]) == {f"{t} / {m} ml" for t in ("argmax", 0.5, 0.3)
+                                         for m in (0.2, 0.1)}
     assert all(s["cases"] == 2 for s in choice["candidates"].values())
