@@ -72,6 +72,17 @@ def test_train_one_stage_from_a_checkpoint_keeps_the_other(tmp_path: Path) -> No
     assert metrics["training"]["stages_trained"] == ["tumour"]
     assert metrics["training"]["initialised_from"]["version"] == "0.0.1"
     assert metrics["training"]["loss_per_epoch"]["liver"] == []
+    assert metrics["training"]["tumour_sampling"]["tumours"] >= 0
+    # nothing retrained and nothing chosen on validation: the labelling rule is kept
+    edited = {**after, "config": {**after["config"], "tumour_threshold": 0.4,
+                                  "min_tumour_ml": 0.05}}
+    torch.save(edited, second / "edited.pt")
+    third = tmp_path / "third"
+    cfg = TrainConfig(epochs=1, steps_per_epoch=1, stages=(), init_from=second / "edited.pt")
+    entry = train_liver_tumor(third, data_dir=data, config=cfg, version="0.0.3")
+    kept = torch.load(third / "liver_tumor-0.0.3.pt", weights_only=True)["config"]
+    assert (kept["tumour_threshold"], kept["min_tumour_ml"]) == (0.4, 0.05)
+    assert entry["input"]["min_tumour_ml"] == 0.05
 
 
 def test_train_refuses_bad_stage_and_init_requests(tmp_path: Path) -> None:
