@@ -119,7 +119,7 @@ def _rule_name(threshold: float | None, min_tumour_ml: float) -> str:
     return f"{'argmax' if threshold is None else threshold} / {min_tumour_ml} ml"
 
 
-def choose_tumour_threshold(segmenter: LiverTumorSegmenter, cases: Iterable[datasets.Case],
+def choose_tumour_rule(segmenter: LiverTumorSegmenter, cases: Iterable[datasets.Case],
                             candidates: Sequence[float | None] = TUMOUR_THRESHOLDS,
                             min_tumour_mls: Sequence[float] = MIN_TUMOUR_ML, *,
                             min_diameter_mm: float = 10.0) -> dict[str, Any]:

@@ -214,8 +214,13 @@ def remove_small_islands(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
+def clean_organ(organ: np.ndarray) -> np.ndarray:
+    """The organ (liver with its tumours): its largest component with holes filled."""
+    return fill_holes(largest_component(organ))
+
+
 def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
-                min_tumour_ml: float = 0.1) -> np.ndarray:
+                min_tumour_ml: float = 0.1, organ: np.ndarray | None = None) -> np.ndarray:
     """Clean a liver/tumour label map.
 
     Parameters
@@ -226,6 +231,9 @@ def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
         ``(dz, dy, dx)`` mm.
     min_tumour_ml : float
         Tumour islands below this volume are relabelled liver.
+    organ : numpy.ndarray, optional
+        ``clean_organ(labels > 0)`` when the caller has it already (several labellings
+        of one organ).
 
     Returns
     -------
@@ -234,8 +242,8 @@ def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
         filled; tumours lie only inside it.
     """
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    organ = largest_component(labels > 0)
-    organ = fill_holes(organ)
+    if organ is None:
+        organ = clean_organ(labels > 0)
     tumour = (labels == TUMOUR) & organ
     tumour = remove_small_islands(tumour, max(1, int(np.ceil(min_tumour_ml / voxel_ml))))
     out = np.zeros(labels.shape, dtype=np.uint8)
@@ -438,13 +446,17 @@ class LiverTumorSegmenter:
         probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")
         timings["resample_out"] = time.perf_counter() - t
         out = []
+        # the organ depends only on whether a threshold is set: clean each one once
+        organs: dict[bool, np.ndarray] = {}
         for threshold, min_tumour_ml in rules:
             t = time.perf_counter()
             labels = np.zeros(shape, dtype=np.uint8)
-            labels[tuple(box)] = label_probabilities(probs, threshold)
+            in_box = label_probabilities(probs, threshold)
+            if (threshold is None) not in organs:
+                organs[threshold is None] = clean_organ(in_box > 0)
             # everything outside the box is background: clean only the box
-            labels[tuple(box)] = postprocess(labels[tuple(box)], spacing,
-                                             min_tumour_ml=min_tumour_ml)
+            labels[tuple(box)] = postprocess(in_box, spacing, min_tumour_ml=min_tumour_ml,
+                                             organ=organs[threshold is None])
             out.append(Segmentation(labels, {**timings,
                                              "postprocess": time.perf_counter() - t},
                                     tuple(box)))  # type: ignore[arg-type]

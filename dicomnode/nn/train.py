@@ -279,15 +279,14 @@ class TumourSampler:
     def feedback(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Update the difficulty of the tumours of the last batch from its output."""
         with torch.no_grad():
-            predicted = logits.argmax(1) == liver25d.TUMOUR
             truth = target == liver25d.TUMOUR
-            for item, drawn in enumerate(self._drawn):
-                total = int(truth[item].sum())
-                if drawn < 0 or total == 0:
-                    continue
-                missed = 1.0 - int((predicted[item] & truth[item]).sum()) / total
+            found = (logits.argmax(1) == liver25d.TUMOUR) & truth
+            totals = truth.flatten(1).sum(1).tolist()
+            hits = found.flatten(1).sum(1).tolist()
+        for drawn, total, hit in zip(self._drawn, totals, hits, strict=True):
+            if drawn >= 0 and total:
                 self.difficulty[drawn] = (self.memory * self.difficulty[drawn]
-                                          + (1 - self.memory) * missed)
+                                          + (1 - self.memory) * (1.0 - hit / total))
 
     def summary(self) -> dict[str, Any]:
         """Tumour count and the distribution of their final difficulty."""
@@ -459,10 +458,10 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     segmenter = liver25d.LiverTumorSegmenter(liver_net, tumour_net, torch.device("cpu"))
     validation: dict[str, Any] | None = None
     if val_seeds:
-        from dicomnode.nn.evaluate import choose_tumour_threshold
+        from dicomnode.nn.evaluate import choose_tumour_rule
 
         with torch.inference_mode():
-            validation = choose_tumour_threshold(segmenter, (
+            validation = choose_tumour_rule(segmenter, (
                 datasets.phantom_case(s, matrix=matrix, cache_dir=cache_dir)
                 for s in val_seeds))
         segmenter.tumour_threshold = validation["threshold"]

@@ -120,7 +120,7 @@ def test_threshold_comes_from_the_checkpoint_and_is_checked() -> None:
 
 
 def test_threshold_choice_scores_every_candidate_once_per_case() -> None:
-    from dicomnode.nn.evaluate import choose_tumour_threshold
+    from dicomnode.nn.evaluate import choose_tumour_rule
 
     torch.manual_seed(0)
     seg = liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
@@ -135,7 +135,7 @@ def test_threshold_choice_scores_every_candidate_once_per_case() -> None:
 
     seg.segment_rules = counted  # type: ignore[method-assign]
     with torch.inference_mode():
-        choice = choose_tumour_threshold(seg, [tiny_case(1), tiny_case(2)], (None, 0.5, 0.3),
+        choice = choose_tumour_rule(seg, [tiny_case(1), tiny_case(2)], (None, 0.5, 0.3),
                                          (0.2, 0.1))
     assert len(calls) == 2
     assert choice["threshold"] in (None, 0.5, 0.3)
