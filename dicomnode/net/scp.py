@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.net import chunked_meta, store_response
 from dicomnode.store.header import InstanceRejectedError
 from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
@@ -125,6 +126,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self._previous_receive: tuple[bool, str | None] | None = None
+        self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
         self._early: dict[str, tuple[int, Future[StoreOutcome]]] = {}
         self.ae = self._make_ae()
@@ -168,6 +170,7 @@ class StorageSCP:
             self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
             _config.STORE_RECV_CHUNKED_DATASET = True
             tempfile.tempdir = str(self.store.spool.tmp_dir)
+            self._meta_installed = s.direct_encoding and chunked_meta.install()
         self._server = self.ae.start_server(
             (s.bind_address, s.port), block=False, evt_handlers=self.handlers
         )
@@ -193,6 +196,9 @@ class StorageSCP:
         if self._previous_receive is not None:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous_receive
             self._previous_receive = None
+            if self._meta_installed:
+                chunked_meta.uninstall()
+                self._meta_installed = False
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -204,6 +210,8 @@ class StorageSCP:
             event.assoc.dul._run_loop_delay = self.settings.dul_poll_s
         except (AttributeError, OSError):
             log.debug("scp.tuning_unavailable")
+        if self.settings.direct_encoding:
+            store_response.install(event.assoc)
         log.debug("association.accepted", extra=fields(
             calling_aet=event.assoc.requestor.ae_title, address=event.assoc.requestor.address))
 
