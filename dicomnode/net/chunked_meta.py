@@ -5,9 +5,9 @@ with a File Meta Information group, built as a pydicom ``FileMetaDataset`` and w
 by ``pydicom.filewriter.write_file_meta_info``: ~0.3 ms of pynetdicom's DUL thread per
 instance, the thread that reads the socket. The group is seven elements in Explicit VR
 Little Endian (PS3.10 7.1), so the node writes those bytes itself, identical to
-pydicom's (tested); any value it cannot encode as pydicom would (not ASCII) goes back to
-pydicom. Only the two names pynetdicom's message decoder looks up in its own module are
-replaced, while a node's listener runs, and restored when it stops.
+pydicom's (tested); a value it cannot encode as pydicom would (missing, not ASCII) goes
+back to pydicom. Only the two names pynetdicom's message decoder looks up in its own
+module are replaced, while a node's listener runs, and restored when it stops.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def install() -> bool:
     write: Callable[..., Any] = dimse_messages.write_file_meta_info
 
     def create_file_meta(*args: Any, **values: Any) -> Any:
+        if any(value is None for value in (*args, *values.values())):
+            return create(*args, **values)  # a request without a UID: pydicom's empty value
         try:
             return _Encoded(encode_file_meta(*args, **values))
         except (UnicodeEncodeError, TypeError):

@@ -56,6 +56,9 @@ def test_values_it_cannot_encode_go_back_to_pydicom() -> None:
         out = DicomBytesIO()
         dimse_messages.write_file_meta_info(out, meta)
         assert out.getvalue().startswith(b"\x02\x00\x00\x00UL")
+        missing = dimse_messages.create_file_meta(sop_class_uid="1.2.3", sop_instance_uid=None,
+                                                  transfer_syntax="1.2.840.10008.1.2.1")
+        assert isinstance(missing, pydicom.dataset.FileMetaDataset)
     finally:
         chunked_meta.uninstall()
     assert dimse_messages.create_file_meta is original
