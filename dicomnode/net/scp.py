@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
-from dicomnode.net import chunked_meta, store_response
+from dicomnode.net import direct_encoding
 from dicomnode.store.header import InstanceRejectedError
 from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
@@ -170,7 +170,7 @@ class StorageSCP:
             self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
             _config.STORE_RECV_CHUNKED_DATASET = True
             tempfile.tempdir = str(self.store.spool.tmp_dir)
-            self._meta_installed = s.direct_encoding and chunked_meta.install()
+            self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
         self._server = self.ae.start_server(
             (s.bind_address, s.port), block=False, evt_handlers=self.handlers
         )
@@ -197,7 +197,7 @@ class StorageSCP:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous_receive
             self._previous_receive = None
             if self._meta_installed:
-                chunked_meta.uninstall()
+                direct_encoding.uninstall_file_meta()
                 self._meta_installed = False
 
     # --- handlers ---------------------------------------------------------------------
@@ -211,7 +211,7 @@ class StorageSCP:
         except (AttributeError, OSError):
             log.debug("scp.tuning_unavailable")
         if self.settings.direct_encoding:
-            store_response.install(event.assoc)
+            direct_encoding.install_store_response(event.assoc)
         log.debug("association.accepted", extra=fields(
             calling_aet=event.assoc.requestor.ae_title, address=event.assoc.requestor.address))
 

@@ -3,6 +3,7 @@ while a node listens."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -14,7 +15,7 @@ from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta
 
 from dicomnode.config import Settings
-from dicomnode.net import chunked_meta
+from dicomnode.net import direct_encoding
 from dicomnode.node import Node
 from tests.factories import write_series
 
@@ -34,7 +35,7 @@ def _pydicom_bytes(**values: str) -> bytes:
 def test_bytes_equal_pydicoms(sop_class: str, sop_instance: str, transfer_syntax: str) -> None:
     values = {"sop_class_uid": sop_class, "sop_instance_uid": sop_instance,
               "transfer_syntax": transfer_syntax}
-    assert chunked_meta.encode_file_meta(**values) == _pydicom_bytes(**values)
+    assert direct_encoding.encode_file_meta(**values) == _pydicom_bytes(**values)
 
 
 @pytest.mark.parametrize("version", ["ODD", "EVEN", "SIXTEEN_LETTERS_"])
@@ -42,14 +43,14 @@ def test_implementation_values_are_padded_like_pydicom(version: str) -> None:
     values = {"sop_class_uid": "1.2.3", "sop_instance_uid": "1.2.3.4",
               "transfer_syntax": "1.2.840.10008.1.2.1", "implementation_uid": "1.2.34",
               "implementation_version": version}
-    assert chunked_meta.encode_file_meta(**values) == _pydicom_bytes(**values)
+    assert direct_encoding.encode_file_meta(**values) == _pydicom_bytes(**values)
 
 
 def test_values_it_cannot_encode_go_back_to_pydicom() -> None:
     original = dimse_messages.create_file_meta
-    assert chunked_meta.install()
+    assert direct_encoding.install_file_meta()
     try:
-        assert not chunked_meta.install()  # once only
+        assert not direct_encoding.install_file_meta()  # once only
         meta = dimse_messages.create_file_meta(sop_class_uid="1.2.3", sop_instance_uid="1.2.é",
                                                transfer_syntax="1.2.840.10008.1.2.1")
         assert isinstance(meta, pydicom.dataset.FileMetaDataset)
@@ -60,7 +61,7 @@ def test_values_it_cannot_encode_go_back_to_pydicom() -> None:
                                                   transfer_syntax="1.2.840.10008.1.2.1")
         assert isinstance(missing, pydicom.dataset.FileMetaDataset)
     finally:
-        chunked_meta.uninstall()
+        direct_encoding.uninstall_file_meta()
     assert dimse_messages.create_file_meta is original
 
 
@@ -68,8 +69,6 @@ def test_values_it_cannot_encode_go_back_to_pydicom() -> None:
 def test_node_installs_it_while_listening_and_files_read_back(settings: Settings,
                                                               tmp_path: Path,
                                                               direct: bool) -> None:
-    import subprocess
-
     original = dimse_messages.write_file_meta_info
     node = Node(settings.model_copy(update={"direct_encoding": direct}))
     node.start()

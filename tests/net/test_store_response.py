@@ -16,7 +16,7 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage
 
 from dicomnode.config import Settings
-from dicomnode.net.store_response import encode_store_response
+from dicomnode.net.direct_encoding import encode_store_response
 from dicomnode.node import Node
 from tests.factories import ct_slice, write_series
 
