@@ -106,6 +106,155 @@ def _axial(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
     return out, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
 
+#: In-plane 4-connectivity within each slice of a stack: morphology and labelling with it
+#: treat every slice on its own, exactly as the 2D defaults would.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+#: Slices measured together: whole-stack passes run from memory and were slower than
+#: slice-by-slice calls; a few slices at a time keep the arrays in cache.
+_CHUNK_SLICES = 8
+
+
+def _largest_per_slice(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray]:
+    """The largest in-plane component of every slice of ``mask`` ``[S, Y, X]``.
+
+    Returns
+    -------
+    tuple
+        The label array, each slice's count of components, each slice's largest label
+        (0: none) and that component's voxel count.
+    """
+    labels, count = ndimage.label(mask, structure=_IN_PLANE)
+    slices = mask.shape[0]
+    chosen = np.zeros(slices, dtype=np.int64)
+    largest = np.zeros(slices, dtype=np.int64)
+    if count == 0:
+        return labels, np.zeros(slices, dtype=np.int64), chosen, largest
+    # labels run in raster order: slice z holds the labels (last[z-1], last[z]], numbered
+    # as a 2D labelling of that slice would number them (so ties resolve alike)
+    last = np.maximum.accumulate(labels.reshape(slices, -1).max(axis=1))
+    counts = np.diff(last, prepend=0)
+    ids = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    z_of = np.searchsorted(last, ids)
+    order = np.lexsort((ids, -sizes, z_of))     # by slice, largest first, then lowest label
+    first = order[np.r_[True, z_of[order][1:] != z_of[order][:-1]]]
+    chosen[z_of[first]] = ids[first]
+    largest[z_of[first]] = sizes[first]
+    return labels, counts, chosen, largest
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``binary_fill_holes`` of every slice, by one labelling of the background.
+
+    A hole is background not 4-connected to the slice border. Labelling the background
+    once and keeping what touches the border gives scipy's result without its iterated
+    dilations (which grow with the image size).
+    """
+    labels, _ = ndimage.label(~mask, structure=_IN_PLANE)
+    outside = np.zeros(int(labels.max()) + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        outside[np.unique(edge)] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[labels]
+
+
+def measure_slices(stack: np.ndarray, pixel_mm: tuple[float, float]) -> list[SliceMeasures]:
+    """Measure and label every axial slice of a ``[S, Y, X]`` HU stack at once.
+
+    The morphology runs over a few slices at a time with an in-plane structure and holes
+    are filled by labelling: the same result as slice-by-slice 2D operations with scipy's
+    defaults (its hole filling iterates dilations), in about half the time.
+
+    Parameters
+    ----------
+    stack : numpy.ndarray
+        Axial HU slices, axis 0 along the body.
+    pixel_mm : tuple of float
+        Pixel size (between rows, between columns) in mm.
+
+    Returns
+    -------
+    list of SliceMeasures
+        One per slice, in order.
+    """
+    if np.ndim(stack) != 3:
+        raise ValueError(f"Invalid 'stack' value of shape {np.shape(stack)} - must be "
+                         "[S, Y, X]")
+    out: list[SliceMeasures] = []
+    for first in range(0, len(stack), _CHUNK_SLICES):
+        out.extend(_measure_chunk(np.asarray(stack[first:first + _CHUNK_SLICES],
+                                             dtype=np.float32), pixel_mm))
+    return out
+
+
+def _measure_chunk(img: np.ndarray, pixel_mm: tuple[float, float]) -> list[SliceMeasures]:
+    """:func:`measure_slices` of a few slices (small enough to stay in the CPU caches)."""
+    body = ndimage.binary_opening(img > BODY_HU, structure=_IN_PLANE, iterations=1)
+    labels, components, chosen, _ = _largest_per_slice(body)
+    keep = np.zeros(int(components.sum()) + 1, dtype=bool)
+    keep[chosen] = True
+    keep[0] = False
+    body = keep[labels]
+    body = _fill_holes_per_slice(body)
+    area_px = body.sum(axis=(1, 2)).astype(np.float64)
+    body_cm2 = area_px * pixel_mm[0] * pixel_mm[1] / 100.0
+    bone = (img > BONE_HU) & body
+    enclosed = _fill_holes_per_slice(bone) & ~bone
+    enclosed_labels, _, enclosed_chosen, biggest_px = _largest_per_slice(enclosed)
+    air = (img < AIR_HU) & body
+    bone_px = bone.sum(axis=(1, 2))
+    air_px = air.sum(axis=(1, 2))
+    rows_any = body.any(axis=2)
+    cols_any = body.any(axis=1)
+    out = []
+    for z in range(img.shape[0]):
+        if components[z] == 0:
+            out.append(SliceMeasures(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "empty"))
+            continue
+        cm2 = float(body_cm2[z])
+        if cm2 < 20.0:
+            out.append(SliceMeasures(cm2, 0.0, 0.0, 0.0, 0.0, 0.0, "empty"))
+            continue
+        area = float(area_px[z])
+        bone_share = float(bone_px[z]) / area
+        if enclosed_chosen[z]:
+            enclosed_share = float(biggest_px[z]) / area
+            enclosed_hu = float(np.median(img[z][enclosed_labels[z] == enclosed_chosen[z]]))
+        else:
+            enclosed_share, enclosed_hu = 0.0, 0.0
+        air_share = float(air_px[z]) / area
+        rows = np.flatnonzero(rows_any[z])
+        cols = np.flatnonzero(cols_any[z])
+        extents = sorted([float(rows[-1] - rows[0] + 1) * pixel_mm[0],
+                          float(cols[-1] - cols[0] + 1) * pixel_mm[1]])
+        aspect = extents[1] / max(extents[0], 1e-6)
+        out.append(SliceMeasures(cm2, bone_share, enclosed_share, enclosed_hu, air_share,
+                                 aspect, _slice_label(cm2, bone_share, enclosed_share,
+                                                      enclosed_hu, air_share, aspect)))
+    return out
+
+
+def _slice_label(body_cm2: float, bone_share: float, enclosed_share: float,
+                 enclosed_hu: float, air_share: float, aspect: float) -> str:
+    """The label of one measured slice (see the module notes)."""
+    if (enclosed_share >= SKULL_ENCLOSED_SHARE and body_cm2 < SMALL_SECTION_CM2
+            and -20.0 < enclosed_hu < 100.0):
+        return "head"
+    if air_share >= LUNG_AIR_SHARE and body_cm2 >= SMALL_SECTION_CM2:
+        return "chest"
+    if body_cm2 < SMALL_SECTION_CM2:
+        return "neck"
+    if aspect >= SHOULDER_ASPECT:
+        return "shoulder"
+    if bone_share >= PELVIS_BONE_SHARE:
+        return "pelvis"
+    return "abdomen"
+
+
 def measure_slice(img: np.ndarray, pixel_mm: tuple[float, float]) -> SliceMeasures:
     """Measure one axial slice and label it.
 
@@ -120,53 +269,7 @@ def measure_slice(img: np.ndarray, pixel_mm: tuple[float, float]) -> SliceMeasur
     -------
     SliceMeasures
     """
-    body = img > BODY_HU
-    body = ndimage.binary_opening(body, iterations=1)
-    lab, n = ndimage.label(body)
-    if n == 0:
-        return SliceMeasures(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "empty")
-    sizes = ndimage.sum(body, lab, index=np.arange(1, n + 1))
-    body = lab == (int(np.argmax(sizes)) + 1)
-    body = ndimage.binary_fill_holes(body)
-    area_px = float(body.sum())
-    body_cm2 = area_px * pixel_mm[0] * pixel_mm[1] / 100.0
-    if body_cm2 < 20.0:
-        return SliceMeasures(body_cm2, 0.0, 0.0, 0.0, 0.0, 0.0, "empty")
-    bone = (img > BONE_HU) & body
-    bone_share = float(bone.sum()) / area_px
-    enclosed = ndimage.binary_fill_holes(bone) & ~bone
-    # only large enclosed regions count (a vertebral canal or a rib loop is not a skull)
-    lab_e, n_e = ndimage.label(enclosed)
-    if n_e:
-        sizes_e = ndimage.sum(enclosed, lab_e, index=np.arange(1, n_e + 1))
-        biggest = lab_e == (int(np.argmax(sizes_e)) + 1)
-        enclosed_share = float(biggest.sum()) / area_px
-        enclosed_hu = float(np.median(img[biggest]))
-    else:
-        enclosed_share, enclosed_hu = 0.0, 0.0
-    air = (img < AIR_HU) & body
-    air_share = float(air.sum()) / area_px
-    rows = np.nonzero(body.any(axis=1))[0]
-    cols = np.nonzero(body.any(axis=0))[0]
-    extents = sorted([float(rows[-1] - rows[0] + 1) * pixel_mm[0],
-                      float(cols[-1] - cols[0] + 1) * pixel_mm[1]])
-    aspect = extents[1] / max(extents[0], 1e-6)
-
-    if (enclosed_share >= SKULL_ENCLOSED_SHARE and body_cm2 < SMALL_SECTION_CM2
-            and -20.0 < enclosed_hu < 100.0):
-        label = "head"
-    elif air_share >= LUNG_AIR_SHARE and body_cm2 >= SMALL_SECTION_CM2:
-        label = "chest"
-    elif body_cm2 < SMALL_SECTION_CM2:
-        label = "neck"
-    elif aspect >= SHOULDER_ASPECT:
-        label = "shoulder"
-    elif bone_share >= PELVIS_BONE_SHARE:
-        label = "pelvis"
-    else:
-        label = "abdomen"
-    return SliceMeasures(body_cm2, bone_share, enclosed_share, enclosed_hu, air_share, aspect,
-                         label)
+    return measure_slices(np.asarray(img)[None], pixel_mm)[0]
 
 
 def _runs_mm(labels: list[str], label: str, dz: float) -> float:
@@ -198,10 +301,10 @@ def detect_region(volume: Volume) -> RegionEstimate:
         raise ValueError(f"Invalid 'volume' value - HU array of shape {hu.shape} is not 3D")
     sy = max(1, int(TARGET_PIXEL_MM // max(dy, 1e-3)))
     sx = max(1, int(TARGET_PIXEL_MM // max(dx, 1e-3)))
-    sz = max(1, hu.shape[0] // 160)  # at most ~160 slices measured
+    sz = max(1, -(-hu.shape[0] // 160))  # at most 160 slices measured
     sub = hu[::sz, ::sy, ::sx]
     step = dz * sz
-    measures = [measure_slice(np.asarray(s, dtype=np.float32), (dy * sy, dx * sx)) for s in sub]
+    measures = measure_slices(sub, (dy * sy, dx * sx))
     labels = [m.label for m in measures]
     counts = {lab: labels.count(lab) for lab in SLICE_LABELS}
     valid = len(labels) - counts["empty"]
