@@ -241,6 +241,18 @@ def train(
                                               "(fine-tuning, retraining one stage).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine decay; "
                                              "default 0.003).")] = None,
+    device: Annotated[str, typer.Option(help="Where to train: auto (CUDA when present), "
+                                        "cpu or cuda[:N]; bfloat16 autocast on CUDA.")
+                      ] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Patches per step (default 4).")
+                          ] = None,
+    workers: Annotated[int, typer.Option(help="Processes that generate and prepare the "
+                                         "cases.")] = 1,
+    width_liver: Annotated[int | None, typer.Option(help="Stage-1 width (default 8); with "
+                                                    "--init, a trained stage of another "
+                                                    "width starts from scratch.")] = None,
+    width_tumour: Annotated[int | None, typer.Option(help="Stage-2 width (default 12); "
+                                                     "as --width-liver.")] = None,
 ) -> None:
     """Train a model's weights and record them in the models manifest."""
     from dicomnode.logs import configure_logging
@@ -252,7 +264,9 @@ def train(
                                heldout_seeds=heldout_seeds, epochs=epochs,
                                steps_per_epoch=steps_per_epoch, out=out, version=version,
                                cache_dir=cache_dir, max_minutes_per_stage=max_minutes,
-                               stages=stages, init_from=init, lr=lr, val_seeds=val_seeds)
+                               stages=stages, init_from=init, lr=lr, val_seeds=val_seeds,
+                               device=device, batch_size=batch_size, workers=workers,
+                               width_liver=width_liver, width_tumour=width_tumour)
     except ValueError as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +70,17 @@ class TrainConfig:
     max_minutes_per_stage: float | None = None
     stages: tuple[str, ...] = ("liver", "tumour")
     init_from: Path | None = None
+    #: Where the networks train: "cpu", "cuda[:N]" or "auto" (CUDA when present).
+    device: str = "cpu"
+    #: Processes that generate and prepare the cases (1: in this process).
+    workers: int = 1
+    #: A stage trained from ``init_from`` restarts from scratch at this width when it
+    #: differs from the checkpoint's (a wider network cannot inherit narrower weights).
+    reset_width: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "steps_per_epoch", "tumour_step_factor", "batch_size",
-                    "width_liver", "width_tumour", "threads"):
+                    "width_liver", "width_tumour", "threads", "workers"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid '{key}' value '{value}' - must be a positive integer")
@@ -326,8 +335,15 @@ class Progress:
 def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfig,
          steps_per_epoch: int, class_weights: Sequence[float], label: str,
          rng: np.random.Generator) -> list[float]:
-    """Train ``net`` for ``cfg.epochs``; returns the mean loss of every epoch."""
-    loss_fn = CrossEntropyDiceLoss(class_weights)
+    """Train ``net`` for ``cfg.epochs``; returns the mean loss of every epoch.
+
+    On CUDA the forward pass runs under bfloat16 autocast (the loss in float32); the
+    network is back on the CPU when this returns.
+    """
+    device = runtime.select_device(cfg.device)
+    net.to(device)
+    amp = device.type == "cuda"
+    loss_fn = CrossEntropyDiceLoss(class_weights).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total = cfg.epochs * steps_per_epoch
     budget = cfg.max_minutes_per_stage * 60 if cfg.max_minutes_per_stage else math.inf
@@ -347,9 +363,12 @@ def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfi
             for group in optimiser.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
             image, target = sampler(cases, cfg, rng)
+            image = image.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
             optimiser.zero_grad(set_to_none=True)
-            logits = net(image)
-            loss = loss_fn(logits, target)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(image)
+            loss = loss_fn(logits.float(), target)
             loss.backward()
             if hasattr(sampler, "feedback"):
                 sampler.feedback(logits, target)
@@ -364,7 +383,7 @@ def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfi
             log.info("train.time_budget_reached", extra={"dn_fields": {
                 "stage": label.strip(), "steps": step, "of": total}})
             break
-    net.eval()
+    net.cpu().eval()
     return history
 
 
@@ -424,12 +443,12 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     started = time.perf_counter()
     prepared: list[_Prepared] = []
     names: list[str] = []
-    for case in datasets.iter_cases(data_dir, seeds, matrix=matrix, cache_dir=cache_dir):
-        item = prepare(case)
+    for name, item in _prepared_cases(data_dir, seeds, matrix=matrix, cache_dir=cache_dir,
+                                      workers=cfg.workers):
         if item is not None:
             prepared.append(item)
-            names.append(case.name)
-        log.info("train.case_ready", extra={"dn_fields": {"case": case.name,
+            names.append(name)
+        log.info("train.case_ready", extra={"dn_fields": {"case": name,
                                                           "cases": len(prepared)}})
     if not prepared:
         raise ValueError("Invalid 'data' value - no case with a liver label")
@@ -455,7 +474,8 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
 
     config_record: dict[str, Any] = {"width_liver": cfg.width_liver,
                                      "width_tumour": cfg.width_tumour, "version": version}
-    segmenter = liver25d.LiverTumorSegmenter(liver_net, tumour_net, torch.device("cpu"))
+    segmenter = liver25d.LiverTumorSegmenter(liver_net, tumour_net,
+                                             runtime.select_device(cfg.device))
     validation: dict[str, Any] | None = None
     if val_seeds:
         from dicomnode.nn.evaluate import choose_tumour_rule
@@ -478,7 +498,8 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     file_name = f"{MODEL_NAME}-{version}.pt"
     checkpoint = {
-        "liver": liver_net.state_dict(), "tumour": tumour_net.state_dict(),
+        "liver": {k: v.cpu() for k, v in liver_net.state_dict().items()},
+        "tumour": {k: v.cpu() for k, v in tumour_net.state_dict().items()},
         "config": config_record,
     }
     tmp = out_dir / (file_name + ".tmp")
@@ -495,6 +516,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
         "seconds": {"prepare": round(prep_seconds, 1), "liver": round(liver_seconds, 1),
                     "tumour": round(tumour_seconds, 1)},
         "threads": torch.get_num_threads(),
+        "device": _device_name(cfg.device),
         "stages_trained": list(cfg.stages),
         "tumour_sampling": tumour_sampling,
         "initialised_from": init,
@@ -546,6 +568,55 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     return entry
 
 
+def _load_prepared(source: int | Path | tuple[Path, Path], matrix: int,
+                   cache_dir: Path | None) -> tuple[str, dict[str, Any] | None]:
+    """Read or generate one case and prepare it; plain arrays, so that it pickles cheaply."""
+    torch.set_num_threads(1)
+    case = (datasets.phantom_case(source, matrix=matrix, cache_dir=cache_dir)
+            if isinstance(source, int) else datasets.load(source))
+    item = prepare(case)
+    if item is None:
+        return case.name, None
+    return case.name, {key: (value.numpy() if isinstance(value, torch.Tensor) else value)
+                       for key, value in vars(item).items()}
+
+
+def _prepared_cases(data_dir: Path | None, seeds: Sequence[int], *, matrix: int,
+                    cache_dir: Path | None, workers: int = 1
+                    ) -> Iterator[tuple[str, _Prepared | None]]:
+    """Every case of ``data_dir`` then every phantom seed, prepared, in that order.
+
+    With ``workers`` > 1 the cases are generated and prepared in that many processes
+    (spawned, so that no torch thread pool is forked).
+    """
+    if workers == 1:
+        for case in datasets.iter_cases(data_dir, seeds, matrix=matrix, cache_dir=cache_dir):
+            yield case.name, prepare(case)
+        return
+    sources: list[int | Path | tuple[Path, Path]] = [
+        *(datasets.discover(data_dir) if data_dir is not None else []), *seeds]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, min(workers, len(sources))), mp_context=context) as pool:
+        for name, item in pool.map(_load_prepared, sources, [matrix] * len(sources),
+                                   [cache_dir] * len(sources)):
+            yield name, (_Prepared(**_tensors(item)) if item else None)
+
+
+def _tensors(item: dict[str, Any]) -> dict[str, Any]:
+    """The arrays of a prepared case back as tensors (the voxel lists stay numpy)."""
+    return {key: (torch.from_numpy(value) if key in ("coarse", "coarse_liver", "fine",
+                                                    "fine_labels") else value)
+            for key, value in item.items()}
+
+
+def _device_name(preference: str) -> str:
+    """The training device in words, e.g. ``cuda:0 (NVIDIA H200)`` or ``cpu``."""
+    device = runtime.select_device(preference)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def _networks(cfg: TrainConfig) -> tuple[Liver25DNet, Liver25DNet, dict[str, Any] | None]:
     """Both networks, fresh or initialised from ``cfg.init_from`` (a checkpoint file).
 
@@ -560,10 +631,18 @@ def _networks(cfg: TrainConfig) -> tuple[Liver25DNet, Liver25DNet, dict[str, Any
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         previous = checkpoint["config"]
-        liver = Liver25DNet(2, int(previous.get("width_liver", cfg.width_liver)))
-        tumour = Liver25DNet(3, int(previous.get("width_tumour", cfg.width_tumour)))
-        liver.load_state_dict(checkpoint["liver"])
-        tumour.load_state_dict(checkpoint["tumour"])
+        nets = []
+        reset = []
+        for stage, classes, key in (("liver", 2, "width_liver"), ("tumour", 3, "width_tumour")):
+            old_width = int(previous.get(key, getattr(cfg, key)))
+            if cfg.reset_width and stage in cfg.stages and getattr(cfg, key) != old_width:
+                nets.append(Liver25DNet(classes, getattr(cfg, key)))
+                reset.append(stage)
+                continue
+            net = Liver25DNet(classes, old_width)
+            net.load_state_dict(checkpoint[stage])
+            nets.append(net)
+        liver, tumour = nets
     except Exception as exc:  # torch.load raises pickle/zip/runtime errors alike
         raise ValueError(f"Invalid 'init_from' value '{path}' - not a liver_tumor "
                          f"checkpoint ({exc})") from exc
@@ -571,7 +650,8 @@ def _networks(cfg: TrainConfig) -> tuple[Liver25DNet, Liver25DNet, dict[str, Any
     record = {"file": path.name, "sha256": weights.sha256_of(path),
               "version": previous.get("version"),
               "tumour_threshold": previous.get("tumour_threshold"),
-              "min_tumour_ml": previous.get("min_tumour_ml")}
+              "min_tumour_ml": previous.get("min_tumour_ml"),
+              "stages_from_scratch": reset}
     return liver, tumour, record
 
 
@@ -594,7 +674,10 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    val_seeds: str | None = None,
                    version: str, cache_dir: Path | None,
                    max_minutes_per_stage: float | None = None, stages: str = "liver,tumour",
-                   init_from: Path | None = None, lr: float | None = None) -> dict[str, Any]:
+                   init_from: Path | None = None, lr: float | None = None,
+                   device: str = "auto", batch_size: int | None = None, workers: int = 1,
+                   width_liver: int | None = None, width_tumour: int | None = None
+                   ) -> dict[str, Any]:
     """What ``dicomnode train MODEL`` runs: parse the seed lists and train.
 
     Raises
@@ -611,7 +694,12 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                          max_minutes_per_stage=max_minutes_per_stage,
                          stages=tuple(s.strip() for s in stages.split(",")
                                       if s.strip() and s.strip() != "none"),
-                         init_from=init_from, lr=TrainConfig.lr if lr is None else lr)
+                         init_from=init_from, lr=TrainConfig.lr if lr is None else lr,
+                         device=device, workers=workers,
+                         batch_size=TrainConfig.batch_size if batch_size is None else batch_size,
+                         width_liver=width_liver or TrainConfig.width_liver,
+                         width_tumour=width_tumour or TrainConfig.width_tumour,
+                         reset_width=bool(width_liver or width_tumour))
     return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
                              val_seeds=validation,
                              config=config, version=version, cache_dir=cache_dir)

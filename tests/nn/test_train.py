@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -83,6 +84,57 @@ def test_train_one_stage_from_a_checkpoint_keeps_the_other(tmp_path: Path) -> No
     kept = torch.load(third / "liver_tumor-0.0.3.pt", weights_only=True)["config"]
     assert (kept["tumour_threshold"], kept["min_tumour_ml"]) == (0.4, 0.05)
     assert entry["input"]["min_tumour_ml"] == 0.05
+
+
+def test_prepared_cases_are_the_same_from_worker_processes(tmp_path: Path) -> None:
+    import torch
+
+    from dicomnode.nn.train import _prepared_cases
+
+    data = tmp_path / "lits"
+    data.mkdir()
+    for number in (0, 1):
+        write_lits(tiny_case(number), data, number)
+    alone = list(_prepared_cases(data, [], matrix=64, cache_dir=None, workers=1))
+    pooled = list(_prepared_cases(data, [], matrix=64, cache_dir=None, workers=2))
+    assert [name for name, _ in pooled] == [name for name, _ in alone] == ["lits-0", "lits-1"]
+    for (_, a), (_, b) in zip(alone, pooled, strict=True):
+        assert a is not None and b is not None
+        for key in ("coarse", "coarse_liver", "fine", "fine_labels"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert all(np.array_equal(x, y) for x, y in zip(a.lesion_voxels, b.lesion_voxels,
+                                                         strict=True))
+        assert np.array_equal(a.liver_voxels, b.liver_voxels)
+
+
+def test_train_a_wider_stage_from_a_narrower_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    data = tmp_path / "lits"
+    data.mkdir()
+    write_lits(tiny_case(0), data, 0)
+    first = tmp_path / "first"
+    train_liver_tumor(first, data_dir=data, config=TrainConfig(epochs=1, steps_per_epoch=1),
+                      version="0.0.1")
+    out = tmp_path / "models"
+    result = CliRunner().invoke(app, [
+        "train", "liver_tumor", "--data", str(data), "--epochs", "1", "--steps-per-epoch", "1",
+        "--stages", "tumour", "--init", str(first / "liver_tumor-0.0.1.pt"),
+        "--width-tumour", "16", "--batch-size", "2", "--device", "cpu",
+        "--out", str(out), "--version", "0.0.2"])
+    assert result.exit_code == 0, result.output
+    start = torch.load(first / "liver_tumor-0.0.1.pt", weights_only=True)
+    after = torch.load(out / "liver_tumor-0.0.2.pt", weights_only=True)
+    assert after["config"]["width_tumour"] == 16 and after["config"]["width_liver"] == 8
+    for key, value in start["liver"].items():
+        assert torch.equal(value, after["liver"][key]), key
+    metrics = json.loads((out / "liver_tumor-0.0.2.metrics.json").read_text())
+    assert metrics["training"]["initialised_from"]["stages_from_scratch"] == ["tumour"]
+    assert metrics["training"]["config"]["batch_size"] == 2
+    assert metrics["training"]["device"] == "cpu"
+    # the wider checkpoint loads and segments through the shipped loader
+    entry = weights.verify("liver_tumor", out)
+    assert entry.version == "0.0.2"
 
 
 def test_train_refuses_bad_stage_and_init_requests(tmp_path: Path) -> None:
