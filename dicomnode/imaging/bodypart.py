@@ -208,8 +208,8 @@ def _measure_chunk(img: np.ndarray, pixel_mm: tuple[float, float]) -> list[Slice
     air = (img < AIR_HU) & body
     bone_px = bone.sum(axis=(1, 2))
     air_px = air.sum(axis=(1, 2))
-    rows_any = body.any(axis=2)
-    cols_any = body.any(axis=1)
+    rows_any = np.asarray(body.any(axis=2))
+    cols_any = np.asarray(body.any(axis=1))
     out = []
     for z in range(img.shape[0]):
         if components[z] == 0:

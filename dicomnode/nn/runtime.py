@@ -138,7 +138,8 @@ def sliding_window_inference(predict: Predictor, image: torch.Tensor,
                              roi_size: Sequence[int], num_classes: int, *,
                              overlap: float = 0.5, batch_size: int = 4,
                              sigma_scale: float = 0.125, device: torch.device | None = None,
-                             amp: bool | None = None) -> torch.Tensor:
+                             amp: bool | None = None,
+                             output_device: torch.device | None = None) -> torch.Tensor:
     """Run a network over overlapping windows and blend them with Gaussian weights.
 
     Parameters
@@ -161,11 +162,14 @@ def sliding_window_inference(predict: Predictor, image: torch.Tensor,
         Where the network runs (default: the image's device).
     amp : bool, optional
         Mixed precision; by default on CUDA only (never on CPU).
+    output_device : torch.device, optional
+        Where the result is returned (default: the CPU); ``device`` keeps it on the GPU
+        for further GPU work.
 
     Returns
     -------
     torch.Tensor
-        float32 softmax probabilities ``[num_classes, Z, Y, X]`` on the CPU.
+        float32 softmax probabilities ``[num_classes, Z, Y, X]``.
     """
     if image.ndim != 4:
         raise ValueError(f"Invalid 'image' value of shape {tuple(image.shape)} - must be "
@@ -205,7 +209,7 @@ def sliding_window_inference(predict: Predictor, image: torch.Tensor,
                 norm[z:z + roi[0], y:y + roi[1], x:x + roi[2]] += weight
     out /= norm
     out = out[:, :shape[0], :shape[1], :shape[2]]
-    return out.cpu()
+    return out.to(output_device or torch.device("cpu"))
 
 
 def shape_for_spacing(shape: Sequence[int], spacing: Sequence[float],

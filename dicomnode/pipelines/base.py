@@ -117,8 +117,15 @@ class Pipeline(Protocol):
         """Process one volume (``imaging.series.Volume``)."""
         ...
 
+    def warm_up(self) -> None:
+        """Load weights and ready the device now, so the first study pays no start-up."""
+        ...
+
 
 _REGISTRY: dict[str, Callable[[], Pipeline]] = {}
+#: One instance per registered factory and process: weights stay loaded between studies.
+_INSTANCES: dict[tuple[str, Callable[[], Pipeline]], Pipeline] = {}
+_INSTANCES_LOCK = threading.Lock()
 
 
 def register(name: str, factory: Callable[[], Pipeline]) -> None:
@@ -143,7 +150,10 @@ def registered() -> list[str]:
 
 
 def get_pipeline(name: str) -> Pipeline:
-    """Build the pipeline registered as ``name``.
+    """The pipeline registered as ``name``, checked (weights present and intact).
+
+    The instance is built once per process and kept, so that its weights and device
+    stay loaded between studies; every call checks it again.
 
     Raises
     ------
@@ -156,7 +166,10 @@ def get_pipeline(name: str) -> Pipeline:
         installed = ", ".join(sorted(_REGISTRY)) or "none"
         raise PipelineUnavailableError(
             f"pipeline '{name}' is not installed (installed: {installed})")
-    pipeline = factory()
+    with _INSTANCES_LOCK:
+        pipeline = _INSTANCES.get((name, factory))
+        if pipeline is None:
+            pipeline = _INSTANCES[(name, factory)] = factory()
     pipeline.check()
     return pipeline
 

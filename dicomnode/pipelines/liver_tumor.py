@@ -93,19 +93,23 @@ class LiverTumorPipeline:
         self.min_tumour_ml = min_tumour_ml
         self._segmenter: liver25d.LiverTumorSegmenter | None = None
         self._entry: weights.ManifestEntry | None = None
+        self._checked: weights.ManifestEntry | None = None
         self._lock = threading.Lock()
 
     def check(self) -> None:
         """Raise ``PipelineUnavailableError`` when the weights are missing or corrupt."""
         try:
-            self._entry = weights.verify(self.name, self.models)
+            self._checked = weights.verify(self.name, self.models)
             runtime.select_device(self.device_name)
         except (weights.WeightsError, ValueError) as exc:
             raise PipelineUnavailableError(f"{self.name} unavailable: {exc}") from None
 
     def _load(self) -> tuple[liver25d.LiverTumorSegmenter, weights.ManifestEntry]:
         with self._lock:
-            if self._segmenter is None or self._entry is None:
+            # loaded once; again when the checked weights are no longer the loaded ones
+            stale = (self._checked is not None and self._entry is not None
+                     and self._checked.sha256 != self._entry.sha256)
+            if self._segmenter is None or self._entry is None or stale:
                 device = runtime.select_device(self.device_name)
                 if device.type == "cpu":
                     runtime.configure_cpu_threads()
@@ -117,6 +121,11 @@ class LiverTumorPipeline:
                 except weights.WeightsError as exc:
                     raise PipelineUnavailableError(f"{self.name} unavailable: {exc}") from None
             return self._segmenter, self._entry
+
+    def warm_up(self) -> None:
+        """Load the weights and run each network once (CUDA context, kernel choice)."""
+        segmenter, _ = self._load()
+        segmenter.warm_up()
 
     def _no_result(self, reason: str, timings: dict[str, float],
                    algorithm: dict[str, str] | None = None) -> PipelineResult:

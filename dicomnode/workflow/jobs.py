@@ -355,16 +355,29 @@ class JobRunner:
 
     def _check_in_background(self) -> None:
         try:
-            self.check_pipelines()
+            states = self.check_pipelines()
         except Exception:
             log.exception("pipeline.check_failed")
+            return
+        for name, state in states.items():
+            if state != "ok" or self._stop.is_set():
+                continue
+            started = time.perf_counter()
+            try:
+                get_pipeline(name).warm_up()
+            except Exception:  # a study will report the same problem as no_result
+                log.exception("pipeline.warm_up_failed", extra=fields(pipeline=name))
+                continue
+            log.info("pipeline.warm", extra=fields(
+                pipeline=name, seconds=round(time.perf_counter() - started, 3)))
 
     def start(self) -> None:
         """Start ``settings.workers`` worker threads (and check the pipelines they run)."""
         self._stop.clear()
         if self.settings.workers > 0:
-            # weights are hashed and torch imported off the start-up path: the node
-            # listens at once and says which pipeline is unavailable when it knows
+            # weights are hashed, loaded and run once off the start-up path: the node
+            # listens at once, says which pipeline is unavailable when it knows, and the
+            # first study does not pay for loading weights or starting the GPU
             thread = threading.Thread(target=self._check_in_background,
                                       name="pipeline-check", daemon=True)
             thread.start()

@@ -46,6 +46,36 @@ def test_registered_and_declares_its_outputs() -> None:
     assert pipeline.emits == (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
 
 
+def test_one_instance_keeps_its_weights_and_reloads_changed_ones(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    import torch
+
+    assert get_pipeline("liver_tumor") is get_pipeline("liver_tumor")
+    models = _copy_models(tmp_path)
+    monkeypatch.setenv("DICOMNODE_MODELS_DIR", str(models))
+    pipeline = LiverTumorPipeline(device="cpu")
+    pipeline.check()
+    pipeline.warm_up()
+    first = pipeline._segmenter
+    assert first is not None
+    pipeline.check()
+    pipeline.warm_up()
+    assert pipeline._segmenter is first          # the same weights: not loaded again
+    # new weights installed under the same name (an update): the next study uses them
+    entry = json.loads((models / "manifest.json").read_text())
+    item = entry["models"][0]
+    checkpoint = torch.load(models / item["file"], weights_only=True)
+    checkpoint["config"]["tumour_threshold"] = 0.77
+    torch.save(checkpoint, models / item["file"])
+    item["sha256"] = weights.sha256_of(models / item["file"])
+    (models / "manifest.json").write_text(json.dumps(entry))
+    pipeline.check()
+    pipeline.warm_up()
+    assert pipeline._segmenter is not first
+    assert pipeline._segmenter.tumour_threshold == 0.77
+
+
 def test_missing_weights_make_it_unavailable(tmp_path: Path) -> None:
     with pytest.raises(PipelineUnavailableError, match="liver_tumor unavailable: no weights"):
         LiverTumorPipeline(models=tmp_path).check()
