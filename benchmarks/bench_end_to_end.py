@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,9 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
 from benchmarks.bench_ingest import ENV, free_port, wait_port
 from dicomnode.config import Peer, load_settings
 from dicomnode.imaging.series import load_series
+from dicomnode.nn import runtime
 from dicomnode.node import Node
 from dicomnode.phantoms import make_phantom, write_phantom
 from dicomnode.pipelines.base import get_pipeline
@@ -69,6 +73,11 @@ def main() -> None:
                                  data_dir=work / "node", disk_reserve_mb=0,
                                  log_level="WARNING",
                                  peers={"ORTHANC": Peer(host="127.0.0.1", port=dicom_port)})
+        # a running node warms its pipelines at start; do it here before the clock starts
+        # so the figure is a study's, not the node's start-up
+        warm_started = time.perf_counter()
+        get_pipeline("liver_tumor").warm_up()
+        warm_s = time.perf_counter() - warm_started
         node = Node(settings)
         try:
             wait_port(http_port)
@@ -99,9 +108,14 @@ def main() -> None:
         started = time.perf_counter()
         pipeline.run(volume)
         alone = time.perf_counter() - started
-    print(f"end to end: abdomen phantom {args.matrix}x{args.matrix}x{len(files)}, CPU")
+    device = runtime.select_device(os.environ.get("DICOMNODE_DEVICE"))
+    where = (f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"end to end: abdomen phantom {args.matrix}x{args.matrix}x{len(files)}, {where}")
+    print(f"  pipeline warm-up before the study (weights, device) {warm_s:7.2f} s")
     print(f"  send (storescu, {len(files)} instances)        {acked - sent:7.2f} s")
-    print(f"  last ack -> SR stored at Orthanc            {latency:7.2f} s  (target <= 60 s)")
+    target = "<= 5 s on an H100" if device.type == "cuda" else "<= 60 s on the 2-core CPU"
+    print(f"  last ack -> SR stored at Orthanc            {latency:7.2f} s  (target {target})")
     for job in reversed(jobs):
         stages = ", ".join(f"{k} {v:.2f}" for k, v in (job["timings"] or {}).items()
                            if isinstance(v, int | float))

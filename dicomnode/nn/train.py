@@ -334,8 +334,8 @@ class Progress:
 
 def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfig,
          steps_per_epoch: int, class_weights: Sequence[float], label: str,
-         rng: np.random.Generator) -> list[float]:
-    """Train ``net`` for ``cfg.epochs``; returns the mean loss of every epoch.
+         rng: np.random.Generator) -> tuple[list[float], int]:
+    """Train ``net`` for ``cfg.epochs``; returns the mean loss of every epoch and the steps.
 
     On CUDA the forward pass runs under bfloat16 autocast (the loss in float32); the
     network is back on the CPU when this returns.
@@ -384,7 +384,7 @@ def _fit(net: Liver25DNet, sampler: Any, cases: list[_Prepared], cfg: TrainConfi
                 "stage": label.strip(), "steps": step, "of": total}})
             break
     net.cpu().eval()
-    return history
+    return history, step
 
 
 def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
@@ -457,18 +457,21 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     liver_net, tumour_net, init = _networks(cfg)
     liver_hist: list[float] = []
     tumour_hist: list[float] = []
+    steps = {"liver": 0, "tumour": 0}
     tumour_sampling: dict[str, Any] | None = None
     t = time.perf_counter()
     if "liver" in cfg.stages:
-        liver_hist = _fit(liver_net, _sample_liver, prepared, cfg, cfg.steps_per_epoch,
-                          (1.0, 1.0), "stage 1 liver ", rng)
+        liver_hist, steps["liver"] = _fit(liver_net, _sample_liver, prepared, cfg,
+                                          cfg.steps_per_epoch, (1.0, 1.0), "stage 1 liver ",
+                                          rng)
     liver_seconds = time.perf_counter() - t
     t = time.perf_counter()
     if "tumour" in cfg.stages:
         sampler = TumourSampler(prepared)
-        tumour_hist = _fit(tumour_net, sampler, prepared, cfg,
-                           cfg.steps_per_epoch * cfg.tumour_step_factor,
-                           (1.0, 1.0, cfg.tumour_class_weight), "stage 2 tumour", rng)
+        tumour_hist, steps["tumour"] = _fit(tumour_net, sampler, prepared, cfg,
+                                            cfg.steps_per_epoch * cfg.tumour_step_factor,
+                                            (1.0, 1.0, cfg.tumour_class_weight),
+                                            "stage 2 tumour", rng)
         tumour_sampling = sampler.summary()
     tumour_seconds = time.perf_counter() - t
 
@@ -513,6 +516,7 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
         "phantom_matrix": matrix,
         "config": {**asdict(cfg), "init_from": str(cfg.init_from) if cfg.init_from else None},
         "loss_per_epoch": {"liver": liver_hist, "tumour": tumour_hist},
+        "steps": steps,
         "seconds": {"prepare": round(prep_seconds, 1), "liver": round(liver_seconds, 1),
                     "tumour": round(tumour_seconds, 1)},
         "threads": torch.get_num_threads(),
