@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Queue order of job rows; routing itself is quick and goes first.
 PRIORITY = {"routing": ROUTING_PRIORITY, "urgent": 100, "high": 70, "normal": 50, "low": 10}
+
+
+#: Routed volumes kept in memory for the pipeline jobs that follow (each ~2 bytes/voxel).
+_VOLUMES_KEPT = 2
 
 
 @dataclass
@@ -210,6 +215,21 @@ class JobRunner:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        # the volume routing just built, for the pipeline jobs of the same series and
+        # study version in this process (another process loads it again)
+        self._volumes: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
+        self._volumes_lock = threading.Lock()
+
+    def _keep_volume(self, key: tuple[str, int, str], volume: Any) -> None:
+        with self._volumes_lock:
+            self._volumes[key] = volume
+            self._volumes.move_to_end(key)
+            while len(self._volumes) > _VOLUMES_KEPT:
+                self._volumes.popitem(last=False)
+
+    def _kept_volume(self, key: tuple[str, int, str]) -> Any:
+        with self._volumes_lock:
+            return self._volumes.get(key)
 
     def wake(self) -> None:
         """Look for work now (called when a study completes)."""
@@ -264,6 +284,9 @@ class JobRunner:
         started = time.perf_counter()
         files = self._files(job["study_uid"], job["version"])
         decision = route_study(files, self.rules, job["calling_aet"] or None)
+        if decision.volume is not None and decision.series_instance_uid:
+            self._keep_volume((job["study_uid"], job["version"], decision.series_instance_uid),
+                              decision.volume)
         routing = decision.to_dict()
         timings = {"route": round(time.perf_counter() - started, 3)}
         if not decision.routed:
@@ -288,15 +311,20 @@ class JobRunner:
 
         action = job["routing"].get("action", {})
         started = time.perf_counter()
-        files = self._files(job["study_uid"], job["version"], action.get("series_instance_uid"))
+        series_uid = action.get("series_instance_uid")
+        files = self._files(job["study_uid"], job["version"], series_uid)
         if not files:
             return StudyRun(JobState.NO_RESULT, reason="the routed series has no instances",
                             pipeline=job["pipeline"], routing=job["routing"])
-        volume = load_series(files)
+        volume = self._kept_volume((job["study_uid"], job["version"], series_uid or ""))
+        source = "kept from routing"
+        if volume is None or len(volume.sop_instance_uids) != len(files):
+            volume, source = load_series(files), "loaded"
         load_s = round(time.perf_counter() - started, 3)
         out_dir = self.settings.results_dir / f"job-{job['id']}"
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"])
         run.timings = {"load_series": load_s, **run.timings}
+        run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
         return run
 

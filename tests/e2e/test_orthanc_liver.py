@@ -14,10 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from dicomnode.config import Peer, Settings
 from dicomnode.node import Node
 from dicomnode.phantoms import make_phantom, write_phantom
+from dicomnode.store.models import Job
 from tests.peers import orthanc, orthanc_get, orthanc_text
 
 pytestmark = pytest.mark.e2e
@@ -59,6 +61,11 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
                     if sop_class in (SEG, RTSTRUCT, SR):
                         classes[str(sop_class)] = inst["ID"]
             assert set(classes) == {SEG, RTSTRUCT, SR}, node_summary(node)
+            # the pipeline job used the volume routing had built, not a second read
+            with node.db.session() as session:
+                volumes = [job.result["volume"] for job in session.execute(
+                    select(Job).where(Job.pipeline == "liver_tumor")).scalars()]
+            assert volumes == ["kept from routing"]
             assert len(orthanc_get(f"{url}/studies")) == 1  # type: ignore[arg-type]
             parents = {orthanc_get(f"{url}/instances/{i}/study")["MainDicomTags"][
                 "StudyInstanceUID"] for i in classes.values()}  # type: ignore[index]
