@@ -7,12 +7,14 @@ import copy
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from dicomnode.results.codes import HEADNECK
 from dicomnode.results.source import (
     check_source_images,
     copy_patient_study,
     ds_string,
+    label_boxes,
     structure_masks,
 )
 from tests.results.conftest import CtSeries
@@ -70,3 +72,16 @@ def test_structure_masks_validate_names_shapes_and_labels(axial: CtSeries) -> No
         structure_masks(axial.labels.astype(float), HEADNECK, geometry)
     pairs = structure_masks({"BrainStem": axial.labels == 1}, HEADNECK, geometry)
     assert [s.name for s, _ in pairs] == ["BrainStem"]
+
+
+def test_label_boxes_are_find_objects_boxes() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        shape = tuple(int(n) for n in rng.integers(1, 9, rng.integers(1, 4)))
+        labels = np.zeros(shape, np.uint8)
+        count = int(rng.integers(0, labels.size + 1))
+        labels.flat[rng.integers(0, labels.size, count)] = rng.integers(0, 5, count)
+        for dtype in (np.uint8, np.int32):
+            assert label_boxes(labels.astype(dtype)) == ndimage.find_objects(
+                labels.astype(dtype)), trial
+    assert label_boxes(np.zeros((0, 4), np.uint8)) == []
