@@ -17,7 +17,8 @@ from typing import Any, cast
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.filewriter import correct_ambiguous_vr
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
@@ -230,6 +231,39 @@ def object_identity(series_number: int, series_instance_uid: str | None,
             "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
+#: VRs whose values are ASCII in the default repertoire, the same bytes in either byte
+#: order and under every Specific Character Set: stored bytes of these stay valid as they are.
+_PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+
+
+def _prepare_for_writing(ds: Dataset, transfer_syntax: UID) -> None:
+    """Do once, up front, what pydicom's writer would redo for every nested dataset.
+
+    A dataset built in memory has no "original encoding", so pydicom's ``write_dataset``
+    corrects ambiguous VRs of the whole subtree and decodes every raw element again for
+    each sequence item it writes (the SEG's 600 per-frame items, each nested three
+    deep), and it decodes the RTSTRUCT's pre-encoded Contour Data into 90 000 DSfloat
+    values only to format them back to the same text. Here the ambiguous VRs are
+    corrected once for the whole tree (pydicom's own ``correct_ambiguous_vr``), every
+    raw element that is not plain ASCII text (binary, character-set dependent, or of
+    unknown VR, e.g. copied from a source file) is decoded, and each dataset is marked
+    as already encoded with the output's transfer syntax (``set_original_encoding``,
+    which pydicom provides for this), so the writer takes its direct path. The bytes
+    written are the same.
+    """
+    implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    correct_ambiguous_vr(ds, little)
+    pending = [ds]
+    while pending:
+        item = pending.pop()
+        for elem in list(item.elements()):
+            if elem.is_raw and elem.VR not in _PLAIN_VRS:
+                elem = item[elem.tag]
+            if elem.VR == "SQ":
+                pending.extend(item[elem.tag].value)
+        item.set_original_encoding(implicit, little, item._character_set)
+
+
 def write(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     """Write a result object as a DICOM Part 10 file (Explicit VR Little Endian default).
 
@@ -253,6 +287,7 @@ def write(ds: Dataset, path: str | os.PathLike[str]) -> Path:
         ds.file_meta = meta
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    _prepare_for_writing(ds, UID(ds.file_meta.TransferSyntaxUID))
     ds.save_as(target, enforce_file_format=True)
     log.info("result.written", extra=fields(sop=str(ds.SOPInstanceUID),
                                              modality=str(ds.get("Modality", ""))))
