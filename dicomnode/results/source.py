@@ -362,14 +362,17 @@ def label_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
     """
     if labels.size == 0:
         return []
-    box = []
+    box: list[slice] = []
+    cut = labels
     for axis in range(labels.ndim):
+        # Each projection runs on the part already cut along the earlier axes.
         others = tuple(a for a in range(labels.ndim) if a != axis)
-        present = np.flatnonzero(labels.max(axis=others) if others else labels)
+        present = np.flatnonzero(cut.max(axis=others) if others else cut)
         if present.size == 0:
             return []
         box.append(slice(int(present[0]), int(present[-1]) + 1))
-    found = ndimage.find_objects(labels[tuple(box)])
+        cut = labels[tuple(box)]
+    found = ndimage.find_objects(cut)
     return [None if inner is None else
             tuple(slice(outer.start + part.start, outer.start + part.stop)
                   for outer, part in zip(box, inner, strict=True))
