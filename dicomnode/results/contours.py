@@ -76,35 +76,28 @@ def trace_loops(mask: np.ndarray) -> list[np.ndarray]:
 
     order = np.argsort(start_v, kind="stable")
     start_v, end_v, dir_v = start_v[order], end_v[order], dir_v[order]
-    # A vertex has one outgoing edge, or two at a saddle (diagonal pixels).
-    first = np.searchsorted(start_v, start_v, side="left")
-    count = np.searchsorted(start_v, start_v, side="right") - first
-    used = np.zeros(len(start_v), bool)
-    start_list = start_v.tolist()
-    end_list = end_v.tolist()
-    dir_list = dir_v.tolist()
-    first_list = first.tolist()
-    count_list = count.tolist()
-    index_of = dict(zip(start_list, first_list, strict=True))
-
+    # A vertex has one outgoing edge, or two at a saddle (diagonal pixels). Each edge's
+    # successor is the first edge leaving its end vertex; at a saddle, the one turning
+    # left (towards the foreground) so diagonal pixels stay apart.
+    count = np.searchsorted(start_v, start_v, side="right") \
+        - np.searchsorted(start_v, start_v, side="left")
+    nxt = np.searchsorted(start_v, end_v, side="left")
+    nxt += (count[nxt] == 2) & (dir_v[nxt] != (dir_v + 1) % 4)
+    # Every edge has one successor and one predecessor: the loops are the successor
+    # cycles, each started at its lowest edge index.
+    successor = nxt.tolist()
+    used = bytearray(len(successor))
     loops: list[np.ndarray] = []
-    for seed in range(len(start_list)):
+    for seed in range(len(successor)):
         if used[seed]:
             continue
-        vertices: list[int] = []
+        chain: list[int] = []
         edge = seed
         while not used[edge]:
-            used[edge] = True
-            vertices.append(start_list[edge])
-            incoming = dir_list[edge]
-            nxt = index_of[end_list[edge]]
-            if count_list[nxt] == 2:
-                # Saddle: turn left (towards the foreground) so diagonal pixels stay apart.
-                left = (incoming + 1) % 4
-                if dir_list[nxt] != left:
-                    nxt += 1
-            edge = nxt
-        ids = np.asarray(vertices)
+            used[edge] = 1
+            chain.append(edge)
+            edge = successor[edge]
+        ids = start_v[chain]
         loops.append(np.stack([ids // width - 1.5, ids % width - 1.5], axis=1))
     return loops
 
