@@ -76,35 +76,28 @@ def trace_loops(mask: np.ndarray) -> list[np.ndarray]:
 
     order = np.argsort(start_v, kind="stable")
     start_v, end_v, dir_v = start_v[order], end_v[order], dir_v[order]
-    # A vertex has one outgoing edge, or two at a saddle (diagonal pixels).
-    first = np.searchsorted(start_v, start_v, side="left")
-    count = np.searchsorted(start_v, start_v, side="right") - first
-    used = np.zeros(len(start_v), bool)
-    start_list = start_v.tolist()
-    end_list = end_v.tolist()
-    dir_list = dir_v.tolist()
-    first_list = first.tolist()
-    count_list = count.tolist()
-    index_of = dict(zip(start_list, first_list, strict=True))
-
+    # A vertex has one outgoing edge, or two at a saddle (diagonal pixels). Each edge's
+    # successor is the first edge leaving its end vertex; at a saddle, the one turning
+    # left (towards the foreground) so diagonal pixels stay apart.
+    count = np.searchsorted(start_v, start_v, side="right") \
+        - np.searchsorted(start_v, start_v, side="left")
+    nxt = np.searchsorted(start_v, end_v, side="left")
+    nxt += (count[nxt] == 2) & (dir_v[nxt] != (dir_v + 1) % 4)
+    # Every edge has one successor and one predecessor: the loops are the successor
+    # cycles, each started at its lowest edge index.
+    successor = nxt.tolist()
+    used = bytearray(len(successor))
     loops: list[np.ndarray] = []
-    for seed in range(len(start_list)):
+    for seed in range(len(successor)):
         if used[seed]:
             continue
-        vertices: list[int] = []
+        chain: list[int] = []
         edge = seed
         while not used[edge]:
-            used[edge] = True
-            vertices.append(start_list[edge])
-            incoming = dir_list[edge]
-            nxt = index_of[end_list[edge]]
-            if count_list[nxt] == 2:
-                # Saddle: turn left (towards the foreground) so diagonal pixels stay apart.
-                left = (incoming + 1) % 4
-                if dir_list[nxt] != left:
-                    nxt += 1
-            edge = nxt
-        ids = np.asarray(vertices)
+            used[edge] = 1
+            chain.append(edge)
+            edge = successor[edge]
+        ids = start_v[chain]
         loops.append(np.stack([ids // width - 1.5, ids % width - 1.5], axis=1))
     return loops
 
@@ -154,36 +147,106 @@ def simplify_loop(loop: np.ndarray, spacing: tuple[float, float],
     numpy.ndarray
         The kept vertices, in order; fewer than 3 only if the loop is degenerate.
     """
+    return simplify_loops([loop], spacing, tolerance_mm)[0]
+
+
+def simplify_loops(loops: list[np.ndarray], spacing: tuple[float, float],
+                   tolerance_mm: float) -> list[np.ndarray]:
+    """Simplify closed loops with Douglas-Peucker, all loops at once.
+
+    Each loop is split at vertex 0 and the vertex farthest from it, and each chain is
+    split recursively at the vertex farthest from its chord while that is more than
+    ``tolerance_mm`` away. Whether a chain is split depends only on its own end points,
+    so every open chain of every loop is handled in the same round of array operations
+    (a few dozen rounds in all instead of one Python iteration per chain); the kept
+    vertices are exactly those of the recursive formulation.
+
+    Parameters
+    ----------
+    loops
+        ``(n, 2)`` ``(row, column)`` vertices of closed loops (last point not repeated).
+    spacing
+        Pixel spacing ``(row, column)`` in mm.
+    tolerance_mm
+        Largest distance (mm) of any removed vertex from its simplified polygon.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The kept vertices of each loop, in order; loops of at most 4 vertices unchanged.
+    """
     if tolerance_mm < 0:
         raise ValueError(f"Invalid 'tolerance_mm' value '{tolerance_mm}' - must be >= 0")
-    n = len(loop)
-    if n <= 4:
-        return loop
-    mm = loop * np.asarray(spacing, float)[None, :]
-    # Split the loop at vertex 0 and the vertex farthest from it; simplify both chains.
-    far = int(np.argmax(((mm - mm[0]) ** 2).sum(axis=1)))
-    keep = np.zeros(n, bool)
-    keep[0] = keep[far] = True
-    closed = np.concatenate([mm, mm[:1]])
-    stack = [(0, far), (far, n)]
-    while stack:
-        a, b = stack.pop()
-        if b - a < 2:
+    scale = np.asarray(spacing, float)[None, :]
+    blocks, starts, fars = [], [], []
+    offset = 0
+    for loop in loops:
+        if len(loop) <= 4:
             continue
+        mm = loop * scale
+        fars.append(int(np.argmax(((mm - mm[0]) ** 2).sum(axis=1))))
+        blocks.append(np.concatenate([mm, mm[:1]]))  # closed: vertex n is vertex 0 again
+        starts.append(offset)
+        offset += len(mm) + 1
+    if not blocks:
+        return list(loops)
+    closed = np.concatenate(blocks)
+    keep = np.zeros(len(closed), bool)
+    first = np.asarray(starts)
+    far = first + np.asarray(fars)
+    last = first + np.asarray([len(b) - 1 for b in blocks])
+    keep[first] = keep[far] = True
+    a = np.concatenate([first, far])
+    b = np.concatenate([far, last])
+    while True:
+        open_ = b - a >= 2
+        a, b = a[open_], b[open_]
+        if not a.size:
+            break
+        inner = b - a - 1
+        begin = np.cumsum(inner) - inner  # each chain's first interior point in the batch
+        chain = np.repeat(np.arange(len(a)), inner)
+        point = np.arange(len(chain)) - begin[chain] + a[chain] + 1
         seg = closed[b] - closed[a]
-        pts = closed[a + 1:b] - closed[a]
-        length = float(np.hypot(seg[0], seg[1]))
-        if length == 0.0:
-            dist = np.hypot(pts[:, 0], pts[:, 1])
-        else:
-            dist = np.abs(pts[:, 0] * seg[1] - pts[:, 1] * seg[0]) / length
-        k = int(np.argmax(dist))
-        if dist[k] > tolerance_mm:
-            mid = a + 1 + k
-            keep[mid] = True
-            stack.append((a, mid))
-            stack.append((mid, b))
-    return loop[keep]
+        pts = closed[point] - closed[a][chain]
+        length = np.hypot(seg[:, 0], seg[:, 1])
+        degenerate = length == 0.0
+        dist = np.abs(pts[:, 0] * seg[chain, 1] - pts[:, 1] * seg[chain, 0]) \
+            / np.where(degenerate, 1.0, length)[chain]
+        if degenerate.any():
+            dist = np.where(degenerate[chain], np.hypot(pts[:, 0], pts[:, 1]), dist)
+        # The first farthest interior point of each chain (as numpy.argmax picks it).
+        peak = np.maximum.reduceat(dist, begin)
+        at_peak = np.flatnonzero(dist == peak[chain])
+        _, first_at_peak = np.unique(chain[at_peak], return_index=True)
+        best = at_peak[first_at_peak]
+        split = dist[best] > tolerance_mm
+        mid = point[best][split]
+        keep[mid] = True
+        a, b = np.concatenate([a[split], mid]), np.concatenate([mid, b[split]])
+    out = []
+    index = 0
+    for loop in loops:
+        if len(loop) <= 4:
+            out.append(loop)
+            continue
+        out.append(loop[keep[starts[index]:starts[index] + len(loop)]])
+        index += 1
+    return out
+
+
+def _midpoint_loops(mask: np.ndarray) -> list[np.ndarray]:
+    """Traced loops through the midpoints of the pixel edges, corners only.
+
+    The midpoints are the 0.5 iso-line between inside and outside pixel centres (as
+    marching squares finds it), which cuts staircase corners.
+    """
+    return [_corners_only((loop + np.roll(loop, -1, axis=0)) / 2.0)
+            for loop in trace_loops(mask)]
+
+
+def _is_polygon(simple: np.ndarray) -> bool:
+    return len(simple) >= 3 and abs(signed_area(simple)) > 1e-6
 
 
 def mask_to_polygons(mask: np.ndarray, spacing: tuple[float, float],
@@ -206,15 +269,37 @@ def mask_to_polygons(mask: np.ndarray, spacing: tuple[float, float],
         area; degenerate loops are dropped. Holes are separate polygons (even-odd rule).
     """
     tol = simplify_tolerance_mm(spacing) if tolerance_mm is None else tolerance_mm
-    polygons = []
-    for loop in trace_loops(mask):
-        # Midpoints of the pixel edges: the 0.5 iso-line between inside and outside
-        # pixel centres (as marching squares finds it), which cuts staircase corners.
-        mid = _corners_only((loop + np.roll(loop, -1, axis=0)) / 2.0)
-        simple = simplify_loop(mid, spacing, tol)
-        if len(simple) >= 3 and abs(signed_area(simple)) > 1e-6:
-            polygons.append(simple)
-    return polygons
+    return [simple for simple in simplify_loops(_midpoint_loops(mask), spacing, tol)
+            if _is_polygon(simple)]
+
+
+def volume_to_polygons(mask: np.ndarray, spacing: tuple[float, float],
+                       tolerance_mm: float | None = None) -> list[tuple[int, np.ndarray]]:
+    """:func:`mask_to_polygons` of every slice of a 3D mask, simplified in one batch.
+
+    Parameters
+    ----------
+    mask
+        3D boolean array ``(slices, rows, columns)``.
+    spacing
+        Pixel spacing ``(row, column)`` in mm.
+    tolerance_mm
+        Simplification tolerance; default :func:`simplify_tolerance_mm`.
+
+    Returns
+    -------
+    list of (int, numpy.ndarray)
+        ``(slice index, polygon)`` in slice order; per slice the polygons
+        :func:`mask_to_polygons` gives, in its order.
+    """
+    tol = simplify_tolerance_mm(spacing) if tolerance_mm is None else tolerance_mm
+    indices, loops = [], []
+    for z in np.nonzero(mask.any(axis=(1, 2)))[0].tolist():
+        for loop in _midpoint_loops(mask[z]):
+            indices.append(z)
+            loops.append(loop)
+    return [(z, simple) for z, simple in zip(indices, simplify_loops(loops, spacing, tol),
+                                             strict=True) if _is_polygon(simple)]
 
 
 def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

@@ -106,7 +106,7 @@ def find_lesions(tumour: np.ndarray, geometry: SliceGeometry,
 
 
 def measure_liver(liver: np.ndarray, tumour: np.ndarray,
-                  geometry: SliceGeometry) -> LiverMeasurements:
+                  geometry: SliceGeometry, *, z_offset: int = 0) -> LiverMeasurements:
     """Liver volume, lesions, tumour burden and tumour-to-liver ratio.
 
     Parameters
@@ -114,9 +114,12 @@ def measure_liver(liver: np.ndarray, tumour: np.ndarray,
     liver
         Liver parenchyma mask ``[z, y, x]`` (tumour voxels may or may not be included).
     tumour
-        Tumour mask ``[z, y, x]``.
+        Tumour mask ``[z, y, x]``, the same shape as ``liver``.
     geometry
         Source geometry.
+    z_offset
+        Index in the full series of the masks' first slice, when both are a crop of
+        the series grid (``Lesion.slice_indices`` refer to the full series).
     """
     whole = volume_cm3(liver | tumour, geometry)
     z_any = np.nonzero(tumour.any(axis=(1, 2)))[0]
@@ -124,7 +127,7 @@ def measure_liver(liver: np.ndarray, tumour: np.ndarray,
         rows = np.nonzero(tumour.any(axis=(0, 2)))[0]
         cols = np.nonzero(tumour.any(axis=(0, 1)))[0]
         crop = tumour[z_any[0]:z_any[-1] + 1, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        lesions = tuple(find_lesions(crop, geometry, int(z_any[0])))
+        lesions = tuple(find_lesions(crop, geometry, int(z_any[0]) + z_offset))
     else:
         lesions = ()
     burden = volume_cm3(tumour, geometry)

@@ -22,7 +22,7 @@ from pydicom.uid import UID
 from dicomnode.logs import fields
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import Structure
-from dicomnode.results.contours import mask_to_polygons, simplify_tolerance_mm
+from dicomnode.results.contours import simplify_tolerance_mm, volume_to_polygons
 from dicomnode.results.source import (
     MANUFACTURER,
     MODEL_NAME,
@@ -90,14 +90,10 @@ def structure_contours(mask: np.ndarray, geometry: SliceGeometry,
     list of (int, numpy.ndarray)
         ``(slice index, (n, 3) points in mm)`` per contour; outer boundaries and holes.
     """
-    tol = simplify_tolerance_mm(geometry.spacing)
     z0, r0, c0 = offset
-    out = []
-    for z in np.nonzero(mask.any(axis=(1, 2)))[0].tolist():
-        for poly in mask_to_polygons(mask[z], geometry.spacing, tol):
-            points = geometry.to_patient(z0 + z, poly[:, 0] + r0, poly[:, 1] + c0)
-            out.append((z0 + z, points))
-    return out
+    return [(z0 + z, geometry.to_patient(z0 + z, poly[:, 0] + r0, poly[:, 1] + c0))
+            for z, poly in volume_to_polygons(mask, geometry.spacing,
+                                              simplify_tolerance_mm(geometry.spacing))]
 
 
 def build_rtstruct(

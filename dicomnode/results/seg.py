@@ -169,7 +169,13 @@ def build_seg(
         lut = np.zeros(max(256, int(labels.max()) + 1), np.uint8)
         for number, s in enumerate(included, start=1):
             lut[s.label] = number
-        pixels = lut[labels]
+        if labels.dtype == np.uint8 and all(s.label == number
+                                            for number, s in enumerate(included, start=1)):
+            # Labels already are the segment numbers (the pipelines' case): the lookup
+            # would copy the same values (0.2 s for 512x512x300); highdicom only reads.
+            pixels = labels
+        else:
+            pixels = lut[labels]
     descriptions = [segment_description(i, s, algorithm) for i, s in enumerate(included, 1)]
     seg = hd.seg.Segmentation(
         source_images=list(source_images),

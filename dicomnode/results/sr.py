@@ -96,11 +96,23 @@ def _segment_numbers(seg: Dataset) -> dict[str, int]:
     return {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
 
 
+def _common_box(*boxes: tuple[slice, slice, slice]) -> tuple[slice, slice, slice]:
+    """The smallest box holding every non-empty box (empty if all are empty)."""
+    kept = [box for box in boxes if all(part.stop > part.start for part in box)]
+    if not kept:
+        return (slice(0, 0), slice(0, 0), slice(0, 0))
+    return tuple(slice(min(box[axis].start for box in kept),  # type: ignore[return-value]
+                       max(box[axis].stop for box in kept)) for axis in range(3))
+
+
 def _uncrop(crop: np.ndarray, box: tuple[slice, slice, slice],
-            shape: tuple[int, int, int]) -> np.ndarray:
-    full = np.zeros(shape, bool)
-    full[box] = crop
-    return full
+            frame: tuple[slice, slice, slice]) -> np.ndarray:
+    """Place a structure's crop (at ``box`` of the full grid) into the larger ``frame``."""
+    out = np.zeros(tuple(part.stop - part.start for part in frame), bool)
+    if crop.size:
+        out[tuple(slice(b.start - f.start, b.stop - f.start)
+                  for b, f in zip(box, frame, strict=True))] = crop
+    return out
 
 
 def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite]:
@@ -170,9 +182,13 @@ def build_segmentation_sr(
     tumour = next((s for s, _ in pairs if s.is_lesion), None)
     liver_stats: LiverMeasurements | None = None
     if liver is not None and tumour is not None:
+        # Measured on the box around both (counts and lesions do not depend on the
+        # empty voxels outside it), not on two full-size copies of the grid.
+        frame = _common_box(boxes[liver.name], boxes[tumour.name])
         liver_stats = measure_liver(
-            _uncrop(by_name[liver.name], boxes[liver.name], geometry.shape),
-            _uncrop(by_name[tumour.name], boxes[tumour.name], geometry.shape), geometry)
+            _uncrop(by_name[liver.name], boxes[liver.name], frame),
+            _uncrop(by_name[tumour.name], boxes[tumour.name], frame), geometry,
+            z_offset=frame[0].start)
 
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for structure, mask in pairs:

@@ -11,8 +11,10 @@ from dicomnode.results.contours import (
     mask_to_polygons,
     signed_area,
     simplify_loop,
+    simplify_loops,
     simplify_tolerance_mm,
     trace_loops,
+    volume_to_polygons,
 )
 
 
@@ -110,3 +112,58 @@ def test_simplified_polygons_do_not_cross_themselves_or_each_other() -> None:
         for i, (a, b) in enumerate(edges):
             for c, d in edges[i + 1:]:
                 assert not _segments_cross(a, b, c, d), trial
+
+
+def _recursive_douglas_peucker(loop: np.ndarray, spacing: tuple[float, float],
+                               tolerance_mm: float) -> np.ndarray:
+    """Reference: one chain at a time (the formulation simplify_loops batches)."""
+    n = len(loop)
+    if n <= 4:
+        return loop
+    mm = loop * np.asarray(spacing, float)[None, :]
+    far = int(np.argmax(((mm - mm[0]) ** 2).sum(axis=1)))
+    keep = np.zeros(n, bool)
+    keep[0] = keep[far] = True
+    closed = np.concatenate([mm, mm[:1]])
+    stack = [(0, far), (far, n)]
+    while stack:
+        a, b = stack.pop()
+        if b - a < 2:
+            continue
+        seg = closed[b] - closed[a]
+        pts = closed[a + 1:b] - closed[a]
+        length = float(np.hypot(seg[0], seg[1]))
+        if length == 0.0:
+            dist = np.hypot(pts[:, 0], pts[:, 1])
+        else:
+            dist = np.abs(pts[:, 0] * seg[1] - pts[:, 1] * seg[0]) / length
+        k = int(np.argmax(dist))
+        if dist[k] > tolerance_mm:
+            stack += [(a, a + 1 + k), (a + 1 + k, b)]
+            keep[a + 1 + k] = True
+    return loop[keep]
+
+
+def test_batched_simplification_keeps_the_recursive_vertices() -> None:
+    rng = np.random.default_rng(13)
+    for trial in range(200):
+        mask = rng.random(tuple(rng.integers(3, 30, 2))) < rng.uniform(0.2, 0.8)
+        if trial % 2:
+            mask = ndimage.binary_opening(mask)
+        loops = [(loop + np.roll(loop, -1, axis=0)) / 2 for loop in trace_loops(mask)]
+        # Grid loops with ties, and loops of repeated points (zero-length chords).
+        loops += [rng.integers(0, 4, (int(rng.integers(1, 25)), 2)) / 2.0 for _ in range(3)]
+        for spacing, tol in (((1.0, 1.0), 0.3), ((0.7, 1.3), 0.21), ((0.9, 0.9), 0.0)):
+            batched = simplify_loops(loops, spacing, tol)
+            for loop, got in zip(loops, batched, strict=True):
+                assert np.array_equal(got, _recursive_douglas_peucker(loop, spacing, tol))
+
+
+def test_volume_polygons_are_the_slice_polygons() -> None:
+    rng = np.random.default_rng(17)
+    volume = ndimage.binary_opening(rng.random((6, 30, 30)) < 0.6)
+    volume[2] = False
+    expected = [(z, poly) for z in range(6) for poly in mask_to_polygons(volume[z], (0.8, 0.8))]
+    got = volume_to_polygons(volume, (0.8, 0.8))
+    assert [z for z, _ in got] == [z for z, _ in expected]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, expected, strict=True))

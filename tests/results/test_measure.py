@@ -45,3 +45,16 @@ def test_no_tumour() -> None:
     assert stats.lesions == () and stats.tumour_to_liver_percent == 0.0
     assert find_lesions(empty, _geometry(shape)) == []
     assert longest_axial_diameter_mm(empty, _geometry(shape)) == 0.0
+
+
+def test_measurements_of_a_crop_with_its_offset_equal_the_full_grid() -> None:
+    shape = (20, 60, 60)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    tumour = (((z - 12) / 3.0) ** 2 + ((y - 30) / 8.0) ** 2 + ((x - 25) / 8.0) ** 2 < 1) | \
+        (((z - 6) / 1.5) ** 2 + ((y - 45) / 4.0) ** 2 + ((x - 40) / 4.0) ** 2 < 1)
+    liver = np.zeros(shape, bool)
+    liver[3:18, 15:55, 12:50] = True
+    geometry = _geometry(shape)
+    box = (slice(3, 18), slice(15, 55), slice(12, 50))
+    assert measure_liver(liver[box], tumour[box], geometry, z_offset=3) == \
+        measure_liver(liver, tumour, geometry)

@@ -115,3 +115,12 @@ def test_single_structure_seg_keeps_source_order(reversed_axial: CtSeries,
     mask = read.get_pixels_by_source_instance(uids, segment_numbers=[1],
                                               combine_segments=True, relabel=False)
     assert np.array_equal(mask, labels)
+
+
+def test_label_map_fast_path_encodes_the_same_frames(axial: CtSeries,
+                                                     algorithm: AlgorithmInfo) -> None:
+    """uint8 labels equal to the segment numbers skip the lookup; the frames are the same."""
+    direct = build_seg(axial.images, axial.labels, HEADNECK, algorithm)
+    mapped = build_seg(axial.images, axial.labels.astype(np.int32), HEADNECK, algorithm)
+    assert direct.PixelData == mapped.PixelData
+    assert direct.NumberOfFrames == mapped.NumberOfFrames

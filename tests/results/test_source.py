@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from scipy import ndimage
 
 from dicomnode.results.codes import HEADNECK
 from dicomnode.results.source import (
     check_source_images,
     copy_patient_study,
     ds_string,
+    label_boxes,
     structure_masks,
+    write,
 )
 from tests.results.conftest import CtSeries
 
@@ -70,3 +78,59 @@ def test_structure_masks_validate_names_shapes_and_labels(axial: CtSeries) -> No
         structure_masks(axial.labels.astype(float), HEADNECK, geometry)
     pairs = structure_masks({"BrainStem": axial.labels == 1}, HEADNECK, geometry)
     assert [s.name for s, _ in pairs] == ["BrainStem"]
+
+
+def test_label_boxes_are_find_objects_boxes() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        shape = tuple(int(n) for n in rng.integers(1, 9, rng.integers(1, 4)))
+        labels = np.zeros(shape, np.uint8)
+        count = int(rng.integers(0, labels.size + 1))
+        labels.flat[rng.integers(0, labels.size, count)] = rng.integers(0, 5, count)
+        for dtype in (np.uint8, np.int32):
+            assert label_boxes(labels.astype(dtype)) == ndimage.find_objects(
+                labels.astype(dtype)), trial
+    assert label_boxes(np.zeros((0, 4), np.uint8)) == []
+
+
+def test_write_gives_the_bytes_pydicom_writes(tmp_path: Path) -> None:
+    """The up-front preparation (one VR correction, encoding marks) changes no byte."""
+    source = Dataset()
+    source.OtherPatientIDsSequence = [Dataset()]
+    source.OtherPatientIDsSequence[0].PatientID = "X-1"
+    source.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
+    source.file_meta = FileMetaDataset()
+    source.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    source.save_as(tmp_path / "source.dcm", implicit_vr=True, little_endian=True)
+    read = pydicom.dcmread(tmp_path / "source.dcm", force=True)  # raw, VR not stored
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "Müller^Jürgen"
+    ds.OtherPatientIDsSequence = read.OtherPatientIDsSequence
+    ds.PixelRepresentation = 1
+    ds.SmallestImagePixelValue = -5  # VR 'US or SS': resolved by PixelRepresentation
+    contour = Dataset()
+    contour.ContourGeometricType = "CLOSED_PLANAR"
+    text = b"1.5\\-2\\3.25 "
+    contour[Tag(0x3006, 0x0050)] = RawDataElement(Tag(0x3006, 0x0050), "DS", len(text), text,
+                                                  0, False, True)
+    roi = Dataset()
+    roi.ContourSequence = [contour]
+    roi.ROIDisplayColor = [255, 0, 0]
+    ds.ROIContourSequence = [roi]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    plain = copy.deepcopy(ds)
+    plain.file_meta.MediaStorageSOPClassUID = plain.SOPClassUID
+    plain.file_meta.MediaStorageSOPInstanceUID = plain.SOPInstanceUID
+    plain.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+    write(ds, tmp_path / "fast.dcm")
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "plain.dcm").read_bytes()
+    back = pydicom.dcmread(tmp_path / "fast.dcm")
+    assert back.ROIContourSequence[0].ContourSequence[0].ContourData == [1.5, -2, 3.25]
+    assert back.SmallestImagePixelValue == -5 and str(back.PatientName) == "Müller^Jürgen"
+    assert back.OtherPatientIDsSequence[0].PatientID == "X-1"
