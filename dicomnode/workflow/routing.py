@@ -773,7 +773,7 @@ def route_study(
     chosen: SeriesInfo | None = None
     for uid in choice.candidates:
         try:
-            volume = load_series(by_uid[uid].paths or by_uid[uid].headers)
+            volume = load_series(by_uid[uid].headers or by_uid[uid].paths)
             chosen = by_uid[uid]
             break
         except (SeriesError, ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
