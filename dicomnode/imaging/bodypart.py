@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from dicomnode.imaging.morphology import IN_PLANE, fill_holes
 from dicomnode.imaging.series import Volume
 from dicomnode.logs import fields
 
@@ -106,12 +107,6 @@ def _axial(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
     return out, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
 
-#: In-plane 4-connectivity within each slice of a stack: morphology and labelling with it
-#: treat every slice on its own, exactly as the 2D defaults would.
-_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
-_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
-
-
 #: Slices measured together: whole-stack passes run from memory and were slower than
 #: slice-by-slice calls; a few slices at a time keep the arrays in cache.
 _CHUNK_SLICES = 8
@@ -127,7 +122,7 @@ def _largest_per_slice(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         The label array, each slice's count of components, each slice's largest label
         (0: none) and that component's voxel count.
     """
-    labels, count = ndimage.label(mask, structure=_IN_PLANE)
+    labels, count = ndimage.label(mask, structure=IN_PLANE)
     slices = mask.shape[0]
     chosen = np.zeros(slices, dtype=np.int64)
     largest = np.zeros(slices, dtype=np.int64)
@@ -145,21 +140,6 @@ def _largest_per_slice(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     chosen[z_of[first]] = ids[first]
     largest[z_of[first]] = sizes[first]
     return labels, counts, chosen, largest
-
-
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """``binary_fill_holes`` of every slice, by one labelling of the background.
-
-    A hole is background not 4-connected to the slice border. Labelling the background
-    once and keeping what touches the border gives scipy's result without its iterated
-    dilations (which grow with the image size).
-    """
-    labels, _ = ndimage.label(~mask, structure=_IN_PLANE)
-    outside = np.zeros(int(labels.max()) + 1, dtype=bool)
-    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        outside[np.unique(edge)] = True
-    outside[0] = False  # label 0 is the mask itself
-    return ~outside[labels]
 
 
 def measure_slices(stack: np.ndarray, pixel_mm: tuple[float, float]) -> list[SliceMeasures]:
@@ -193,17 +173,17 @@ def measure_slices(stack: np.ndarray, pixel_mm: tuple[float, float]) -> list[Sli
 
 def _measure_chunk(img: np.ndarray, pixel_mm: tuple[float, float]) -> list[SliceMeasures]:
     """:func:`measure_slices` of a few slices (small enough to stay in the CPU caches)."""
-    body = ndimage.binary_opening(img > BODY_HU, structure=_IN_PLANE, iterations=1)
+    body = ndimage.binary_opening(img > BODY_HU, structure=IN_PLANE, iterations=1)
     labels, components, chosen, _ = _largest_per_slice(body)
     keep = np.zeros(int(components.sum()) + 1, dtype=bool)
     keep[chosen] = True
     keep[0] = False
     body = keep[labels]
-    body = _fill_holes_per_slice(body)
+    body = fill_holes(body, IN_PLANE)
     area_px = body.sum(axis=(1, 2)).astype(np.float64)
     body_cm2 = area_px * pixel_mm[0] * pixel_mm[1] / 100.0
     bone = (img > BONE_HU) & body
-    enclosed = _fill_holes_per_slice(bone) & ~bone
+    enclosed = fill_holes(bone, IN_PLANE) & ~bone
     enclosed_labels, _, enclosed_chosen, biggest_px = _largest_per_slice(enclosed)
     air = (img < AIR_HU) & body
     bone_px = bone.sum(axis=(1, 2))

@@ -32,6 +32,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from dicomnode.imaging import morphology
 from dicomnode.nn import runtime
 
 log = logging.getLogger(__name__)
@@ -197,10 +198,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill enclosed holes in 3D and in every axial slice."""
-    filled = ndimage.binary_fill_holes(mask)
-    for z in np.flatnonzero(filled.any(axis=(1, 2))):
-        filled[z] = ndimage.binary_fill_holes(filled[z])
-    return filled
+    return morphology.fill_holes(morphology.fill_holes(mask), morphology.IN_PLANE)
 
 
 def remove_small_islands(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -198,11 +198,15 @@ def sliding_window_inference(predict: Predictor, image: torch.Tensor,
     with torch.inference_mode():
         for first in range(0, len(corners), batch_size):
             chunk = corners[first:first + batch_size]
-            batch = torch.stack([image[:, z:z + roi[0], y:y + roi[1], x:x + roi[2]]
-                                 for z, y, x in chunk]).to(device, non_blocking=True)
+            windows = [image[:, z:z + roi[0], y:y + roi[1], x:x + roi[2]] for z, y, x in chunk]
+            if device.type == "cuda" and len(windows) < batch_size:
+                # a short last batch is padded: one batch shape per network, so the
+                # kernels chosen at warm-up serve every volume (no first-use delays)
+                windows += [windows[-1]] * (batch_size - len(windows))
+            batch = torch.stack(windows).to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16,
                                 enabled=use_amp):
-                logits = predict(batch)
+                logits = predict(batch)[:len(chunk)]
             probs = torch.softmax(logits.float(), dim=1)
             for (z, y, x), p in zip(chunk, probs, strict=True):
                 out[:, z:z + roi[0], y:y + roi[1], x:x + roi[2]] += p * weight
