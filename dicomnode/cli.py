@@ -253,6 +253,9 @@ def train(
                                                     "width starts from scratch.")] = None,
     width_tumour: Annotated[int | None, typer.Option(help="Stage-2 width (default 12); "
                                                      "as --width-liver.")] = None,
+    tumour_class_weight: Annotated[float | None, typer.Option(
+        help="Cross-entropy weight of the tumour class in stage 2 (default 3.0; higher "
+             "trades false positives for recall).")] = None,
 ) -> None:
     """Train a model's weights and record them in the models manifest."""
     from dicomnode.logs import configure_logging
@@ -266,7 +269,8 @@ def train(
                                cache_dir=cache_dir, max_minutes_per_stage=max_minutes,
                                stages=stages, init_from=init, lr=lr, val_seeds=val_seeds,
                                device=device, batch_size=batch_size, workers=workers,
-                               width_liver=width_liver, width_tumour=width_tumour)
+                               width_liver=width_liver, width_tumour=width_tumour,
+                               tumour_class_weight=tumour_class_weight)
     except ValueError as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -95,6 +95,9 @@ class TrainConfig:
         if self.max_minutes_per_stage is not None and not self.max_minutes_per_stage > 0:
             raise ValueError(f"Invalid 'max_minutes_per_stage' value "
                              f"'{self.max_minutes_per_stage}' - must be positive")
+        if not self.tumour_class_weight > 0:
+            raise ValueError(f"Invalid 'tumour_class_weight' value '{self.tumour_class_weight}'"
+                             " - must be positive")
         if not 0 < self.lr < 1:
             raise ValueError(f"Invalid 'lr' value '{self.lr}' - must be in (0, 1)")
         unknown = set(self.stages) - set(STAGES)
@@ -680,8 +683,8 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    max_minutes_per_stage: float | None = None, stages: str = "liver,tumour",
                    init_from: Path | None = None, lr: float | None = None,
                    device: str = "auto", batch_size: int | None = None, workers: int = 1,
-                   width_liver: int | None = None, width_tumour: int | None = None
-                   ) -> dict[str, Any]:
+                   width_liver: int | None = None, width_tumour: int | None = None,
+                   tumour_class_weight: float | None = None) -> dict[str, Any]:
     """What ``dicomnode train MODEL`` runs: parse the seed lists and train.
 
     Raises
@@ -703,7 +706,10 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                          batch_size=TrainConfig.batch_size if batch_size is None else batch_size,
                          width_liver=width_liver or TrainConfig.width_liver,
                          width_tumour=width_tumour or TrainConfig.width_tumour,
-                         reset_width=bool(width_liver or width_tumour))
+                         reset_width=bool(width_liver or width_tumour),
+                         tumour_class_weight=(TrainConfig.tumour_class_weight
+                                              if tumour_class_weight is None
+                                              else tumour_class_weight))
     return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
                              val_seeds=validation,
                              config=config, version=version, cache_dir=cache_dir)

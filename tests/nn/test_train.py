@@ -47,6 +47,8 @@ def test_train_rejects_bad_requests(tmp_path: Path) -> None:
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="'max_minutes_per_stage'"):
         TrainConfig(max_minutes_per_stage=0)
+    with pytest.raises(ValueError, match="'tumour_class_weight'"):
+        TrainConfig(tumour_class_weight=0)
 
 
 def test_train_one_stage_from_a_checkpoint_keeps_the_other(tmp_path: Path) -> None:
@@ -121,6 +123,7 @@ def test_train_a_wider_stage_from_a_narrower_checkpoint(tmp_path: Path) -> None:
         "train", "liver_tumor", "--data", str(data), "--epochs", "1", "--steps-per-epoch", "1",
         "--stages", "tumour", "--init", str(first / "liver_tumor-0.0.1.pt"),
         "--width-tumour", "16", "--batch-size", "2", "--device", "cpu",
+        "--tumour-class-weight", "4",
         "--out", str(out), "--version", "0.0.2"])
     assert result.exit_code == 0, result.output
     start = torch.load(first / "liver_tumor-0.0.1.pt", weights_only=True)
@@ -131,6 +134,7 @@ def test_train_a_wider_stage_from_a_narrower_checkpoint(tmp_path: Path) -> None:
     metrics = json.loads((out / "liver_tumor-0.0.2.metrics.json").read_text())
     assert metrics["training"]["initialised_from"]["stages_from_scratch"] == ["tumour"]
     assert metrics["training"]["config"]["batch_size"] == 2
+    assert metrics["training"]["config"]["tumour_class_weight"] == 4.0
     assert metrics["training"]["device"] == "cpu"
     # the wider checkpoint loads and segments through the shipped loader
     entry = weights.verify("liver_tumor", out)
