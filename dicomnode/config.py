@@ -133,6 +133,9 @@ class Settings(BaseSettings):
         default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
     )
     workers: int = Field(default=1, ge=0, description="Embedded job worker threads.")
+    warm_up: bool = Field(default=True, description=(
+        "At start, off the receiving path, load and run each available pipeline once and "
+        "encode a small SEG/RTSTRUCT/SR, so the first study pays no start-up."))
     device: str = Field(default="auto", description="'auto', 'cpu' or a torch device string.")
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"

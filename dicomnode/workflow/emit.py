@@ -9,6 +9,8 @@ which study version it was computed from, so a re-opened study never mixes silen
 from __future__ import annotations
 
 import logging
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +109,44 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
     log.info("results.written", extra=fields(pipeline=name, objects=len(files),
                                              study=volume.study_instance_uid))
     return files
+
+
+def warm_up_encoders(scratch_dir: Path) -> float:
+    """Encode and write a SEG, an RTSTRUCT and an SR of a small phantom once.
+
+    highdicom reads its tables of the standard (JSON) on first use and pydicom builds
+    its lookups; done at start-up, off the receiving path, the first study does not pay
+    for it (~0.4 s of its encoding on the 2-core build machine). Everything written goes
+    to a temporary folder under ``scratch_dir`` that is removed again.
+
+    Parameters
+    ----------
+    scratch_dir : Path
+        A folder of the node's own (the results folder).
+
+    Returns
+    -------
+    float
+        Seconds taken.
+    """
+    from dicomnode.imaging.series import load_series
+    from dicomnode.phantoms import make_phantom, write_phantom
+    from dicomnode.pipelines.base import ResultObject as Emit
+
+    started = time.perf_counter()
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    phantom = make_phantom("abdomen", seed=0, matrix=64, slices=40)
+    with tempfile.TemporaryDirectory(prefix="warm-up-", dir=scratch_dir) as tmp:
+        files = [f for f in write_phantom(phantom, Path(tmp) / "ct") if f.suffix == ".dcm"]
+        volume = load_series(files)
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        z, y, x = (n // 2 for n in volume.shape)
+        labels[z - 6:z + 6, y - 12:y + 12, x - 12:x + 12] = 1
+        labels[z - 2:z + 2, y - 4:y + 4, x - 4:x + 4] = 2
+        result = PipelineResult("warm-up", ok=True, label_map=labels,
+                                structures={1: "Liver", 2: "Lesion_Liver"},
+                                algorithm={"name": "warm-up", "version": "0",
+                                           "sha256": "0" * 64})
+        write_result_objects(result, volume, Path(tmp) / "out",
+                             (Emit.SEG, Emit.RTSTRUCT, Emit.SR))
+    return time.perf_counter() - started

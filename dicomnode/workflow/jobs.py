@@ -215,6 +215,8 @@ class JobRunner:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Set once the start-up check and warm-up are over (done, skipped or failed).
+        self.warmed = threading.Event()
         # the volume routing just built, for the pipeline jobs of the same series and
         # study version in this process (another process loads it again)
         self._volumes: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
@@ -383,9 +385,17 @@ class JobRunner:
 
     def _check_in_background(self) -> None:
         try:
+            self._check_and_warm()
+        finally:
+            self.warmed.set()
+
+    def _check_and_warm(self) -> None:
+        try:
             states = self.check_pipelines()
         except Exception:
             log.exception("pipeline.check_failed")
+            return
+        if not self.settings.warm_up:
             return
         for name, state in states.items():
             if state != "ok" or self._stop.is_set():
@@ -398,6 +408,16 @@ class JobRunner:
                 continue
             log.info("pipeline.warm", extra=fields(
                 pipeline=name, seconds=round(time.perf_counter() - started, 3)))
+        if self._stop.is_set():
+            return
+        from dicomnode.workflow.emit import warm_up_encoders  # highdicom: off the start path
+
+        try:
+            seconds = warm_up_encoders(self.settings.results_dir)
+        except Exception:  # a study will meet the same problem and record it
+            log.exception("results.warm_up_failed")
+            return
+        log.info("results.warm", extra=fields(seconds=round(seconds, 3)))
 
     def start(self) -> None:
         """Start ``settings.workers`` worker threads (and check the pipelines they run)."""

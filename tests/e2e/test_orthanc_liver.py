@@ -41,9 +41,11 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
     with orthanc(tmp_path / "orthanc") as pacs:
         settings.peers = {"ORTHANC": Peer(host="127.0.0.1", port=int(pacs["dicom_port"]))}
         settings.completion.quiet_period_s = 5
+        settings.warm_up = True             # as a node runs: pipelines and encoders warmed
         node = Node(settings)
         node.start()
         try:
+            assert node.runner.warmed.wait(120)
             sent = subprocess.run(
                 ["storescu", "-aet", "ORTHANC", "-aec", settings.ae_title, "127.0.0.1",
                  str(node.scp.port), *map(str, files)],
