@@ -131,21 +131,10 @@ def simplify_tolerance_mm(spacing: tuple[float, float]) -> float:
 
 def simplify_loop(loop: np.ndarray, spacing: tuple[float, float],
                   tolerance_mm: float) -> np.ndarray:
-    """Simplify a closed loop with Douglas-Peucker, measuring deviation in mm.
+    """Simplify one closed loop with Douglas-Peucker, measuring deviation in mm.
 
-    Parameters
-    ----------
-    loop
-        ``(n, 2)`` ``(row, column)`` vertices of a closed loop (last point not repeated).
-    spacing
-        Pixel spacing ``(row, column)`` in mm.
-    tolerance_mm
-        Largest distance (mm) of any removed vertex from the simplified polygon.
-
-    Returns
-    -------
-    numpy.ndarray
-        The kept vertices, in order; fewer than 3 only if the loop is degenerate.
+    The one-loop form of :func:`simplify_loops` (same parameters, same kept vertices);
+    returns the kept ``(row, column)`` vertices in order.
     """
     return simplify_loops([loop], spacing, tolerance_mm)[0]
 

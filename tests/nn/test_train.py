@@ -51,15 +51,21 @@ def test_train_rejects_bad_requests(tmp_path: Path) -> None:
         TrainConfig(tumour_class_weight=0)
 
 
-def test_train_one_stage_from_a_checkpoint_keeps_the_other(tmp_path: Path) -> None:
-    import torch
-
+def _one_case_and_a_first_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-case LiTS folder and the models folder of a one-step training on it."""
     data = tmp_path / "lits"
     data.mkdir()
     write_lits(tiny_case(0), data, 0)
     first = tmp_path / "first"
     train_liver_tumor(first, data_dir=data, config=TrainConfig(epochs=1, steps_per_epoch=1),
                       version="0.0.1")
+    return data, first
+
+
+def test_train_one_stage_from_a_checkpoint_keeps_the_other(tmp_path: Path) -> None:
+    import torch
+
+    data, first = _one_case_and_a_first_checkpoint(tmp_path)
     start = torch.load(first / "liver_tumor-0.0.1.pt", weights_only=True)
     second = tmp_path / "second"
     cfg = TrainConfig(epochs=1, steps_per_epoch=1, stages=("tumour",),
@@ -112,12 +118,7 @@ def test_prepared_cases_are_the_same_from_worker_processes(tmp_path: Path) -> No
 def test_train_a_wider_stage_from_a_narrower_checkpoint(tmp_path: Path) -> None:
     import torch
 
-    data = tmp_path / "lits"
-    data.mkdir()
-    write_lits(tiny_case(0), data, 0)
-    first = tmp_path / "first"
-    train_liver_tumor(first, data_dir=data, config=TrainConfig(epochs=1, steps_per_epoch=1),
-                      version="0.0.1")
+    data, first = _one_case_and_a_first_checkpoint(tmp_path)
     out = tmp_path / "models"
     result = CliRunner().invoke(app, [
         "train", "liver_tumor", "--data", str(data), "--epochs", "1", "--steps-per-epoch", "1",
