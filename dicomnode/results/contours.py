@@ -240,26 +240,15 @@ def _is_polygon(simple: np.ndarray) -> bool:
 
 def mask_to_polygons(mask: np.ndarray, spacing: tuple[float, float],
                      tolerance_mm: float | None = None) -> list[np.ndarray]:
-    """Closed planar polygons (outer boundaries and holes) of one mask slice.
+    """Closed planar polygons (outer boundaries and holes) of one 2D mask slice.
 
-    Parameters
-    ----------
-    mask
-        2D boolean array ``(rows, columns)``.
-    spacing
-        Pixel spacing ``(row, column)`` in mm.
-    tolerance_mm
-        Simplification tolerance; default :func:`simplify_tolerance_mm`.
-
-    Returns
-    -------
-    list of numpy.ndarray
-        ``(n, 2)`` ``(row, column)`` polygons with at least 3 vertices and non-zero
-        area; degenerate loops are dropped. Holes are separate polygons (even-odd rule).
+    :func:`volume_to_polygons` of a one-slice volume (same ``spacing`` and
+    ``tolerance_mm``): ``(n, 2)`` ``(row, column)`` polygons with at least 3 vertices and
+    non-zero area; degenerate loops are dropped; holes are separate polygons (even-odd
+    rule).
     """
-    tol = simplify_tolerance_mm(spacing) if tolerance_mm is None else tolerance_mm
-    return [simple for simple in simplify_loops(_midpoint_loops(mask), spacing, tol)
-            if _is_polygon(simple)]
+    return [polygon for _, polygon in volume_to_polygons(np.asarray(mask)[None], spacing,
+                                                         tolerance_mm)]
 
 
 def volume_to_polygons(mask: np.ndarray, spacing: tuple[float, float],
