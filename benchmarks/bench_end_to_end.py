@@ -41,17 +41,6 @@ from dicomnode.phantoms import make_phantom, write_phantom
 from dicomnode.pipelines.base import get_pipeline
 from dicomnode.store.status import node_status
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def _get(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        body = resp.read().decode()
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError:
-        return body.strip()
-
 
 def _copy_as_new_study(files: list[Path], out_dir: Path) -> list[Path]:
     """The same images under new study, series, frame-of-reference and instance UIDs."""
@@ -70,9 +59,13 @@ def _copy_as_new_study(files: list[Path], out_dir: Path) -> list[Path]:
 
 
 def _count_sr(url: str) -> int:
-    ids = _get(f"{url}/instances")
-    return sum(_get(f"{url}/instances/{i}/metadata/SopClassUid") == SR
-               for i in ids)  # type: ignore[union-attr]
+    """SR series stored at Orthanc: one indexed query (the poll must not load the PACS
+    with a request per stored CT image while the node works)."""
+    request = urllib.request.Request(
+        f"{url}/tools/find", method="POST",
+        data=json.dumps({"Level": "Series", "Query": {"Modality": "SR"}}).encode())
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return len(json.loads(resp.read()))
 
 
 def main() -> None:

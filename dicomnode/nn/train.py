@@ -575,6 +575,10 @@ def train_liver_tumor(out_dir: Path, *, data_dir: Path | None = None,
     return entry
 
 
+#: The tensor fields of :class:`_Prepared` (sent between processes as numpy arrays).
+_TENSOR_FIELDS = ("coarse", "coarse_liver", "fine", "fine_labels")
+
+
 def _load_prepared(source: int | Path | tuple[Path, Path], matrix: int,
                    cache_dir: Path | None) -> tuple[str, dict[str, Any] | None]:
     """Read or generate one case and prepare it; plain arrays, so that it pickles cheaply."""
@@ -584,7 +588,7 @@ def _load_prepared(source: int | Path | tuple[Path, Path], matrix: int,
     item = prepare(case)
     if item is None:
         return case.name, None
-    return case.name, {key: (value.numpy() if isinstance(value, torch.Tensor) else value)
+    return case.name, {key: (value.numpy() if key in _TENSOR_FIELDS else value)
                        for key, value in vars(item).items()}
 
 
@@ -611,8 +615,7 @@ def _prepared_cases(data_dir: Path | None, seeds: Sequence[int], *, matrix: int,
 
 def _tensors(item: dict[str, Any]) -> dict[str, Any]:
     """The arrays of a prepared case back as tensors (the voxel lists stay numpy)."""
-    return {key: (torch.from_numpy(value) if key in ("coarse", "coarse_liver", "fine",
-                                                    "fine_labels") else value)
+    return {key: (torch.from_numpy(value) if key in _TENSOR_FIELDS else value)
             for key, value in item.items()}
 
 
@@ -697,19 +700,18 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
     seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
     heldout = datasets.parse_seeds(heldout_seeds) if heldout_seeds else []
     validation = datasets.parse_seeds(val_seeds) if val_seeds else []
+    # options left out keep TrainConfig's defaults
+    given: dict[str, Any] = {key: value for key, value in (
+        ("lr", lr), ("batch_size", batch_size), ("width_liver", width_liver),
+        ("width_tumour", width_tumour), ("tumour_class_weight", tumour_class_weight))
+        if value is not None}
     config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch,
                          max_minutes_per_stage=max_minutes_per_stage,
                          stages=tuple(s.strip() for s in stages.split(",")
                                       if s.strip() and s.strip() != "none"),
-                         init_from=init_from, lr=TrainConfig.lr if lr is None else lr,
-                         device=device, workers=workers,
-                         batch_size=TrainConfig.batch_size if batch_size is None else batch_size,
-                         width_liver=width_liver or TrainConfig.width_liver,
-                         width_tumour=width_tumour or TrainConfig.width_tumour,
-                         reset_width=bool(width_liver or width_tumour),
-                         tumour_class_weight=(TrainConfig.tumour_class_weight
-                                              if tumour_class_weight is None
-                                              else tumour_class_weight))
+                         init_from=init_from, device=device, workers=workers,
+                         reset_width="width_liver" in given or "width_tumour" in given,
+                         **given)
     return train_liver_tumor(out, data_dir=data, seeds=seeds, heldout_seeds=heldout,
                              val_seeds=validation,
                              config=config, version=version, cache_dir=cache_dir)

@@ -131,8 +131,6 @@ def warm_up_encoders(scratch_dir: Path) -> float:
     """
     from dicomnode.imaging.series import load_series
     from dicomnode.phantoms import make_phantom, write_phantom
-    from dicomnode.pipelines.base import ResultObject as Emit
-
     started = time.perf_counter()
     scratch_dir.mkdir(parents=True, exist_ok=True)
     phantom = make_phantom("abdomen", seed=0, matrix=64, slices=40)
@@ -148,5 +146,5 @@ def warm_up_encoders(scratch_dir: Path) -> float:
                                 algorithm={"name": "warm-up", "version": "0",
                                            "sha256": "0" * 64})
         write_result_objects(result, volume, Path(tmp) / "out",
-                             (Emit.SEG, Emit.RTSTRUCT, Emit.SR))
+                             (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR))
     return time.perf_counter() - started
