@@ -186,14 +186,33 @@ class Liver25DNet(nn.Module):
 # Post-processing and measurements
 
 
+def _components(mask: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...] | None,
+                                            np.ndarray, np.ndarray]:
+    """26-connected components of ``mask``, labelled in its bounding box only.
+
+    Returns the boolean mask, the box (None when empty), the labels inside the box and
+    each label's voxel count (index 0 unused). Raster order inside the box is the same as
+    in the whole array, so the numbering, and any tie between equal sizes, is too.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    box = morphology.bounding_box(mask)
+    if box is None:
+        return mask, None, np.zeros((0,) * mask.ndim, dtype=np.int32), np.zeros(1, np.intp)
+    inner = mask[box]
+    labels, count = ndimage.label(inner, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    sizes = np.bincount(labels[inner], minlength=count + 1)
+    sizes[0] = 0
+    return mask, box, labels, sizes
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a boolean mask (empty stays empty)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    mask, box, labels, sizes = _components(mask)
+    if box is None or len(sizes) <= 2:
+        return mask.copy()
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = labels == int(np.argmax(sizes))
+    return out
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -203,13 +222,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def remove_small_islands(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop 26-connected components smaller than ``min_voxels``."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
+    mask, box, labels, sizes = _components(mask)
+    if box is None:
+        return mask.copy()
     keep = sizes >= min_voxels
     keep[0] = False
-    return keep[labels]
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = keep[labels]
+    return out
 
 
 def clean_organ(organ: np.ndarray) -> np.ndarray:
@@ -244,8 +264,8 @@ def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
         organ = clean_organ(labels > 0)
     tumour = (labels == TUMOUR) & organ
     tumour = remove_small_islands(tumour, max(1, int(np.ceil(min_tumour_ml / voxel_ml))))
-    out = np.zeros(labels.shape, dtype=np.uint8)
-    out[organ] = LIVER
+    # tumour lies inside the organ: liver everywhere in it, tumour on top
+    out = organ.astype(np.uint8) * np.uint8(LIVER)
     out[tumour] = TUMOUR
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from dicomnode.nn import liver25d
 from dicomnode.nn.liver25d import Liver25DNet, measure, normalise_hu, postprocess
@@ -58,6 +59,34 @@ def test_postprocess_cleans_liver_and_tumours() -> None:
     assert out[10, 20, 20] == 1           # hole filled
     assert out[15, 30, 30] == 1           # island dropped back to liver
     assert int((out == 2).sum()) == 144
+
+
+def _whole_array_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels, sizes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_components_in_the_bounding_box_equal_the_whole_array(seed: int) -> None:
+    # largest_component and remove_small_islands label only the mask's box: same result
+    # as labelling the whole array, ties between equal sizes included
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        mask = np.zeros((12, 14, 16), dtype=bool)
+        z, y, x = (int(rng.integers(0, n - 3)) for n in mask.shape)
+        mask[z:z + 6, y:y + 7, x:x + 8] = rng.random((6, 7, 8))[:12 - z, :14 - y, :16 - x] < 0.3
+        labels, sizes = _whole_array_components(mask)
+        expected = labels == int(np.argmax(sizes)) if sizes.size > 2 else mask
+        assert np.array_equal(liver25d.largest_component(mask), expected)
+        for smallest in (1, 2, 5):
+            keep = sizes >= smallest
+            keep[0] = False
+            assert np.array_equal(liver25d.remove_small_islands(mask, smallest), keep[labels])
+    empty = np.zeros((4, 5, 6), dtype=bool)
+    assert not liver25d.largest_component(empty).any()
+    assert not liver25d.remove_small_islands(empty, 3).any()
 
 
 def test_measure_sphere_tumour() -> None:
