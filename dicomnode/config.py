@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     warm_up: bool = Field(default=True, description=(
         "At start, off the receiving path, load and run each available pipeline once and "
         "encode a small SEG/RTSTRUCT/SR, so the first study pays no start-up."))
+    seg_writer_process: bool = Field(default=True, description=(
+        "Write each result's DICOM-SEG in a helper process while the job writes its "
+        "RTSTRUCT and SR (one more Python process of ~150 MB; the SEG is the longest of "
+        "the three to encode)."))
     device: str = Field(default="auto", description="'auto', 'cpu' or a torch device string.")
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"

@@ -92,6 +92,16 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+#: ``(level, fmt)`` of the last :func:`configure_logging` call (None: never called).
+_configured: tuple[str, str] | None = None
+
+
+def logging_config() -> tuple[str, str] | None:
+    """The ``(level, fmt)`` this process's logs were configured with, for a helper process
+    to log the same way (None when :func:`configure_logging` was never called)."""
+    return _configured
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send the package's logs to stderr in the chosen format.
 
@@ -102,6 +112,8 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     fmt : {"text", "json"}
         Output format.
     """
+    global _configured
+    _configured = (level, fmt)
     handler = StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(PhiFilter())

@@ -36,7 +36,7 @@ def settings(tmp_path: Path) -> Settings:
     """Embedded-default settings on a free loopback port, data under tmp_path."""
     return load_settings(
         None, port=free_port(), bind_address="127.0.0.1", data_dir=tmp_path / "var",
-        disk_reserve_mb=0, warm_up=False,
+        disk_reserve_mb=0, warm_up=False, seg_writer_process=False,
         completion={"quiet_period_s": 30, "poll_interval_s": 0.2},
         export={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "poll_interval_s": 0.1,
                 "connect_timeout_s": 5},

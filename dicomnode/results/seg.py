@@ -16,7 +16,7 @@ import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
 from dicomnode.logs import fields
 from dicomnode.results.algorithm import AlgorithmInfo
@@ -197,3 +197,40 @@ def build_seg(
     log.info("seg.built", extra=fields(sop=str(seg.SOPInstanceUID), segments=len(included),
                                        frames=int(seg.NumberOfFrames)))
     return seg
+
+
+def seg_reference(source_images: Sequence[Dataset], structures: Sequence[Structure], *,
+                  series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """What a report needs of the SEG that :func:`build_seg` makes of a label map.
+
+    Its identity (study, series and instance UIDs, SOP class) and its segments (number
+    and label), without frames: the SR of a result can be built while the SEG itself is
+    being written elsewhere with the same UIDs.
+
+    Parameters
+    ----------
+    source_images
+        The CT slices the SEG is built from.
+    structures
+        The structure table given to :func:`build_seg` with a label map (segment ``i``
+        is its ``i``-th structure).
+    series_instance_uid, sop_instance_uid
+        The UIDs the SEG is built with.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+    """
+    ds = Dataset()
+    ds.SOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.StudyInstanceUID = source_images[0].StudyInstanceUID
+    segments = []
+    for number, structure in enumerate(structures, start=1):
+        item = Dataset()
+        item.SegmentNumber = number
+        item.SegmentLabel = structure.name
+        segments.append(item)
+    ds.SegmentSequence = DicomSequence(segments)  # type: ignore[assignment]
+    return ds

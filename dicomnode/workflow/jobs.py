@@ -88,7 +88,8 @@ class StudyRun:
         }
 
 
-def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1) -> StudyRun:
+def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
+                 seg_writer: Any = None) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -101,6 +102,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1) -> 
         Where the result ``.dcm`` files go.
     version : int
         Study version (shown in the result series descriptions).
+    seg_writer : dicomnode.workflow.emit.SegWriter, optional
+        A started helper process that writes the SEG beside the other objects.
 
     Returns
     -------
@@ -126,7 +129,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1) -> 
         return StudyRun(JobState.NO_RESULT, reason=result.reason, pipeline=name,
                         timings=timings, summary=summary)
     started = time.perf_counter()
-    files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version)
+    files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version,
+                                 seg_writer=seg_writer)
     timings["encode"] = round(time.perf_counter() - started, 3)
     return StudyRun(JobState.DONE, pipeline=name, result_files=files, timings=timings,
                     summary=summary)
@@ -221,6 +225,8 @@ class JobRunner:
         # study version in this process (another process loads it again)
         self._volumes: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
         self._volumes_lock = threading.Lock()
+        #: The DICOM-SEG helper process (``settings.seg_writer_process``), once started.
+        self.seg_writer: Any = None
 
     def _keep_volume(self, key: tuple[str, int, str], volume: Any) -> None:
         with self._volumes_lock:
@@ -324,7 +330,8 @@ class JobRunner:
             volume, source = load_series(files), "loaded"
         load_s = round(time.perf_counter() - started, 3)
         out_dir = self.settings.results_dir / f"job-{job['id']}"
-        run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"])
+        run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
+                           seg_writer=self.seg_writer)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
@@ -385,9 +392,39 @@ class JobRunner:
 
     def _check_in_background(self) -> None:
         try:
+            seg_writer_warm = self._start_seg_writer()
             self._check_and_warm()
+            if seg_writer_warm is not None and self.settings.warm_up:
+                seg_writer_warm.exception(timeout=300)  # ready (or dropped) before warmed
+        except Exception:
+            log.exception("seg_writer.start_failed")
         finally:
             self.warmed.set()
+
+    def _start_seg_writer(self) -> Any:
+        """Spawn the SEG helper process; returns its warm-up future (None: not wanted)."""
+        if not self.settings.seg_writer_process or self._stop.is_set():
+            return None
+        from dicomnode.workflow.emit import SegWriter  # highdicom: off the start path
+
+        writer = SegWriter()
+        warm = writer.start()
+        self.seg_writer = writer
+
+        def ready(future: Any) -> None:
+            if future.exception() is None:
+                log.info("seg_writer.warm", extra=fields(seconds=round(future.result(), 3)))
+                return
+            # a helper that cannot start (no process may be spawned here): every SEG is
+            # written in the job's thread, as with seg_writer_process off
+            log.warning("seg_writer.unavailable", extra=fields(
+                reason=f"{type(future.exception()).__name__}: {future.exception()}"))
+            if self.seg_writer is writer:
+                self.seg_writer = None
+            writer.stop(wait=False)
+
+        warm.add_done_callback(ready)
+        return warm
 
     def _check_and_warm(self) -> None:
         try:
@@ -443,6 +480,9 @@ class JobRunner:
         for thread in self._threads:
             thread.join(timeout=300)
         self._threads.clear()
+        if self.seg_writer is not None:
+            self.seg_writer.stop()
+            self.seg_writer = None
 
     def _run(self, name: str) -> None:
         while not self._stop.is_set():

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -42,6 +43,7 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
         settings.peers = {"ORTHANC": Peer(host="127.0.0.1", port=int(pacs["dicom_port"]))}
         settings.completion.quiet_period_s = 5
         settings.warm_up = True             # as a node runs: pipelines and encoders warmed
+        settings.seg_writer_process = True  # and the SEG written in its helper process
         node = Node(settings)
         node.start()
         try:
@@ -68,6 +70,7 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
                 volumes = [job.result["volume"] for job in session.execute(
                     select(Job).where(Job.pipeline == "liver_tumor")).scalars()]
             assert volumes == ["kept from routing"]
+            assert node.runner.seg_writer.written == 1
             assert len(orthanc_get(f"{url}/studies")) == 1  # type: ignore[arg-type]
             parents = {orthanc_get(f"{url}/instances/{i}/study")["MainDicomTags"][
                 "StudyInstanceUID"] for i in classes.values()}  # type: ignore[index]
@@ -77,6 +80,14 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
                 with urllib.request.urlopen(f"{url}/instances/{oid}/file", timeout=30) as r:
                     path.write_bytes(r.read())
                 assert _dciodvfy_errors(path) == [], sop_class
+            # the SR, written beside the SEG, refers to the SEG that arrived
+            seg = pydicom.dcmread(tmp_path / f"{SEG}.dcm", stop_before_pixels=True)
+            report = pydicom.dcmread(tmp_path / f"{SR}.dcm")
+            referenced = {ref.ReferencedSOPInstanceUID
+                          for study in report.CurrentRequestedProcedureEvidenceSequence
+                          for series in study.ReferencedSeriesSequence
+                          for ref in series.ReferencedSOPSequence}
+            assert str(seg.SOPInstanceUID) in referenced
         finally:
             node.stop()
 
@@ -94,8 +105,6 @@ def _fail_on_no_result(node: Node) -> None:
 
 
 def phantom_study_uid(path: Path) -> str:
-    import pydicom
-
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 

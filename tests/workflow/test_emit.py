@@ -1,10 +1,23 @@
-"""The result encoders' warm-up: real objects of a small phantom, nothing left behind."""
+"""Result objects: the encoders' warm-up, and the SEG written in a helper process."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
-from dicomnode.workflow.emit import warm_up_encoders
+import numpy as np
+import pydicom
+import pytest
+from pydicom.multival import MultiValue
+
+from dicomnode.imaging.series import Volume, load_series
+from dicomnode.phantoms import make_phantom, write_phantom
+from dicomnode.pipelines.base import PipelineResult, ResultObject
+from dicomnode.workflow.emit import SegWriter, warm_up_encoders, write_result_objects
+
+EMITS = (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
 
 
 def test_warm_up_encodes_a_small_phantom_and_cleans_up(tmp_path: Path) -> None:
@@ -12,3 +25,89 @@ def test_warm_up_encodes_a_small_phantom_and_cleans_up(tmp_path: Path) -> None:
     seconds = warm_up_encoders(scratch)
     assert seconds > 0
     assert scratch.is_dir() and list(scratch.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def liver_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineResult, Volume]:
+    phantom = make_phantom("abdomen", seed=3, matrix=64, slices=40)
+    folder = tmp_path_factory.mktemp("ct")
+    volume = load_series([f for f in write_phantom(phantom, folder) if f.suffix == ".dcm"])
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[10:30, 20:44, 18:40] = 1
+    labels[15:19, 28:34, 24:30] = 2
+    labels[24:26, 36:40, 30:34] = 2
+    result = PipelineResult("liver_tumor", ok=True, label_map=labels,
+                            structures={1: "Liver", 2: "Lesion_Liver"},
+                            algorithm={"name": "test", "version": "1", "sha256": "0" * 64})
+    return result, volume
+
+
+def _segment_references(ds: Any) -> set[tuple[str, int]]:
+    """(SEG instance, segment number) of every content item of an SR that refers to one."""
+    found: set[tuple[str, int]] = set()
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            numbers = ref.get("ReferencedSegmentNumber")
+            if numbers is None:
+                continue
+            for number in numbers if isinstance(numbers, MultiValue) else [numbers]:
+                found.add((str(ref.ReferencedSOPInstanceUID), int(number)))
+        found |= _segment_references(item)
+    return found
+
+
+def test_seg_from_the_helper_process_equals_the_seg_written_here(
+        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
+    result, volume = liver_result
+    writer = SegWriter()
+    try:
+        assert writer.start().result(timeout=120) > 0
+        here = write_result_objects(result, volume, tmp_path / "here", EMITS)
+        helper = write_result_objects(result, volume, tmp_path / "helper", EMITS,
+                                      seg_writer=writer)
+    finally:
+        writer.stop()
+    assert writer.written == 1
+    assert [p.name for p in here] == [p.name for p in helper] == [
+        "seg.dcm", "rtstruct.dcm", "sr.dcm"]
+    seg_here, seg = (pydicom.dcmread(d / "seg.dcm") for d in (tmp_path / "here",
+                                                               tmp_path / "helper"))
+    assert seg.PixelData == seg_here.PixelData
+    assert seg.NumberOfFrames == seg_here.NumberOfFrames
+    assert seg.PerFrameFunctionalGroupsSequence == seg_here.PerFrameFunctionalGroupsSequence
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        s.SegmentLabel for s in seg_here.SegmentSequence]
+    assert seg.SeriesDescription == seg_here.SeriesDescription
+    # the SR written beside it refers to it: evidence and every referenced segment
+    sr_here, sr = (pydicom.dcmread(d / "sr.dcm") for d in (tmp_path / "here",
+                                                            tmp_path / "helper"))
+    evidence = {(series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) in evidence
+    references = _segment_references(sr)
+    assert {uid for uid, _ in references} == {str(seg.SOPInstanceUID)}
+    assert sorted(n for _, n in references) == sorted(
+        n for _, n in _segment_references(sr_here))
+
+
+def test_a_dead_helper_is_replaced_and_the_seg_still_written(
+        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
+    result, volume = liver_result
+    writer = SegWriter()
+    try:
+        writer.start().result(timeout=120)
+        pids = list(writer._pool._processes)  # type: ignore[union-attr]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        files = write_result_objects(result, volume, tmp_path / "out", EMITS,
+                                     seg_writer=writer)
+        assert [p.name for p in files] == ["seg.dcm", "rtstruct.dcm", "sr.dcm"]
+        seg = pydicom.dcmread(files[0])
+        assert int(seg.NumberOfFrames) == 2 * volume.shape[0]
+        assert writer.written == 0  # written here, not by the helper that was killed
+        assert writer.running  # a new helper for the next study
+        assert writer.start().result(timeout=120) > 0
+    finally:
+        writer.stop()
