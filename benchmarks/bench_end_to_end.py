@@ -138,6 +138,7 @@ def main() -> None:
             orthanc.wait()
         volume = load_series(files)
         pipeline = get_pipeline("liver_tumor")
+        pipeline.warm_up()  # on this thread, as the node's worker did on its own
         started = time.perf_counter()
         pipeline.run(volume)
         alone = time.perf_counter() - started

@@ -225,6 +225,11 @@ class JobRunner:
         # study version in this process (another process loads it again)
         self._volumes: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
         self._volumes_lock = threading.Lock()
+        # the start-up check's verdict per pipeline, for the workers to warm on their own
+        # threads, and one event per worker set once it has (or will not)
+        self._states: dict[str, str] = {}
+        self._checked = threading.Event()
+        self._workers_warm: list[threading.Event] = []
         #: The DICOM-SEG helper process (``settings.seg_writer_process``), once started.
         self.seg_writer: Any = None
 
@@ -399,6 +404,9 @@ class JobRunner:
         except Exception:
             log.exception("seg_writer.start_failed")
         finally:
+            self._checked.set()
+            for event in self._workers_warm:
+                event.wait(300)
             self.warmed.set()
 
     def _start_seg_writer(self) -> Any:
@@ -428,24 +436,13 @@ class JobRunner:
 
     def _check_and_warm(self) -> None:
         try:
-            states = self.check_pipelines()
+            self._states = self.check_pipelines()
         except Exception:
             log.exception("pipeline.check_failed")
             return
-        if not self.settings.warm_up:
-            return
-        for name, state in states.items():
-            if state != "ok" or self._stop.is_set():
-                continue
-            started = time.perf_counter()
-            try:
-                get_pipeline(name).warm_up()
-            except Exception:  # a study will report the same problem as no_result
-                log.exception("pipeline.warm_up_failed", extra=fields(pipeline=name))
-                continue
-            log.info("pipeline.warm", extra=fields(
-                pipeline=name, seconds=round(time.perf_counter() - started, 3)))
-        if self._stop.is_set():
+        finally:
+            self._checked.set()  # the workers warm the pipelines on their own threads
+        if not self.settings.warm_up or self._stop.is_set():
             return
         from dicomnode.workflow.emit import warm_up_encoders  # highdicom: off the start path
 
@@ -467,9 +464,11 @@ class JobRunner:
                                       name="pipeline-check", daemon=True)
             thread.start()
             self._threads.append(thread)
-        for n in range(self.settings.workers):
+        self._workers_warm = [threading.Event() for _ in range(self.settings.workers)]
+        for n, warm in enumerate(self._workers_warm):
             name = f"worker-{os.getpid()}-{n}"
-            thread = threading.Thread(target=self._run, args=(name,), name=name, daemon=True)
+            thread = threading.Thread(target=self._run, args=(name, warm), name=name,
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -484,7 +483,28 @@ class JobRunner:
             self.seg_writer.stop()
             self.seg_writer = None
 
-    def _run(self, name: str) -> None:
+    def _warm_pipelines(self) -> None:
+        """Warm every available pipeline on this (worker) thread (see Pipeline.warm_up)."""
+        self._checked.wait(300)
+        for name, state in self._states.items():
+            if state != "ok" or self._stop.is_set():
+                continue
+            started = time.perf_counter()
+            try:
+                get_pipeline(name).warm_up()
+            except Exception:  # a study will report the same problem as no_result
+                log.exception("pipeline.warm_up_failed", extra=fields(pipeline=name))
+                continue
+            log.info("pipeline.warm", extra=fields(
+                pipeline=name, seconds=round(time.perf_counter() - started, 3),
+                thread=threading.current_thread().name))
+
+    def _run(self, name: str, warm: threading.Event) -> None:
+        try:
+            if self.settings.warm_up:
+                self._warm_pipelines()
+        finally:
+            warm.set()
         while not self._stop.is_set():
             try:
                 worked = self.run_one(name)
