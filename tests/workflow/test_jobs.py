@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -37,8 +38,11 @@ def test_each_worker_thread_warms_the_pipelines_before_warmed_is_set(
         workers = {t.name for t in node.runner._threads if t.name.startswith("worker-")}
         assert len(workers) == 2
         assert sorted(pipeline.threads) == sorted(workers)  # once per worker, not "broken"
+        # what start-up loaded is left out of full garbage collections while it runs
+        assert gc.get_freeze_count() > 0
     finally:
         node.stop()
+    assert gc.get_freeze_count() == 0
 
 
 def test_no_warm_up_when_it_is_off(settings: Settings,
@@ -51,5 +55,6 @@ def test_no_warm_up_when_it_is_off(settings: Settings,
     try:
         assert node.runner.warmed.wait(60)
         assert pipeline.threads == []
+        assert gc.get_freeze_count() == 0
     finally:
         node.stop()
