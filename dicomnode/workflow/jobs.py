@@ -21,9 +21,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -35,6 +36,9 @@ from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, 
 from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
 from dicomnode.workflow.export import Outbox, resolve_targets
 from dicomnode.workflow.routing import RoutingRules, load_rules, route_study
+
+if TYPE_CHECKING:  # highdicom is imported off the start path
+    from dicomnode.workflow.emit import SegWriter
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class StudyRun:
 
 
 def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
-                 seg_writer: Any = None) -> StudyRun:
+                 seg_writer: SegWriter | None = None) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -233,7 +237,7 @@ class JobRunner:
         self._workers_warm: list[threading.Event] = []
         self._froze_gc = False
         #: The DICOM-SEG helper process (``settings.seg_writer_process``), once started.
-        self.seg_writer: Any = None
+        self.seg_writer: SegWriter | None = None
 
     def _keep_volume(self, key: tuple[str, int, str], volume: Any) -> None:
         with self._volumes_lock:
@@ -427,7 +431,7 @@ class JobRunner:
         self._froze_gc = True
         log.info("gc.frozen", extra=fields(objects=gc.get_freeze_count()))
 
-    def _start_seg_writer(self) -> Any:
+    def _start_seg_writer(self) -> Future[float] | None:
         """Spawn the SEG helper process; returns its warm-up future (None: not wanted)."""
         if not self.settings.seg_writer_process or self._stop.is_set():
             return None
@@ -437,7 +441,7 @@ class JobRunner:
         warm = writer.start()
         self.seg_writer = writer
 
-        def ready(future: Any) -> None:
+        def ready(future: Future[float]) -> None:
             if future.exception() is None:
                 log.info("seg_writer.warm", extra=fields(seconds=round(future.result(), 3)))
                 return
@@ -474,6 +478,8 @@ class JobRunner:
     def start(self) -> None:
         """Start ``settings.workers`` worker threads (and check the pipelines they run)."""
         self._stop.clear()
+        self._checked.clear()
+        self.warmed.clear()
         if self.settings.workers > 0:
             # weights are hashed, loaded and run once off the start-up path: the node
             # listens at once, says which pipeline is unavailable when it knows, and the
