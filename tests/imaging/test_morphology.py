@@ -9,19 +9,27 @@ from scipy import ndimage
 from dicomnode.imaging.morphology import IN_PLANE, bounding_box, fill_holes
 
 
+def _assert_fills_like_scipy(mask: np.ndarray) -> None:
+    ndim = mask.ndim
+    for structure in (None, ndimage.generate_binary_structure(ndim, ndim)):
+        assert np.array_equal(fill_holes(mask, structure),
+                              ndimage.binary_fill_holes(mask, structure))
+    if ndim == 3:
+        per_slice = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+        assert np.array_equal(fill_holes(mask, IN_PLANE), per_slice)
+        # a structure spanning one axis only: lines along it
+        line = np.zeros((3, 3, 3), dtype=bool)
+        line[1, 1, :] = True
+        assert np.array_equal(fill_holes(mask, line), ndimage.binary_fill_holes(mask, line))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fill_holes_equals_scipy_on_random_masks(seed: int) -> None:
     rng = np.random.default_rng(seed)
     for _ in range(60):
         ndim = int(rng.integers(1, 4))
         shape = tuple(int(n) for n in rng.integers(1, 14, size=ndim))
-        mask = rng.random(shape) < rng.uniform(0.2, 0.8)
-        for structure in (None, ndimage.generate_binary_structure(ndim, ndim)):
-            assert np.array_equal(fill_holes(mask, structure),
-                                  ndimage.binary_fill_holes(mask, structure))
-        if ndim == 3:
-            per_slice = np.stack([ndimage.binary_fill_holes(s) for s in mask])
-            assert np.array_equal(fill_holes(mask, IN_PLANE), per_slice)
+        _assert_fills_like_scipy(rng.random(shape) < rng.uniform(0.2, 0.8))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -37,17 +45,7 @@ def test_fill_holes_in_the_bounding_box_equals_scipy(seed: int) -> None:
         hi = [int(rng.integers(a + 2, n + 1)) for a, n in zip(lo, shape, strict=True)]
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         mask[box] = rng.random([b - a for a, b in zip(lo, hi, strict=True)]) < 0.6
-        for structure in (None, ndimage.generate_binary_structure(ndim, ndim)):
-            assert np.array_equal(fill_holes(mask, structure),
-                                  ndimage.binary_fill_holes(mask, structure))
-        if ndim == 3:
-            per_slice = np.stack([ndimage.binary_fill_holes(s) for s in mask])
-            assert np.array_equal(fill_holes(mask, IN_PLANE), per_slice)
-            # a structure spanning one axis only: lines along it
-            line = np.zeros((3, 3, 3), dtype=bool)
-            line[1, 1, :] = True
-            assert np.array_equal(fill_holes(mask, line),
-                                  ndimage.binary_fill_holes(mask, line))
+        _assert_fills_like_scipy(mask)
 
 
 def test_bounding_box() -> None:
