@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     warm_up: bool = Field(default=True, description=(
         "At start, off the receiving path, load and run each available pipeline once and "
         "encode a small SEG/RTSTRUCT/SR, so the first study pays no start-up."))
+    no_result_report: bool = Field(default=False, description=(
+        "When a pipeline ran but may report nothing (no liver found, a volume too small "
+        "or too large), send a text SR saying so and why, to the result destinations, so "
+        "that a reader sees the series was analysed."))
     seg_writer_process: bool = Field(default=True, description=(
         "Write each result's DICOM-SEG in a helper process while the job writes its "
         "RTSTRUCT and SR (one more Python process of ~150 MB; the SEG is the longest of "

@@ -138,6 +138,10 @@ class LiverTumorPipeline:
             phantom = make_phantom("abdomen", seed=0, matrix=96, slices=48)
             segmenter.segment(phantom.hu, phantom.spacing)
 
+    def _algorithm(self, entry: weights.ManifestEntry) -> dict[str, str]:
+        return {"name": self.name, "version": entry.version, "sha256": entry.sha256,
+                "family": str(entry.data.get("family", "2.5D context network"))}
+
     def _no_result(self, reason: str, timings: dict[str, float],
                    algorithm: dict[str, str] | None = None) -> PipelineResult:
         log.info("pipeline.no_result", extra={"dn_fields": {"pipeline": self.name,
@@ -187,12 +191,13 @@ class LiverTumorPipeline:
         spacing = tuple(float(s) for s in volume.spacing)
         problem = self._unusable(hu, spacing)  # type: ignore[arg-type]
         if problem:
-            return self._no_result(problem, timings)
+            # the weights that would have run (checked, not loaded), for a report of it
+            return self._no_result(problem, timings, self._algorithm(self._checked)
+                                   if self._checked is not None else None)
         t = time.perf_counter()
         segmenter, entry = self._load()
         timings["load_weights"] = time.perf_counter() - t
-        algorithm = {"name": self.name, "version": entry.version, "sha256": entry.sha256,
-                     "family": str(entry.data.get("family", "2.5D context network"))}
+        algorithm = self._algorithm(entry)
         try:
             seg = segmenter.segment(hu, spacing)
         except (MemoryError, torch.cuda.OutOfMemoryError) as exc:

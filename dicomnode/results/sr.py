@@ -68,7 +68,8 @@ def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
 
 
 def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
-              report: hd.sr.MeasurementReport, algorithm: AlgorithmInfo,
+              report: hd.sr.MeasurementReport | hd.sr.ContainerContentItem,
+              algorithm: AlgorithmInfo,
               series_description: str, series_number: int,
               series_instance_uid: str | None, sop_instance_uid: str | None,
               local_codes: bool) -> hd.sr.Comprehensive3DSR:
@@ -351,4 +352,62 @@ def build_ich_sr(
     sr = _document(source_images, source_images, report, algorithm, series_description,
                    series_number, series_instance_uid, sop_instance_uid, local_codes=True)
     log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups)))
+    return sr
+
+
+def build_no_result_sr(
+    source_images: Sequence[Dataset],
+    title: str,
+    reason: str,
+    algorithm: AlgorithmInfo,
+    *,
+    series_description: str = "AI no result",
+    series_number: int = 904,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build a text report saying that an AI pipeline produced no result, and why.
+
+    A Diagnostic Imaging Report (TID 2000 layout: the algorithm as the observing device,
+    one Findings section with one text Finding), which any viewer that shows SR text
+    shows as it is. Sent where the site wants a reader to see that the series was
+    analysed and nothing is reported for it (no liver found, a volume too small or too
+    large), rather than nothing at all.
+
+    Parameters
+    ----------
+    source_images
+        The series the pipeline was given (all listed as evidence).
+    title
+        What the result would have been, e.g. ``"AI liver"``.
+    reason
+        Why there is no result, in words a reader understands (no patient data).
+    algorithm
+        The model that ran.
+    series_description, series_number
+        Of the new SR series.
+    series_instance_uid, sop_instance_uid
+        UIDs to use; new ones by default.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+    """
+    check_source_images(source_images)
+    if not reason.strip():
+        raise ValueError("Invalid 'reason' value '' - say why there is no result")
+    text = (f"{title}: no result. {reason[0].upper()}{reason[1:].rstrip('.')}. "
+            f"The series ({len(source_images)} images) was analysed by "
+            f"{algorithm.describe()}; no segmentation or measurement was produced for it.")
+    finding = hd.sr.TextContentItem(name=codes.DCM.Finding, value=text,
+                                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    findings = hd.sr.ContainerContentItem(
+        name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    findings.ContentSequence = hd.sr.ContentSequence([finding])
+    root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport,
+                                      template_id="2000")
+    root.ContentSequence = hd.sr.ContentSequence([*_observation_context(algorithm), findings])
+    sr = _document(source_images, source_images, root, algorithm, series_description,
+                   series_number, series_instance_uid, sop_instance_uid, local_codes=False)
+    log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=0))
     return sr

@@ -31,7 +31,12 @@ from dicomnode.results.kos import build_kos
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.seg import build_seg, seg_reference
 from dicomnode.results.source import new_uid, write
-from dicomnode.results.sr import IchResult, build_ich_sr, build_segmentation_sr
+from dicomnode.results.sr import (
+    IchResult,
+    build_ich_sr,
+    build_no_result_sr,
+    build_segmentation_sr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +154,43 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
     log.info("results.written", extra=fields(pipeline=name, objects=len(files),
                                              study=volume.study_instance_uid))
     return files
+
+
+def write_no_result_report(result: PipelineResult, volume: Any, out_dir: Path, *,
+                           version: int = 1) -> Path:
+    """Write the SR that says a pipeline produced no result for a series, and why.
+
+    Parameters
+    ----------
+    result : PipelineResult
+        A result with ``ok=False``, its ``reason`` and the ``algorithm`` that ran.
+    volume : imaging.series.Volume
+        The volume the pipeline was given.
+    out_dir : Path
+        Where ``no-result.dcm`` is written.
+    version : int
+        The study version the result belongs to.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    if result.ok or not result.reason:
+        raise ValueError(f"Invalid 'result' - '{result.pipeline}' has a result, or no "
+                         "reason for having none")
+    if not result.algorithm:
+        raise ValueError(f"Invalid 'result' - '{result.pipeline}' names no algorithm")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = TITLES.get(result.pipeline, f"AI {result.pipeline}")
+    sr = build_no_result_sr(volume.datasets, title, result.reason,
+                            AlgorithmInfo.from_mapping(result.algorithm),
+                            series_description=_describe(result.pipeline, "no result",
+                                                         version))
+    path = write(sr, out_dir / "no-result.dcm")
+    log.info("results.written", extra=fields(pipeline=result.pipeline, objects=1,
+                                             study=volume.study_instance_uid))
+    return path
 
 
 def warm_up_encoders(scratch_dir: Path) -> float:

@@ -94,7 +94,8 @@ class StudyRun:
 
 
 def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
-                 seg_writer: SegWriter | None = None) -> StudyRun:
+                 seg_writer: SegWriter | None = None,
+                 no_result_report: bool = False) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -109,6 +110,9 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
         Study version (shown in the result series descriptions).
     seg_writer : dicomnode.workflow.emit.SegWriter, optional
         A started helper process that writes the SEG beside the other objects.
+    no_result_report : bool
+        When the pipeline ran and has no result, write an SR saying why (its file is
+        the run's result file).
 
     Returns
     -------
@@ -116,7 +120,7 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
         ``no_result`` with the reason when the pipeline is unavailable or found nothing
         it may report; never raises for bad data.
     """
-    from dicomnode.workflow.emit import write_result_objects
+    from dicomnode.workflow.emit import write_no_result_report, write_result_objects
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -131,8 +135,13 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
     timings.update({f"pipeline.{k}": v for k, v in result.timings.items()})
     summary = {"result": result.summary()}
     if not result.ok:
+        files = []
+        if no_result_report and result.algorithm:
+            started = time.perf_counter()
+            files.append(write_no_result_report(result, volume, out_dir, version=version))
+            timings["encode"] = round(time.perf_counter() - started, 3)
         return StudyRun(JobState.NO_RESULT, reason=result.reason, pipeline=name,
-                        timings=timings, summary=summary)
+                        result_files=files, timings=timings, summary=summary)
     started = time.perf_counter()
     files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version,
                                  seg_writer=seg_writer)
@@ -342,7 +351,8 @@ class JobRunner:
         load_s = round(time.perf_counter() - started, 3)
         out_dir = self.settings.results_dir / f"job-{job['id']}"
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
-                           seg_writer=self.seg_writer)
+                           seg_writer=self.seg_writer,
+                           no_result_report=self.settings.no_result_report)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
@@ -350,7 +360,8 @@ class JobRunner:
 
     def _finish(self, job: dict[str, Any], run: StudyRun) -> None:
         deliveries = []
-        if run.state == JobState.DONE and run.result_files:
+        # results, or the report that there is none (no_result_report)
+        if run.state in (JobState.DONE, JobState.NO_RESULT) and run.result_files:
             names = run.routing.get("action", {}).get("destinations")
             for target in resolve_targets(self.settings, job["calling_aet"], run.pipeline,
                                           names):

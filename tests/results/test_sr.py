@@ -13,7 +13,12 @@ from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import ABDOMEN, HEADNECK, ICH_FINDINGS
 from dicomnode.results.seg import build_seg
 from dicomnode.results.source import check_source_images, write
-from dicomnode.results.sr import IchResult, build_ich_sr, build_segmentation_sr
+from dicomnode.results.sr import (
+    IchResult,
+    build_ich_sr,
+    build_no_result_sr,
+    build_segmentation_sr,
+)
 from tests.results.conftest import CtSeries, dciodvfy_errors
 
 
@@ -124,3 +129,27 @@ def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) ->
     with pytest.raises(ValueError, match="repeated"):
         build_ich_sr(axial.images, [IchResult("any", 0.9, True), IchResult("any", 0.9, True)],
                      algorithm)
+
+
+def test_no_result_report_is_readable_text_with_its_evidence(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    sr = build_no_result_sr(axial.images, "AI liver", "no liver found: segmented liver 3 ml",
+                            algorithm, series_description="AI liver no result")
+    path = write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    back = hd.sr.srread(path)
+    assert back.SeriesDescription == "AI liver no result"
+    assert back.ConceptNameCodeSequence[0].CodeValue == "18748-4"  # diagnostic imaging report
+    findings = [item for item in back.ContentSequence if item.ValueType == "CONTAINER"]
+    assert [f.ConceptNameCodeSequence[0].CodeValue for f in findings] == ["121070"]
+    (text,) = [item.TextValue for item in findings[0].ContentSequence]
+    assert text.startswith("AI liver: no result. No liver found: segmented liver 3 ml.")
+    assert algorithm.describe() in text and f"({len(axial.images)} images)" in text
+    evidence = {ref.ReferencedSOPInstanceUID
+                for study in back.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    assert evidence == {im.SOPInstanceUID for im in axial.images}
+    assert back.PatientName == axial.images[0].PatientName
+    with pytest.raises(ValueError, match="'reason'"):
+        build_no_result_sr(axial.images, "AI liver", " ", algorithm)

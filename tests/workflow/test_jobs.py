@@ -1,15 +1,23 @@
-"""The job runner's start-up: pipelines are warmed on the threads that will run studies."""
+"""The job runner: warm-up on the threads that run studies; reporting that there is no result."""
 
 from __future__ import annotations
 
 import gc
+import subprocess
 import threading
+import time
+from pathlib import Path
 
+import pydicom
 import pytest
 
-from dicomnode.config import Settings
+from dicomnode.config import Peer, Settings
 from dicomnode.node import Node
+from dicomnode.phantoms import make_phantom, write_phantom
+from dicomnode.pipelines import liver_tumor
+from dicomnode.store.status import node_status
 from dicomnode.workflow import jobs
+from tests.peers import storescp
 
 
 class _RecordingPipeline:
@@ -58,3 +66,43 @@ def test_no_warm_up_when_it_is_off(settings: Settings,
         assert gc.get_freeze_count() == 0
     finally:
         node.stop()
+
+
+def test_no_result_is_reported_to_the_sender_when_the_site_wants_it(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the real liver pipeline on a real abdomen phantom, made to want more liver than any
+    # body holds: it ends "no result" with its reason, and the SR saying so reaches the
+    # PACS that sent the study
+    monkeypatch.setattr(liver_tumor, "MIN_LIVER_ML", 1e9)
+    phantom = make_phantom("abdomen", seed=7, matrix=128, spacing=(2.5, 3.2, 3.2))
+    files = [f for f in write_phantom(phantom, tmp_path / "ct") if f.suffix == ".dcm"]
+    with storescp(tmp_path / "pacs", aet="PACS") as (port, received):
+        settings.peers = {"PACS": Peer(host="127.0.0.1", port=port)}
+        settings.no_result_report = True
+        node = Node(settings)
+        node.start()
+        try:
+            sent = subprocess.run(["storescu", "-aet", "PACS", "-aec", settings.ae_title,
+                                   "127.0.0.1", str(node.scp.port), *map(str, files)],
+                                  capture_output=True, text=True, timeout=120)
+            assert sent.returncode == 0, sent.stderr
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                status = node_status(node.db)
+                if any(d["state"] in ("done", "failed") for d in status["deliveries"]) or any(
+                        j["state"] == "failed" or (j["pipeline"] is None
+                                                   and j["state"] == "no_result")
+                        for j in status["jobs"]):
+                    break
+                time.sleep(0.2)
+            jobs_by_pipeline = {j["pipeline"]: j for j in status["jobs"]}
+            assert [d["state"] for d in status["deliveries"]] == ["done"], status
+        finally:
+            node.stop()
+        job = jobs_by_pipeline["liver_tumor"]
+        assert job["state"] == "no_result" and job["reason"].startswith("no liver found")
+        (report,) = [pydicom.dcmread(p) for p in received.iterdir()]
+    assert report.Modality == "SR" and report.SeriesDescription == "AI liver no result"
+    assert report.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    text = report.ContentSequence[-1].ContentSequence[0].TextValue
+    assert text.startswith("AI liver: no result. No liver found")
