@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import tempfile
 import threading
 import time
@@ -232,10 +233,25 @@ def warm_up_encoders(scratch_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def _start_helper(config: tuple[str, str] | None) -> None:
-    """Initialiser of the SEG helper process: log as the node does."""
+def _start_helper(config: tuple[str, str] | None, parent: int) -> None:
+    """Initialiser of the SEG helper process: log as the node does, end with the node."""
     if config is not None:
         configure_logging(*config)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch",
+                     daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End the helper once the node that started it is gone.
+
+    A node killed outright (SIGKILL, the kernel's out-of-memory killer) never shuts its
+    pool down, and the helper's queues never report the end: each pipe's two ends are
+    held in the helper itself. Without this, every such restart would leave a ~150 MB
+    process behind for good.
+    """
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _write_seg(images: list[Dataset], crop: np.ndarray | None,
@@ -281,7 +297,7 @@ class SegWriter:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_helper, initargs=(logging_config(),))
+                    initializer=_start_helper, initargs=(logging_config(), os.getpid()))
             pool = self._pool
         return pool.submit(_warm_up_helper)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +114,37 @@ def test_a_dead_helper_is_replaced_and_the_seg_still_written(
         assert writer.start().result(timeout=120) > 0
     finally:
         writer.stop()
+
+
+def test_the_helper_ends_when_its_node_is_killed_outright(tmp_path: Path) -> None:
+    # SIGKILL (or the out-of-memory killer) gives the pool no shutdown, and the helper's
+    # own pipes keep it waiting: it watches its parent and ends with it
+    node = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, time\n"
+         "from dicomnode.workflow.emit import SegWriter\n"
+         "writer = SegWriter()\n"
+         "writer.start().result(timeout=120)\n"
+         "print(*writer._pool._processes, flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert node.stdout is not None
+        (helper,) = (int(pid) for pid in node.stdout.readline().split())
+    finally:
+        node.kill()
+        node.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(helper):
+        time.sleep(0.2)
+    assert not _alive(helper)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process (not our child: a zombie waiting for its new parent counts as
+    ended) is still running."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
