@@ -384,10 +384,8 @@ def build_no_result_sr(
         Why there is no result, in words a reader understands (no patient data).
     algorithm
         The model that ran.
-    series_description, series_number
-        Of the new SR series.
-    series_instance_uid, sop_instance_uid
-        UIDs to use; new ones by default.
+    series_description, series_number, series_instance_uid, sop_instance_uid
+        Of the new SR series, as for :func:`build_segmentation_sr`.
 
     Returns
     -------
