@@ -333,8 +333,10 @@ class SegWriter:
         try:
             future = pool.submit(_write_seg, list(images), crop, box, tuple(labels.shape),
                                  dict(structures), dict(algorithm), description, uids, path)
-        except (BrokenProcessPool, RuntimeError):  # died, or being stopped
+        except BrokenProcessPool:  # died: a new one for the next study
             self.restart()
+            return None
+        except RuntimeError:  # stopped meanwhile: nothing to restart
             return None
         future.add_done_callback(self._count)
         return future
