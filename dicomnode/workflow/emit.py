@@ -349,5 +349,4 @@ class SegWriter:
 
 def _warm_up_helper() -> float:
     """The SEG helper's warm-up: encoder tables loaded before the first study."""
-    with tempfile.TemporaryDirectory(prefix="seg-helper-") as tmp:
-        return warm_up_encoders(Path(tmp))
+    return warm_up_encoders(Path(tempfile.gettempdir()))  # cleans up after itself

@@ -360,8 +360,8 @@ class JobRunner:
 
     def _finish(self, job: dict[str, Any], run: StudyRun) -> None:
         deliveries = []
-        # results, or the report that there is none (no_result_report)
-        if run.state in (JobState.DONE, JobState.NO_RESULT) and run.result_files:
+        # results, or the report that there are none (no_result_report)
+        if run.result_files:
             names = run.routing.get("action", {}).get("destinations")
             for target in resolve_targets(self.settings, job["calling_aet"], run.pipeline,
                                           names):
