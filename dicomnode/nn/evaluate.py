@@ -7,6 +7,13 @@ prediction: every predicted tumour component except those touching only smaller 
 tumours); lesion detection (a true tumour >= ``min_diameter_mm`` counts as detected when
 a predicted tumour voxel overlaps it); false-positive components (predicted tumour
 components touching no true tumour).
+
+Over cases, tumour Dice is reported the two ways of the LiTS benchmark (Bilic et al.,
+Medical Image Analysis 2023): *Dice per case*, the mean of the per-case scores
+(``tumour_dice_mean``; every case weighs the same, so a small missed tumour costs as much
+as a large one), and *Dice global*, one Dice over the voxels of those cases pooled
+(``tumour_dice_global``; large tumours dominate). The smallest per-case score and the
+fraction of cases at 0.75 or more are reported as well.
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ def score_case(pred: np.ndarray, case: datasets.Case, *,
         "false_positive_lesions": false_positives,
     }
     result["tumour_dice_ge_min"] = round(dice(keep, big), 4) if big_ids else None
+    # the voxel counts behind that Dice, pooled over cases for LiTS's Dice global
+    result["tumour_voxels"] = [int((keep & big).sum()), int(keep.sum()), int(big.sum())]
     return result
 
 
@@ -168,6 +177,9 @@ def summarise(rows: Sequence[dict[str, Any]], min_diameter_mm: float = 10.0) -> 
         return {"cases": 0}
     liver = [r["liver_dice"] for r in rows]
     tumour = [r["tumour_dice_ge_min"] for r in rows if r["tumour_dice_ge_min"] is not None]
+    # overlap, predicted and true voxels pooled over the cases that have a Dice
+    counts = [r["tumour_voxels"] for r in rows if r["tumour_dice_ge_min"] is not None]
+    pooled = [sum(column) for column in zip(*counts, strict=True)]
     truth = sum(r["true_lesions_ge_min"] for r in rows)
     found = sum(r["detected_ge_min"] for r in rows)
     return {
@@ -178,6 +190,8 @@ def summarise(rows: Sequence[dict[str, Any]], min_diameter_mm: float = 10.0) -> 
         "tumour_cases": len(tumour),
         "tumour_dice_mean": round(float(np.mean(tumour)), 4) if tumour else None,
         "tumour_dice_min": round(float(np.min(tumour)), 4) if tumour else None,
+        "tumour_dice_global": (round(2.0 * pooled[0] / (pooled[1] + pooled[2]), 4)
+                               if pooled and pooled[1] + pooled[2] else None),
         "tumour_cases_dice_ge_0_75": (round(float(np.mean([d >= 0.75 for d in tumour])), 3)
                                       if tumour else None),
         "lesions_ge_min": truth,
