@@ -277,6 +277,69 @@ def train(
     typer.echo(json.dumps(entry, indent=2))
 
 
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model to evaluate (liver_tumor).")],
+    data: Annotated[Path | None, typer.Option(help="Test cases: phantom folders and/or "
+                                              "LiTS pairs (volume-N.nii, "
+                                              "segmentation-N.nii).")] = None,
+    phantom_seeds: Annotated[str | None, typer.Option(help="Phantom seeds to generate and "
+                                                      "evaluate, e.g. 0-19 (the shipped "
+                                                      "weights' held-out seeds).")] = None,
+    models: Annotated[Path | None, typer.Option(help="Models folder (default: "
+                                                "DICOMNODE_MODELS_DIR or the shipped "
+                                                "models/).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache of generated phantoms.")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")
+                      ] = "auto",
+    min_diameter: Annotated[float, typer.Option(help="Smallest tumour (mm, longest axial "
+                                                "diameter) counted by tumour Dice and "
+                                                "detection.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (every case).")] = False,
+) -> None:
+    """Score the installed weights on cases with ground truth (Dice, detection)."""
+    from dicomnode.logs import configure_logging
+    from dicomnode.nn import datasets
+    from dicomnode.nn.evaluate import evaluate as run_evaluation
+    from dicomnode.nn.weights import WeightsError
+
+    configure_logging("WARNING")
+    if model != "liver_tumor":
+        typer.echo(f"dicomnode: Invalid 'model' value '{model}' - must be 'liver_tumor'",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
+        result = run_evaluation(seeds, data_dir=data, models=models, cache_dir=cache_dir,
+                                device=device, min_diameter_mm=min_diameter)
+    except (ValueError, WeightsError) as exc:
+        typer.echo(f"dicomnode: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    info, summary = result["model"], result["summary"]
+    typer.echo(f"{info['name']} {info['version']} (sha256 {info['sha256'][:12]}), "
+               f"{summary['cases']} cases, tumours >= {min_diameter:g} mm")
+    for row in result["cases"]:
+        tumour = "-" if row["tumour_dice_ge_min"] is None else f"{row['tumour_dice_ge_min']:.3f}"
+        typer.echo(f"  {row['case']:<20} liver Dice {row['liver_dice']:.3f}  tumour Dice "
+                   f"{tumour:>5}  detected "
+                   f"{row['detected_ge_min']}/{row['true_lesions_ge_min']}  false positives "
+                   f"{row['false_positive_lesions']}")
+    number = {key: "-" if summary.get(key) is None else f"{summary[key]:.3f}"
+              for key in ("liver_dice_mean", "liver_dice_min", "tumour_dice_mean",
+                          "tumour_dice_min", "tumour_dice_global", "detection_recall",
+                          "false_positive_lesions_per_case")}
+    typer.echo(f"liver Dice mean {number['liver_dice_mean']} (min {number['liver_dice_min']})")
+    typer.echo(f"tumour Dice per case {number['tumour_dice_mean']} (min "
+               f"{number['tumour_dice_min']}, {summary.get('tumour_cases', 0)} cases), "
+               f"Dice global {number['tumour_dice_global']}")
+    typer.echo(f"detection recall {number['detection_recall']} "
+               f"({summary.get('lesions_detected', 0)}/{summary.get('lesions_ge_min', 0)}), "
+               f"false positives per case {number['false_positive_lesions_per_case']}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

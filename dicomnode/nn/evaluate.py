@@ -203,14 +203,18 @@ def summarise(rows: Sequence[dict[str, Any]], min_diameter_mm: float = 10.0) -> 
     }
 
 
-def evaluate(seeds: Sequence[int], *, models: Path | None = None, matrix: int = 256,
-             cache_dir: Path | None = None, device: str | None = "cpu") -> dict[str, Any]:
-    """Evaluate the installed ``liver_tumor`` weights on held-out phantom seeds.
+def evaluate(seeds: Sequence[int] = (), *, data_dir: Path | None = None,
+             models: Path | None = None, matrix: int = 256, cache_dir: Path | None = None,
+             device: str | None = "cpu", min_diameter_mm: float = 10.0) -> dict[str, Any]:
+    """Evaluate the installed ``liver_tumor`` weights on cases with ground truth.
 
     Parameters
     ----------
     seeds : sequence of int
-        Phantom seeds never used in training (the manifest lists them).
+        Phantom seeds never used in training (the manifest lists the held-out ones).
+    data_dir : pathlib.Path, optional
+        Phantom folders and/or LiTS pairs (``volume-N.nii``, ``segmentation-N.nii``)
+        that the weights were not trained on: a site's own test cases.
     models : pathlib.Path, optional
         Models folder (default: :func:`dicomnode.nn.weights.models_dir`).
     matrix : int
@@ -219,11 +223,33 @@ def evaluate(seeds: Sequence[int], *, models: Path | None = None, matrix: int = 
         Phantom cache.
     device : str, optional
         Torch device.
+    min_diameter_mm : float
+        Smallest tumour (longest axial diameter on the truth mask) that tumour Dice and
+        detection count.
+
+    Returns
+    -------
+    dict
+        ``model`` (name, version, sha256 of the weights evaluated), ``cases`` and
+        ``summary`` as :func:`evaluate_cases` returns them.
+
+    Raises
+    ------
+    ValueError
+        If neither seeds nor a data directory is given, or the directory holds no case.
+    dicomnode.nn.weights.WeightsError
+        Missing weights or a checksum mismatch.
     """
     from dicomnode.nn.liver25d import load_segmenter
     from dicomnode.nn.runtime import select_device
 
-    segmenter, _ = load_segmenter(models, select_device(device))
-    cases = (datasets.phantom_case(s, matrix=matrix, cache_dir=cache_dir) for s in seeds)
+    if data_dir is None and not seeds:
+        raise ValueError("Nothing to evaluate - give phantom seeds and/or a data directory")
+    if data_dir is not None:
+        datasets.discover(data_dir)  # a directory without cases fails before the weights load
+    segmenter, entry = load_segmenter(models, select_device(device))
+    cases = datasets.iter_cases(data_dir, seeds, matrix=matrix, cache_dir=cache_dir)
     with torch.inference_mode():
-        return evaluate_cases(segmenter, cases)
+        result = evaluate_cases(segmenter, cases, min_diameter_mm=min_diameter_mm)
+    return {"model": {"name": entry.name, "version": entry.version, "sha256": entry.sha256},
+            **result}

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
 
+import numpy as np
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.nn import weights
 from dicomnode.nn.evaluate import dice, score_case, summarise
-from tests.nn.synthetic import tiny_case
+from tests.nn.synthetic import tiny_case, write_lits
 
 
 def test_perfect_prediction_scores_one() -> None:
@@ -46,3 +52,39 @@ def test_dice_per_case_and_global_weigh_cases_differently() -> None:
 def test_dice_of_empty_masks() -> None:
     empty = np.zeros((2, 2), dtype=bool)
     assert dice(empty, empty) == 1.0
+
+
+def test_evaluate_command_scores_a_lits_folder_with_the_shipped_weights(tmp_path: Path) -> None:
+    data = tmp_path / "lits"
+    data.mkdir()
+    for number in (0, 1):
+        write_lits(tiny_case(number), data, number)
+    result = CliRunner().invoke(app, ["evaluate", "liver_tumor", "--data", str(data),
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    entry = weights.verify("liver_tumor")
+    assert report["model"] == {"name": "liver_tumor", "version": entry.version,
+                               "sha256": entry.sha256}
+    assert [row["case"] for row in report["cases"]] == ["lits-0", "lits-1"]
+    assert report["summary"]["cases"] == 2
+    for key in ("liver_dice_mean", "tumour_dice_mean", "tumour_dice_global",
+                "detection_recall"):
+        assert key in report["summary"]
+    table = CliRunner().invoke(app, ["evaluate", "liver_tumor", "--data", str(data),
+                                     "--device", "cpu"])
+    assert table.exit_code == 0, table.output
+    assert "lits-1" in table.output and "tumour Dice per case" in table.output
+
+
+def test_evaluate_command_refuses_bad_requests(tmp_path: Path) -> None:
+    runner = CliRunner()
+    nothing = runner.invoke(app, ["evaluate", "liver_tumor"])
+    assert nothing.exit_code == 2 and "Nothing to evaluate" in nothing.output
+    unknown = runner.invoke(app, ["evaluate", "brain_xyz", "--phantom-seeds", "0"])
+    assert unknown.exit_code == 2 and "'model'" in unknown.output
+    empty = runner.invoke(app, ["evaluate", "liver_tumor", "--data", str(tmp_path)])
+    assert empty.exit_code == 2 and "no phantom folders" in empty.output
+    missing = runner.invoke(app, ["evaluate", "liver_tumor", "--phantom-seeds", "0",
+                                  "--models", str(tmp_path / "none")])
+    assert missing.exit_code == 2 and "liver_tumor" in missing.output
