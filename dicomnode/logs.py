@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _FIELDS = "dn_fields"
@@ -47,6 +50,33 @@ class PhiFilter(logging.Filter):
                 if not any(p in k.lower() for p in _PHI_KEYS)
             })
         return True
+
+
+_quiet = threading.local()
+
+
+@contextmanager
+def quiet_info() -> Iterator[None]:
+    """Leave this thread's INFO and DEBUG records out of the node's log for a while.
+
+    For start-up work on synthetic data (warming the encoders on a small phantom): its
+    dozen "series loaded", "SEG built", "result written" lines with made-up UIDs would
+    read like real studies. Warnings and errors still show; other threads (the listener
+    receiving a study meanwhile) are not affected.
+    """
+    previous = getattr(_quiet, "on", False)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = previous
+
+
+class QuietFilter(logging.Filter):
+    """Drop INFO and lower records of a thread inside :func:`quiet_info`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not getattr(_quiet, "on", False)
 
 
 class TextFormatter(logging.Formatter):
@@ -117,6 +147,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(PhiFilter())
+    handler.addFilter(QuietFilter())
     root = logging.getLogger("dicomnode")
     for old in list(root.handlers):
         if not isinstance(old, logging.NullHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +27,10 @@ def test_serve_store_status(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
     env.update(DICOMNODE_PORT=str(port), DICOMNODE_BIND_ADDRESS="127.0.0.1",
                DICOMNODE_DISK_RESERVE_MB="0")
+    # its own process group, as in a terminal: Ctrl-C reaches the node and its helper
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve"], cwd=tmp_path,
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         wait_port(port, 30)
         paths = write_series(tmp_path / "study", 300, rows=16, cols=16)
@@ -45,10 +48,11 @@ def test_serve_store_status(tmp_path: Path) -> None:
         assert study["instances"] == 300 and study["completion_trigger"] == "association_release"
         assert (tmp_path / "var" / "dicomnode.db").is_file()
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "node.stopped" in err
+    assert "Traceback" not in err, err
 
 
 def test_process_reports_honestly(tmp_path: Path) -> None:

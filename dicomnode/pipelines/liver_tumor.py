@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from dicomnode.logs import quiet_info
 from dicomnode.nn import liver25d, runtime, weights
 from dicomnode.pipelines.base import (
     PipelineResult,
@@ -135,7 +136,8 @@ class LiverTumorPipeline:
         if segmenter.device.type == "cuda":
             from dicomnode.phantoms import make_phantom  # only needed here
 
-            phantom = make_phantom("abdomen", seed=0, matrix=96, slices=48)
+            with quiet_info():  # a made-up study: not the site's
+                phantom = make_phantom("abdomen", seed=0, matrix=96, slices=48)
             segmenter.segment(phantom.hu, phantom.spacing)
 
     def _algorithm(self, entry: weights.ManifestEntry) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicomnode.imaging.morphology import bounding_box
-from dicomnode.logs import configure_logging, fields, logging_config
+from dicomnode.logs import configure_logging, fields, logging_config, quiet_info
 from dicomnode.pipelines.base import PipelineResult, ResultObject
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import table_from_labels
@@ -194,18 +195,26 @@ def write_no_result_report(result: PipelineResult, volume: Any, out_dir: Path, *
     return path
 
 
-def warm_up_encoders(scratch_dir: Path) -> float:
-    """Encode and write a SEG, an RTSTRUCT and an SR of a small phantom once.
+#: Every object a result can be encoded as at start-up.
+WARM_UP_OBJECTS = (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
+
+
+def warm_up_encoders(scratch_dir: Path,
+                     objects: Sequence[ResultObject] = WARM_UP_OBJECTS) -> float:
+    """Encode and write result objects of a small phantom once.
 
     highdicom reads its tables of the standard (JSON) on first use and pydicom builds
     its lookups; done at start-up, off the receiving path, the first study does not pay
     for it (~0.4 s of its encoding on the 2-core build machine). Everything written goes
-    to a temporary folder under ``scratch_dir`` that is removed again.
+    to a temporary folder under ``scratch_dir`` that is removed again, and the log lines
+    of this made-up study are left out of the node's log.
 
     Parameters
     ----------
     scratch_dir : Path
         A folder of the node's own (the results folder).
+    objects : sequence of ResultObject
+        What to encode (the SEG helper process only ever writes SEGs).
 
     Returns
     -------
@@ -216,8 +225,8 @@ def warm_up_encoders(scratch_dir: Path) -> float:
     from dicomnode.phantoms import make_phantom, write_phantom
     started = time.perf_counter()
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    phantom = make_phantom("abdomen", seed=0, matrix=64, slices=40)
-    with tempfile.TemporaryDirectory(prefix="warm-up-", dir=scratch_dir) as tmp:
+    with quiet_info(), tempfile.TemporaryDirectory(prefix="warm-up-", dir=scratch_dir) as tmp:
+        phantom = make_phantom("abdomen", seed=0, matrix=64, slices=40)
         files = [f for f in write_phantom(phantom, Path(tmp) / "ct") if f.suffix == ".dcm"]
         volume = load_series(files)
         labels = np.zeros(volume.shape, dtype=np.uint8)
@@ -228,13 +237,19 @@ def warm_up_encoders(scratch_dir: Path) -> float:
                                 structures={1: "Liver", 2: "Lesion_Liver"},
                                 algorithm={"name": "warm-up", "version": "0",
                                            "sha256": "0" * 64})
-        write_result_objects(result, volume, Path(tmp) / "out",
-                             (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR))
+        write_result_objects(result, volume, Path(tmp) / "out", tuple(objects))
     return time.perf_counter() - started
 
 
 def _start_helper(config: tuple[str, str] | None, parent: int) -> None:
-    """Initialiser of the SEG helper process: log as the node does, end with the node."""
+    """Initialiser of the SEG helper process: log as the node does, end with the node.
+
+    Ctrl-C in a terminal and a service manager's SIGTERM reach every process of the
+    group; the node alone decides when its helper stops (after the SEG it is writing),
+    so the helper ignores both instead of dying mid-file with a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if config is not None:
         configure_logging(*config)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch",
@@ -349,4 +364,5 @@ class SegWriter:
 
 def _warm_up_helper() -> float:
     """The SEG helper's warm-up: encoder tables loaded before the first study."""
-    return warm_up_encoders(Path(tempfile.gettempdir()))  # cleans up after itself
+    return warm_up_encoders(Path(tempfile.gettempdir()),  # cleans up after itself
+                            (ResultObject.SEG,))

@@ -16,6 +16,7 @@ import pytest
 from pydicom.multival import MultiValue
 
 from dicomnode.imaging.series import Volume, load_series
+from dicomnode.logs import configure_logging
 from dicomnode.phantoms import make_phantom, write_phantom
 from dicomnode.pipelines.base import PipelineResult, ResultObject
 from dicomnode.workflow.emit import SegWriter, warm_up_encoders, write_result_objects
@@ -23,11 +24,15 @@ from dicomnode.workflow.emit import SegWriter, warm_up_encoders, write_result_ob
 EMITS = (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
 
 
-def test_warm_up_encodes_a_small_phantom_and_cleans_up(tmp_path: Path) -> None:
+def test_warm_up_encodes_a_small_phantom_and_cleans_up(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
     scratch = tmp_path / "results"
     seconds = warm_up_encoders(scratch)
     assert seconds > 0
     assert scratch.is_dir() and list(scratch.iterdir()) == []
+    # its made-up study (series loaded, SEG built, results written) is not in the log
+    assert capsys.readouterr().err == ""
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +119,27 @@ def test_a_dead_helper_is_replaced_and_the_seg_still_written(
         assert writer.start().result(timeout=120) > 0
     finally:
         writer.stop()
+
+
+def test_ctrl_c_and_sigterm_to_the_group_leave_the_helper_to_its_node(
+        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
+    # a terminal's Ctrl-C and a service manager's stop signal every process of the
+    # group; the helper keeps going (no traceback, no SEG lost) until the node stops it
+    result, volume = liver_result
+    writer = SegWriter()
+    try:
+        writer.start().result(timeout=120)
+        (pid,) = writer._pool._processes  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert _alive(pid)
+        files = write_result_objects(result, volume, tmp_path / "out", EMITS,
+                                     seg_writer=writer)
+        assert files[0].name == "seg.dcm" and writer.written == 1
+    finally:
+        writer.stop()
+    assert not _alive(pid)
 
 
 def test_the_helper_ends_when_its_node_is_killed_outright(tmp_path: Path) -> None:
