@@ -315,6 +315,8 @@ def evaluate(
     except (ValueError, WeightsError) as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc
+    for line in result["warnings"]:
+        typer.echo(f"dicomnode: warning: {line}", err=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -18,7 +18,9 @@ fraction of cases at 0.75 or more are reported as well.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -203,6 +205,42 @@ def summarise(rows: Sequence[dict[str, Any]], min_diameter_mm: float = 10.0) -> 
     }
 
 
+def seen_seeds(entry: Any, seeds: Iterable[int]) -> dict[str, list[int]]:
+    """The phantom seeds among ``seeds`` that the weights were trained or validated on.
+
+    Scores on those cases flatter the weights. Training seeds come from the
+    ``NAME-VERSION.metrics.json`` beside the weights (``phantom-SEED`` case names),
+    validation seeds from the manifest entry.
+
+    Parameters
+    ----------
+    entry : dicomnode.nn.weights.ManifestEntry
+        The weights evaluated.
+    seeds : iterable of int
+        Phantom seeds about to be evaluated.
+
+    Returns
+    -------
+    dict
+        ``training`` and ``validation``: sorted seeds of each kind (empty lists when
+        none, or when the records are missing).
+    """
+    wanted = set(seeds)
+    trained: set[int] = set()
+    metrics = entry.directory / f"{entry.name}-{entry.version}.metrics.json"
+    try:
+        names = json.loads(metrics.read_text())["training"]["case_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    for name in names:
+        match = re.fullmatch(r"phantom-(\d+)", str(name))
+        if match:
+            trained.add(int(match.group(1)))
+    validation = (entry.data.get("validation") or {}).get("phantom_seeds")
+    validated = set(datasets.parse_seeds(validation)) if validation else set()
+    return {"training": sorted(wanted & trained), "validation": sorted(wanted & validated)}
+
+
 def evaluate(seeds: Sequence[int] = (), *, data_dir: Path | None = None,
              models: Path | None = None, matrix: int = 256, cache_dir: Path | None = None,
              device: str | None = "cpu", min_diameter_mm: float = 10.0) -> dict[str, Any]:
@@ -231,7 +269,8 @@ def evaluate(seeds: Sequence[int] = (), *, data_dir: Path | None = None,
     -------
     dict
         ``model`` (name, version, sha256 of the weights evaluated), ``cases`` and
-        ``summary`` as :func:`evaluate_cases` returns them.
+        ``summary`` as :func:`evaluate_cases` returns them, and ``warnings``: one line
+        for each kind of seed the weights have seen (see :func:`seen_seeds`).
 
     Raises
     ------
@@ -248,8 +287,12 @@ def evaluate(seeds: Sequence[int] = (), *, data_dir: Path | None = None,
     if data_dir is not None:
         datasets.discover(data_dir)  # a directory without cases fails before the weights load
     segmenter, entry = load_segmenter(models, select_device(device))
+    warnings = [(f"phantom seed {found[0]} was" if len(found) == 1 else
+                 f"phantom seeds {', '.join(map(str, found))} were")
+                + f" used in {kind} of {entry.name} {entry.version}: scores on them flatter it"
+                for kind, found in seen_seeds(entry, seeds).items() if found]
     cases = datasets.iter_cases(data_dir, seeds, matrix=matrix, cache_dir=cache_dir)
     with torch.inference_mode():
         result = evaluate_cases(segmenter, cases, min_diameter_mm=min_diameter_mm)
     return {"model": {"name": entry.name, "version": entry.version, "sha256": entry.sha256},
-            **result}
+            **result, "warnings": warnings}

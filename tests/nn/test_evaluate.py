@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.nn import weights
-from dicomnode.nn.evaluate import dice, score_case, summarise
+from dicomnode.nn.evaluate import dice, score_case, seen_seeds, summarise
 from tests.nn.synthetic import tiny_case, write_lits
 
 
@@ -88,3 +89,29 @@ def test_evaluate_command_refuses_bad_requests(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["evaluate", "liver_tumor", "--phantom-seeds", "0",
                                   "--models", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "liver_tumor" in missing.output
+
+
+def test_seeds_the_shipped_weights_have_seen_are_named() -> None:
+    entry = weights.verify("liver_tumor")
+    # 0-19 held out, 1000-1383 training, 2000-2019 validation (model card)
+    assert seen_seeds(entry, [5, 1000, 1383, 2000, 2019, 3000]) == {
+        "training": [1000, 1383], "validation": [2000, 2019]}
+    assert seen_seeds(entry, range(20)) == {"training": [], "validation": []}
+
+
+def test_evaluate_command_warns_about_seen_seeds(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    data = tmp_path / "lits"
+    data.mkdir()
+    write_lits(tiny_case(0), data, 0)
+    import dicomnode.nn.evaluate as evaluation
+
+    # the shipped weights' validation seeds are checked, but phantom 2000 itself would
+    # take a minute to make: only the LiTS case is evaluated here
+    real_seen = evaluation.seen_seeds
+    monkeypatch.setattr(evaluation, "seen_seeds",
+                        lambda entry, seeds: real_seen(entry, [2000]))
+    result = CliRunner().invoke(app, ["evaluate", "liver_tumor", "--data", str(data),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "phantom seed 2000 was used in validation of liver_tumor" in result.output
