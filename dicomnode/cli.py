@@ -256,6 +256,9 @@ def train(
     tumour_class_weight: Annotated[float | None, typer.Option(
         help="Cross-entropy weight of the tumour class in stage 2 (default 3.0; higher "
              "trades false positives for recall).")] = None,
+    hu_shift: Annotated[float | None, typer.Option(
+        help="Largest shift of a training patch's HU, augmentation (default 18; wider "
+             "makes the network rely less on absolute HU).")] = None,
 ) -> None:
     """Train a model's weights and record them in the models manifest."""
     from dicomnode.logs import configure_logging
@@ -270,7 +273,8 @@ def train(
                                stages=stages, init_from=init, lr=lr, val_seeds=val_seeds,
                                device=device, batch_size=batch_size, workers=workers,
                                width_liver=width_liver, width_tumour=width_tumour,
-                               tumour_class_weight=tumour_class_weight)
+                               tumour_class_weight=tumour_class_weight,
+                               hu_shift=hu_shift)
     except ValueError as exc:
         typer.echo(f"dicomnode: {exc}", err=True)
         raise typer.Exit(2) from exc

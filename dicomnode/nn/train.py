@@ -64,6 +64,9 @@ class TrainConfig:
     width_tumour: int = 12
     lr: float = 3e-3
     tumour_class_weight: float = 3.0
+    #: Largest shift of a whole patch's HU (augmentation; scanners and contrast phases
+    #: move the liver's HU, and a network that reads absolute HU loses tumours then).
+    hu_shift: float = 18.0
     tumour_fraction: float = 0.7
     seed: int = 0
     threads: int = 2
@@ -95,6 +98,8 @@ class TrainConfig:
         if self.max_minutes_per_stage is not None and not self.max_minutes_per_stage > 0:
             raise ValueError(f"Invalid 'max_minutes_per_stage' value "
                              f"'{self.max_minutes_per_stage}' - must be positive")
+        if not 0 <= self.hu_shift <= 200:
+            raise ValueError(f"Invalid 'hu_shift' value '{self.hu_shift}' - must be 0-200 HU")
         if not self.tumour_class_weight > 0:
             raise ValueError(f"Invalid 'tumour_class_weight' value '{self.tumour_class_weight}'"
                              " - must be positive")
@@ -191,10 +196,13 @@ def _crop(image: torch.Tensor, labels: torch.Tensor, start: Sequence[int],
     return out_img, out_lab
 
 
-def _augment(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Contrast and brightness jitter (in normalised units) and a little extra noise."""
+def _augment(image: torch.Tensor, rng: np.random.Generator,
+             hu_shift: float = 18.0) -> torch.Tensor:
+    """Contrast jitter, a shift of every HU by up to ``hu_shift`` and a little extra noise
+    (on the normalised image)."""
     scale = float(rng.uniform(0.9, 1.1))
-    shift = float(rng.uniform(-0.08, 0.08))   # about +-18 HU
+    half_window = (HU_WINDOW[1] - HU_WINDOW[0]) / 2
+    shift = float(rng.uniform(-hu_shift, hu_shift)) / half_window
     noise = float(rng.uniform(0, 0.04))
     out = image * scale + shift
     if noise > 0:
@@ -218,7 +226,7 @@ def _sample_liver(cases: list[_Prepared], cfg: TrainConfig,
                  int(rng.integers(min(0, y_n - size[1]), max(0, y_n - size[1]) + 1)),
                  int(rng.integers(min(0, x_n - size[2]), max(0, x_n - size[2]) + 1))]
         img, lab = _crop(case.coarse, case.coarse_liver, start, size)
-        images.append(_augment(img, rng))
+        images.append(_augment(img, rng, cfg.hu_shift))
         labels.append(lab)
     return torch.stack(images)[:, None], torch.stack(labels)
 
@@ -283,7 +291,7 @@ class TumourSampler:
                     centre = np.array([int(rng.integers(n)) for n in case.fine.shape])
             start = [int(c) - s // 2 for c, s in zip(centre, size, strict=True)]
             img, lab = _crop(case.fine, case.fine_labels, start, size)
-            images.append(_augment(img, rng))
+            images.append(_augment(img, rng, cfg.hu_shift))
             labels.append(lab)
             self._drawn.append(drawn)
         return torch.stack(images)[:, None], torch.stack(labels)
@@ -687,7 +695,8 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    init_from: Path | None = None, lr: float | None = None,
                    device: str = "auto", batch_size: int | None = None, workers: int = 1,
                    width_liver: int | None = None, width_tumour: int | None = None,
-                   tumour_class_weight: float | None = None) -> dict[str, Any]:
+                   tumour_class_weight: float | None = None,
+                   hu_shift: float | None = None) -> dict[str, Any]:
     """What ``dicomnode train MODEL`` runs: parse the seed lists and train.
 
     Raises
@@ -703,7 +712,8 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
     # options left out keep TrainConfig's defaults
     given: dict[str, Any] = {key: value for key, value in (
         ("lr", lr), ("batch_size", batch_size), ("width_liver", width_liver),
-        ("width_tumour", width_tumour), ("tumour_class_weight", tumour_class_weight))
+        ("width_tumour", width_tumour), ("tumour_class_weight", tumour_class_weight),
+        ("hu_shift", hu_shift))
         if value is not None}
     config = TrainConfig(epochs=epochs, steps_per_epoch=steps_per_epoch,
                          max_minutes_per_stage=max_minutes_per_stage,

@@ -221,3 +221,26 @@ def test_tumour_sampler_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="memory"):
         TumourSampler([], memory=1.0)
     assert TumourSampler([]).summary() == {"tumours": 0}
+
+
+def test_hu_shift_augmentation_stays_within_its_range() -> None:
+    import torch
+
+    from dicomnode.nn.liver25d import normalise_hu
+    from dicomnode.nn.train import _augment
+
+    rng = np.random.default_rng(0)
+    liver = normalise_hu(torch.full((8, 32, 32), 110.0))
+    for hu_shift in (0.0, 18.0, 45.0):
+        means = [float(_augment(liver, rng, hu_shift).mean()) for _ in range(200)]
+        # back to HU; the contrast jitter (x0.9-1.1 of the normalised value) alone moves
+        # 110 HU by up to 8.5 HU
+        shifts = [m * 225.0 + 25.0 - 110.0 for m in means]
+        assert max(abs(s) for s in shifts) <= hu_shift + 9
+        if hu_shift:
+            assert max(abs(s) for s in shifts) > 0.8 * hu_shift
+    with pytest.raises(ValueError, match="hu_shift"):
+        TrainConfig(hu_shift=-1)
+    result = CliRunner().invoke(app, ["train", "liver_tumor", "--phantom-seeds", "1",
+                                      "--hu-shift", "500"])
+    assert result.exit_code == 2 and "hu_shift" in result.output
