@@ -284,8 +284,6 @@ def evaluate(seeds: Sequence[int] = (), *, data_dir: Path | None = None,
 
     if data_dir is None and not seeds:
         raise ValueError("Nothing to evaluate - give phantom seeds and/or a data directory")
-    if data_dir is not None:
-        datasets.discover(data_dir)  # a directory without cases fails before the weights load
     segmenter, entry = load_segmenter(models, select_device(device))
     warnings = [(f"phantom seed {found[0]} was" if len(found) == 1 else
                  f"phantom seeds {', '.join(map(str, found))} were")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,45 +101,47 @@ def test_seg_from_the_helper_process_equals_the_seg_written_here(
         n for _, n in _segment_references(sr_here))
 
 
-def test_a_dead_helper_is_replaced_and_the_seg_still_written(
-        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
-    result, volume = liver_result
-    writer = SegWriter()
-    try:
-        writer.start().result(timeout=120)
-        pids = list(writer._pool._processes)  # type: ignore[union-attr]
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        files = write_result_objects(result, volume, tmp_path / "out", EMITS,
-                                     seg_writer=writer)
-        assert [p.name for p in files] == ["seg.dcm", "rtstruct.dcm", "sr.dcm"]
-        seg = pydicom.dcmread(files[0])
-        assert int(seg.NumberOfFrames) == 2 * volume.shape[0]
-        assert writer.written == 0  # written here, not by the helper that was killed
-        assert writer.running  # a new helper for the next study
-        assert writer.start().result(timeout=120) > 0
-    finally:
-        writer.stop()
-
-
-def test_ctrl_c_and_sigterm_to_the_group_leave_the_helper_to_its_node(
-        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
-    # a terminal's Ctrl-C and a service manager's stop signal every process of the
-    # group; the helper keeps going (no traceback, no SEG lost) until the node stops it
-    result, volume = liver_result
+@pytest.fixture
+def helper() -> Iterator[tuple[SegWriter, int]]:
+    """A started, warmed SEG helper and its process id; stopped afterwards."""
     writer = SegWriter()
     try:
         writer.start().result(timeout=120)
         (pid,) = writer._pool._processes  # type: ignore[union-attr]
-        os.kill(pid, signal.SIGINT)
-        os.kill(pid, signal.SIGTERM)
-        time.sleep(0.5)
-        assert _alive(pid)
-        files = write_result_objects(result, volume, tmp_path / "out", EMITS,
-                                     seg_writer=writer)
-        assert files[0].name == "seg.dcm" and writer.written == 1
+        yield writer, pid
     finally:
         writer.stop()
+
+
+def test_a_dead_helper_is_replaced_and_the_seg_still_written(
+        liver_result: tuple[PipelineResult, Volume], helper: tuple[SegWriter, int],
+        tmp_path: Path) -> None:
+    result, volume = liver_result
+    writer, pid = helper
+    os.kill(pid, signal.SIGKILL)
+    files = write_result_objects(result, volume, tmp_path / "out", EMITS, seg_writer=writer)
+    assert [p.name for p in files] == ["seg.dcm", "rtstruct.dcm", "sr.dcm"]
+    seg = pydicom.dcmread(files[0])
+    assert int(seg.NumberOfFrames) == 2 * volume.shape[0]
+    assert writer.written == 0  # written here, not by the helper that was killed
+    assert writer.running  # a new helper for the next study
+    assert writer.start().result(timeout=120) > 0
+
+
+def test_ctrl_c_and_sigterm_to_the_group_leave_the_helper_to_its_node(
+        liver_result: tuple[PipelineResult, Volume], helper: tuple[SegWriter, int],
+        tmp_path: Path) -> None:
+    # a terminal's Ctrl-C and a service manager's stop signal every process of the
+    # group; the helper keeps going (no traceback, no SEG lost) until the node stops it
+    result, volume = liver_result
+    writer, pid = helper
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert _alive(pid)
+    files = write_result_objects(result, volume, tmp_path / "out", EMITS, seg_writer=writer)
+    assert files[0].name == "seg.dcm" and writer.written == 1
+    writer.stop()
     assert not _alive(pid)
 
 
