@@ -50,6 +50,10 @@ STATUS_MISSING_UID = 0xC220
 # our own fault. C230/C231 sit beside the node's other Cxxx codes.
 STATUS_SERIES_IN_OTHER_STUDY = 0xC230
 STATUS_STUDY_OF_OTHER_PATIENT = 0xC231
+# PS3.7 Annex C general status 0x0111 "Duplicate SOP Instance" (a failure; pynetdicom:
+# "Duplication SOP Instance"): the SOP Instance UID is already stored with other content
+# or under another study, series or patient. A true duplicate is acknowledged with 0x0000.
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 
 _REJECTION_STATUS = {
     "undecodable": STATUS_CANNOT_UNDERSTAND,
@@ -58,6 +62,7 @@ _REJECTION_STATUS = {
     "sop_mismatch": STATUS_DATASET_MISMATCH,
     "series_in_other_study": STATUS_SERIES_IN_OTHER_STUDY,
     "study_of_other_patient": STATUS_STUDY_OF_OTHER_PATIENT,
+    "sop_conflict": STATUS_DUPLICATE_SOP_INSTANCE,
 }
 
 #: Storage classes a CT study carries; the node keeps these and refuses the rest.

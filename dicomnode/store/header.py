@@ -43,8 +43,9 @@ class InstanceRejectedError(ValueError):
         Human-readable reason naming the attribute at fault (UIDs, never patient values).
     code : str
         One of ``undecodable``, ``truncated``, ``missing_uid``, ``sop_mismatch`` (the
-        header), ``series_in_other_study``, ``study_of_other_patient`` (the index: a UID
-        already stored under another study or patient).
+        header), ``series_in_other_study``, ``study_of_other_patient``, ``sop_conflict``
+        (the index: a UID already stored under another study or patient, or with other
+        content).
     comment : str, optional
         What the sender is told (a DIMSE ErrorComment holds 64 characters); ``reason``
         when it fits.

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.logs import fields
 from dicomnode.store.db import Database
+from dicomnode.store.duplicate import same_instance
 from dicomnode.store.header import InstanceHeader, InstanceRejectedError, parse_header
 from dicomnode.store.models import (
     AuditEvent,
@@ -458,17 +459,25 @@ class InstanceStore:
         """Check the instance against the index, then place it and commit its rows.
 
         ``received`` is the file as it arrived; ``place`` puts it into the spool, only
-        when the instance is neither a duplicate nor refused. A series or study UID
-        already stored under another study or patient is refused and audited.
+        when the instance is neither a duplicate nor refused. A UID already stored
+        under another study or patient, or with other content, is refused and audited.
         """
         with self.db.transaction() as session:
             stored = session.execute(
-                select(Instance.path).where(Instance.sop_uid == header.sop_uid)
-            ).scalar_one_or_none()
+                select(Instance.path, Series.series_uid, Study.study_uid,
+                       Patient.patient_id, Patient.issuer)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .where(Instance.sop_uid == header.sop_uid)
+            ).one_or_none()
             if stored is not None:
+                refusal = self._duplicate_or_conflict(header, received, *stored)
+            else:
+                refusal = _uid_clash(session, header)
+            if refusal is None and stored is not None:
                 return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
                                     duplicate=True, reopened=False, study_version=0)
-            refusal = _uid_clash(session, header)
             if refusal is None:
                 spooled = place()
                 study, reopened = _study_for(session, header, calling_aet)
@@ -509,6 +518,36 @@ class InstanceStore:
         self._series_pk[(header.study_uid, header.series_uid)] = series_pk
         self._study_key[(header.study_uid, header.patient_id, header.issuer)] = study_key
         return outcome
+
+    def _duplicate_or_conflict(self, header: InstanceHeader, received: Path, path: str,
+                               series_uid: str, study_uid: str, patient_id: str, issuer: str,
+                               ) -> _Refusal | None:
+        """None for a true duplicate of the stored instance, else why it is refused."""
+        if study_uid != header.study_uid:
+            differs, where = "study", f"in another study ({study_uid})"
+            comment = "SOP Instance UID already stored in another study; refused"
+        elif series_uid != header.series_uid:
+            differs, where = "series", f"in another series ({series_uid})"
+            comment = "SOP Instance UID already stored in another series; refused"
+        elif (patient_id, issuer) != (header.patient_id, header.issuer):
+            differs, where = "patient", "for another patient"
+            comment = "SOP Instance UID already stored for another patient; refused"
+        else:
+            stored = self.spool.root / path
+            if received == stored or same_instance(stored, received):
+                return None
+            differs, where = "content", "with other content"
+            comment = "SOP Instance UID already stored with other content; refused"
+        return _Refusal(
+            "instance.refused_uid_conflict",
+            InstanceRejectedError(
+                f"SOP Instance UID {header.sop_uid} already stored {where}; refused so that "
+                "the stored instance is neither replaced nor merged with another",
+                "sop_conflict", comment),
+            {"conflict": differs, "sop_uid": header.sop_uid,
+             "series_uid": header.series_uid, "stored_study_uid": study_uid,
+             "stored_series_uid": series_uid},
+        )
 
     def _refuse(self, header: InstanceHeader, refusal: _Refusal, calling_aet: str) -> NoReturn:
         """Audit and log a refusal by the index (UIDs only), then raise it."""

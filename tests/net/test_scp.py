@@ -278,7 +278,7 @@ def _audit(node: Node, event: str) -> list[AuditEvent]:
 def test_the_clash_statuses_are_failures_in_pynetdicom_s_storage_table() -> None:
     from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-    for code in (0xC230, 0xC231):
+    for code in (0xC230, 0xC231, 0x0111):
         assert STORAGE_SERVICE_CLASS_STATUS[code][0] == "Failure"
 
 
@@ -329,3 +329,27 @@ def test_a_study_uid_of_another_patient_is_refused_over_the_network_and_audited(
     assert row.detail is not None and row.detail["clash"] == "study_of_other_patient"
     assert "OTHER-ID" not in repr(row.detail) and "SECRET" not in repr(row.detail)
     assert not list(node.spool.tmp_dir.iterdir())
+
+
+def test_a_sop_uid_stored_with_other_content_is_refused_over_the_network_and_audited(
+        node: Node) -> None:
+    study_a, series_a = generate_uid(), generate_uid()
+    first = ct_slice(study_a, series_a, 0.0, 0)
+    elsewhere = ct_slice(generate_uid(), generate_uid(), 0.0, 0)  # another study
+    changed = ct_slice(study_a, series_a, 0.0, 5)                 # other pixels
+    for ds in (elsewhere, changed):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    statuses = _send(node, [first, elsewhere, changed, first], calling="PACS")
+    assert [s.Status for s in statuses] == [0, 0x0111, 0x0111, 0]  # the last: a true duplicate
+    assert statuses[1].ErrorComment == "SOP Instance UID already stored in another study; refused"
+    assert statuses[2].ErrorComment == "SOP Instance UID already stored with other content; refused"
+    assert _series_sops(node, series_a) == (study_a, [first.SOPInstanceUID])
+    stored = pydicom.dcmread(next(node.spool.instances_dir.rglob("*.dcm")))
+    assert stored.PixelData == first.PixelData
+    rows = _audit(node, "instance.refused_uid_conflict")
+    assert [(r.study_uid, r.calling_aet, (r.detail or {})["conflict"]) for r in rows] == [
+        (elsewhere.StudyInstanceUID, "PACS", "study"), (study_a, "PACS", "content")]
+    with node.db.session() as s:
+        assert s.execute(select(func.count(Study.id))).scalar_one() == 1
+    assert not list(node.spool.tmp_dir.iterdir())
+    assert len(list(node.spool.instances_dir.rglob("*.dcm"))) == 1

@@ -3,14 +3,16 @@ and neither files one study's, or one patient's, instance under another's."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 from sqlalchemy import func, select
 
 from dicomnode.store import instances
@@ -209,6 +211,95 @@ def test_a_new_series_of_a_known_study_and_patient_is_stored(store: InstanceStor
                                          "b.dcm"))
     assert not outcome.duplicate
     assert not _audit(store, "instance.refused_uid_clash")
+
+
+def test_a_sop_uid_already_stored_under_another_study_is_refused_and_audited(
+        store: InstanceStore, caplog: pytest.LogCaptureFixture) -> None:
+    study_a, series_a = generate_uid(), generate_uid()
+    first = ct_slice(study_a, series_a, 0.0, 0)
+    store.store_file(_received(store.spool, first, "a.dcm"), "SCANNER")
+    stored = (store.spool.root / store.spool.relative_path(
+        study_a, series_a, first.SOPInstanceUID)).read_bytes()
+    study_b = generate_uid()
+    other = ct_slice(study_b, generate_uid(), 0.0, 0)
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    caplog.set_level(logging.DEBUG, logger="dicomnode")
+    with pytest.raises(InstanceRejectedError) as refused:
+        store.store_file(_received(store.spool, other, "b.dcm"), "INTRUDER")
+    assert refused.value.code == "sop_conflict"
+    assert first.SOPInstanceUID in refused.value.reason
+    assert _series_of(store, series_a) == (study_a, [first.SOPInstanceUID])
+    assert (store.spool.root / store.spool.relative_path(
+        study_a, series_a, first.SOPInstanceUID)).read_bytes() == stored
+    [row] = _audit(store, "instance.refused_uid_conflict")
+    assert (row.study_uid, row.calling_aet) == (study_b, "INTRUDER")
+    assert row.detail is not None
+    assert row.detail["sop_uid"] == first.SOPInstanceUID
+    assert row.detail["stored_study_uid"] == study_a
+    _no_patient_values(row, caplog)
+    _nothing_left_of(store, study_b)
+
+
+def test_a_sop_uid_already_stored_with_other_pixels_is_refused(store: InstanceStore) -> None:
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 0.0, 0)
+    store.store_file(_received(store.spool, first, "a.dcm"))
+    changed = ct_slice(study, series, 0.0, 1)  # other pixel values
+    changed.SOPInstanceUID = changed.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    changed.InstanceNumber = first.InstanceNumber
+    with pytest.raises(InstanceRejectedError) as refused:
+        store.store_file(_received(store.spool, changed, "b.dcm"))
+    assert refused.value.code == "sop_conflict"
+    stored = pydicom.dcmread(store.spool.root / store.spool.relative_path(
+        study, series, first.SOPInstanceUID))
+    assert stored.PixelData == first.PixelData
+    assert not list(store.spool.tmp_dir.iterdir())
+    assert len(_audit(store, "instance.refused_uid_conflict")) == 1
+
+
+def test_a_sop_uid_already_stored_with_another_patient_is_refused(
+        store: InstanceStore) -> None:
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 0.0, 0)
+    store.store_file(_received(store.spool, first, "a.dcm"))
+    other = copy.deepcopy(first)
+    other.PatientID = "OTHER-ID"
+    with pytest.raises(InstanceRejectedError) as refused:
+        store.store_file(_received(store.spool, other, "b.dcm"))
+    assert refused.value.code == "sop_conflict"
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, RLELossless])
+def test_a_true_duplicate_in_another_transfer_syntax_is_acknowledged_once(
+        store: InstanceStore, syntax: str) -> None:
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 0.0, 0)
+    store.store_file(_received(store.spool, first, "a.dcm"))
+    again = copy.deepcopy(first)
+    if syntax == RLELossless:
+        again.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+    else:
+        again.file_meta.TransferSyntaxUID = syntax
+    again.file_meta.ImplementationVersionName = "OTHER_SENDER"
+    outcome = store.store_file(_received(store.spool, again, "b.dcm"))
+    assert outcome.duplicate
+    assert _series_of(store, series) == (study, [first.SOPInstanceUID])
+    stored = pydicom.dcmread(store.spool.root / store.spool.relative_path(
+        study, series, first.SOPInstanceUID))
+    assert stored.file_meta.TransferSyntaxUID == first.file_meta.TransferSyntaxUID
+    assert not list(store.spool.tmp_dir.iterdir())
+    assert not _audit(store, "instance.refused_uid_conflict")
+
+
+def test_a_byte_identical_duplicate_is_acknowledged_once(store: InstanceStore) -> None:
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 0.0, 0)
+    store.store_file(_received(store.spool, first, "a.dcm"))
+    assert store.store_file(_received(store.spool, first, "b.dcm")).duplicate
+    assert store.store(_encoded(first)).duplicate
+    assert not list(store.spool.tmp_dir.iterdir())
+    with store.db.session() as s:
+        assert s.execute(select(Study.instance_count)).scalar_one() == 1
 
 
 def test_a_refusal_through_store_leaves_no_temporary_file(store: InstanceStore) -> None:
