@@ -39,12 +39,12 @@ def same_instance(stored: Path, received: Path) -> bool:
     Returns
     -------
     bool
-        False as well when either file cannot be read or its pixels cannot be decoded
-        (then nothing says they are the same).
+        False as well when either file cannot be read (a stored file gone missing
+        included) or its pixels cannot be decoded: then nothing says they are the same.
     """
-    if filecmp.cmp(stored, received, shallow=False):
-        return True
     try:
+        if filecmp.cmp(stored, received, shallow=False):
+            return True
         return same_content(pydicom.dcmread(stored), pydicom.dcmread(received))
     except Exception as exc:  # an unreadable file or pixel data is not "the same"
         log.warning("duplicate.compare_failed", extra=fields(error=type(exc).__name__))

@@ -252,7 +252,8 @@ class InstanceStore:
         Raises
         ------
         InstanceRejectedError
-            The dataset is not acceptable (nothing is written).
+            The dataset is not acceptable, or a UID of it is already stored under
+            another study or patient or with other content (nothing is written).
         SpoolFullError
             Free space is below the reserve (nothing is written).
         """

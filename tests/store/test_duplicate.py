@@ -73,3 +73,4 @@ def test_an_unreadable_file_is_not_the_same_instance(tmp_path: Path) -> None:
     broken = tmp_path / "b.dcm"
     broken.write_bytes(a.read_bytes()[:300])
     assert not same_instance(a, broken)
+    assert not same_instance(tmp_path / "gone.dcm", a)
