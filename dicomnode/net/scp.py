@@ -43,12 +43,26 @@ STATUS_CANNOT_STORE = 0xA710
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_MISSING_UID = 0xC220
+# A UID clash with what is stored. Cxxx is the Storage class's own failure range for a
+# data set the SCP will not take ("Cannot understand" in pynetdicom's table): a refusal
+# of this content, which a resend cannot cure, unlike A7xx (resources: retry later) and
+# A9xx (it does not say "wrong SOP class"); 0x0110 "Processing failure" would read as
+# our own fault. C230/C231 sit beside the node's other Cxxx codes.
+STATUS_SERIES_IN_OTHER_STUDY = 0xC230
+STATUS_STUDY_OF_OTHER_PATIENT = 0xC231
+# PS3.7 Annex C general status 0x0111 "Duplicate SOP Instance" (a failure; pynetdicom:
+# "Duplication SOP Instance"): the SOP Instance UID is already stored with other content
+# or under another study, series or patient. A true duplicate is acknowledged with 0x0000.
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 
 _REJECTION_STATUS = {
     "undecodable": STATUS_CANNOT_UNDERSTAND,
     "truncated": STATUS_CANNOT_UNDERSTAND,
     "missing_uid": STATUS_MISSING_UID,
     "sop_mismatch": STATUS_DATASET_MISMATCH,
+    "series_in_other_study": STATUS_SERIES_IN_OTHER_STUDY,
+    "study_of_other_patient": STATUS_STUDY_OF_OTHER_PATIENT,
+    "sop_conflict": STATUS_DUPLICATE_SOP_INSTANCE,
 }
 
 #: Storage classes a CT study carries; the node keeps these and refuses the rest.
@@ -300,7 +314,7 @@ class StorageSCP:
                 )
         except InstanceRejectedError as exc:
             return self._refuse(event, _REJECTION_STATUS.get(exc.code, STATUS_CANNOT_UNDERSTAND),
-                                exc.code, exc.reason, sop_uid)
+                                exc.code, exc.comment, sop_uid)
         except SpoolFullError as exc:
             return self._refuse(event, STATUS_OUT_OF_RESOURCES, "disk_reserve",
                                 exc.strerror or str(exc), sop_uid)

@@ -19,6 +19,7 @@ from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.source import (
     MANUFACTURER,
     check_source_images,
+    constructor_source,
     copy_patient_study,
     object_identity,
 )
@@ -82,7 +83,8 @@ def build_kos(
         description=description,
     )
     kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=flagged,
+        # patient and study values go in by copy_patient_study, not via highdicom's checks
+        evidence=[constructor_source(flagged[0]), *flagged[1:]],
         content=content,
         **object_identity(series_number, series_instance_uid, sop_instance_uid),
     )

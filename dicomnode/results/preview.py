@@ -27,6 +27,7 @@ from dicomnode.results.source import (
     MANUFACTURER,
     SliceGeometry,
     check_source_images,
+    constructor_source,
     copy_patient_study,
     new_uid,
     structure_masks,
@@ -214,7 +215,7 @@ def build_secondary_capture(
         rgb = overlay_slice(hounsfield(source), [(s, m[z]) for s, m in pairs], window,
                             fill_alpha=0.0)
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+            ref_dataset=constructor_source(source),  # patient values: copy_patient_study
             pixel_array=rgb,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,

@@ -25,6 +25,7 @@ from dicomnode.results.source import (
     MODEL_NAME,
     check_label_map,
     check_source_images,
+    constructor_source,
     copy_patient_study,
     new_uid,
     object_identity,
@@ -178,7 +179,8 @@ def build_seg(
             pixels = lut[labels]
     descriptions = [segment_description(i, s, algorithm) for i, s in enumerate(included, 1)]
     seg = hd.seg.Segmentation(
-        source_images=list(source_images),
+        # patient and study values go in by copy_patient_study, not via highdicom's checks
+        source_images=[constructor_source(source_images[0]), *source_images[1:]],
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -12,14 +12,19 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import correct_ambiguous_vr
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pydicom.valuerep import format_number_as_ds
+from pydicom.valuerep import PersonName, format_number_as_ds
 from scipy import ndimage
 
 from dicomnode.logs import fields
@@ -173,17 +178,102 @@ def check_source_images(source_images: Sequence[Dataset]) -> SliceGeometry:
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
     """Copy the Patient and General Study modules from a source image into a result.
 
-    Attributes already set in ``target`` are overwritten with the source's value so the
-    PACS files the result under the same patient and study; type 2 attributes absent in
-    the source are added empty.
+    Each value is copied as it came, with the source's Specific Character Set: the
+    PACS files the result under the same patient and study by these values, so a
+    multi-valued PatientName, ideographic name groups or an AccessionNumber longer than
+    its VR allows go through unchanged. A value that cannot be read or written at all
+    (bytes that are not text in the declared character set, an element pydicom cannot
+    decode) is left out, a type 2 attribute kept present and empty, with a warning
+    that names the keyword, never the value: one empty attribute is better than no
+    result. Attributes already set in ``target`` are overwritten; type 2 attributes
+    absent in the source are added empty.
     """
     for keyword in PATIENT_KEYWORDS + STUDY_KEYWORDS:
         if keyword in source:
-            target[keyword] = source[keyword]
-        elif keyword in _TYPE2 and keyword not in target:
+            element = _copyable(source, keyword)
+            if element is not None:
+                target[keyword] = element
+                continue
+            log.warning("result.source_value_dropped", extra=fields(keyword=keyword))
+            if keyword in target:
+                del target[keyword]
+            if keyword not in _TYPE2:
+                continue
+        if keyword in _TYPE2 and keyword not in target:
             setattr(target, keyword, "")
     if "SpecificCharacterSet" in source:
         target.SpecificCharacterSet = source.SpecificCharacterSet
+
+
+def _copyable(source: Dataset, keyword: str) -> DataElement | None:
+    """The source's element if it can be read and written back unchanged, else None."""
+    try:
+        element = source[keyword]
+        if _replaced_text(element.value):
+            return None  # bytes that are not text in the declared character set
+        # Write it (with the character set) and read it back: pydicom replaces what it
+        # cannot encode with "?" rather than failing, so compare the values.
+        out = DicomBytesIO()
+        out.is_little_endian, out.is_implicit_VR = True, False
+        if "SpecificCharacterSet" in source:
+            write_data_element(out, source["SpecificCharacterSet"])
+        write_data_element(out, element, source._character_set)
+        back = read_dataset(BytesIO(out.getvalue()), is_implicit_VR=False,
+                            is_little_endian=True)
+        if back[keyword].value != element.value:
+            return None
+    except Exception:  # whatever pydicom cannot read or write is not copied
+        return None
+    return element
+
+
+def _replaced_text(value: Any) -> bool:
+    """Whether a decoded value holds U+FFFD, pydicom's mark of bytes it could not decode."""
+    if isinstance(value, (str, PersonName)):
+        return "\ufffd" in str(value)
+    if isinstance(value, (list, MultiValue)):
+        return any(_replaced_text(v) for v in value)
+    return False
+
+
+#: The patient and study values highdicom's constructors read from the first source
+#: image (or evidence) and check as if a user had typed them.
+_CONSTRUCTOR_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                         "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                         "ReferringPhysicianName")
+
+
+def constructor_source(source: Dataset) -> Dataset:
+    """A stand-in for a source image, to hand to a highdicom constructor.
+
+    highdicom's constructors take the patient and study values from the first source
+    image and check them as user input: a multi-valued PatientName is a TypeError, a
+    PatientSex other than M/F/O or a malformed date a ValueError, a missing type 2
+    attribute an AttributeError, and the job would end with no result (its warnings
+    would also quote the name). The stand-in shares every element with ``source``
+    (nothing is copied or decoded) except that the patient and study values are left
+    out and the ones the constructors read are empty; :func:`copy_patient_study` then
+    puts the source's own values into the result.
+
+    Parameters
+    ----------
+    source : Dataset
+        A source image (evidence) as read.
+
+    Returns
+    -------
+    Dataset
+        A new dataset; ``source`` is not changed.
+    """
+    stand_in = Dataset(dict(source._dict))  # a new mapping: changes stay in the stand-in
+    if hasattr(source, "file_meta"):
+        stand_in.file_meta = source.file_meta
+    for keyword in PATIENT_KEYWORDS + STUDY_KEYWORDS:
+        if keyword != "StudyInstanceUID" and keyword in stand_in:
+            del stand_in[keyword]
+    for keyword in _CONSTRUCTOR_KEYWORDS:
+        setattr(stand_in, keyword, "")
+    return stand_in
 
 
 def check_mask_shape(name: str, mask: np.ndarray, geometry: SliceGeometry) -> None:

@@ -35,6 +35,7 @@ from dicomnode.results.measure import LiverMeasurements, measure_liver, volume_c
 from dicomnode.results.source import (
     MANUFACTURER,
     check_source_images,
+    constructor_source,
     copy_patient_study,
     new_uid,
     object_identity,
@@ -74,7 +75,8 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
               series_instance_uid: str | None, sop_instance_uid: str | None,
               local_codes: bool) -> hd.sr.Comprehensive3DSR:
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        # patient and study values go in by copy_patient_study, not via highdicom's checks
+        evidence=[constructor_source(evidence[0]), *evidence[1:]],
         content=report,
         **object_identity(series_number, series_instance_uid, sop_instance_uid),
         is_complete=True,

@@ -40,15 +40,22 @@ class InstanceRejectedError(ValueError):
     Parameters
     ----------
     reason : str
-        Human-readable reason naming the attribute at fault.
+        Human-readable reason naming the attribute at fault (UIDs, never patient values).
     code : str
-        One of ``undecodable``, ``truncated``, ``missing_uid``, ``sop_mismatch``.
+        One of ``undecodable``, ``truncated``, ``missing_uid``, ``sop_mismatch`` (the
+        header), ``series_in_other_study``, ``study_of_other_patient``, ``sop_conflict``
+        (the index: a UID already stored under another study or patient, or with other
+        content).
+    comment : str, optional
+        What the sender is told (a DIMSE ErrorComment holds 64 characters); ``reason``
+        when it fits.
     """
 
-    def __init__(self, reason: str, code: str) -> None:
+    def __init__(self, reason: str, code: str, comment: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.comment = comment if comment is not None else reason
 
 
 @dataclass(frozen=True)

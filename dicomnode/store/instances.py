@@ -14,14 +14,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicomnode.logs import fields
 from dicomnode.store.db import Database
+from dicomnode.store.duplicate import same_instance
 from dicomnode.store.header import InstanceHeader, InstanceRejectedError, parse_header
 from dicomnode.store.models import (
     AuditEvent,
@@ -218,9 +219,11 @@ class InstanceStore:
         # ``begin_store`` runs ``store_file`` here; its flushes go to ``_io``, never to the
         # pool a waiting caller sits in (a full pool would wait on itself).
         self._ingest = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ingest")
-        # Primary keys of rows that never move, and the study version last seen here.
-        self._series_pk: dict[str, int] = {}
-        self._study_key: dict[str, tuple[int, int]] = {}
+        # Primary keys of rows that never move, and the study version last seen here:
+        # a series by (study UID, series UID), a study by (study UID, patient ID, issuer),
+        # so that the fast path never files an instance under another study or patient.
+        self._series_pk: dict[tuple[str, str], int] = {}
+        self._study_key: dict[tuple[str, str, str], tuple[int, int]] = {}
         self._driver = _DriverIndex(db.engine) if _DriverIndex.usable(db.engine) else None
 
     def store(
@@ -249,7 +252,8 @@ class InstanceStore:
         Raises
         ------
         InstanceRejectedError
-            The dataset is not acceptable (nothing is written).
+            The dataset is not acceptable, or a UID of it is already stored under
+            another study or patient or with other content (nothing is written).
         SpoolFullError
             Free space is below the reserve (nothing is written).
         """
@@ -281,8 +285,9 @@ class InstanceStore:
         The C-STORE SCP receives datasets straight into such files (pynetdicom's
         chunked receive), so the bytes reach the page cache while they arrive. Here
         the file is flushed to disk while its header is checked and its index row is
-        prepared; the row is committed only after the flush and the rename. On a
-        refusal the file is left where it is, for the caller to remove.
+        prepared; the row is committed only after the flush and the rename. When the
+        header check refuses it the file is left where it is, for the caller to remove;
+        after that it is either placed or, a duplicate or refused by the index, removed.
 
         Parameters
         ----------
@@ -358,39 +363,39 @@ class InstanceStore:
                 wait_flushed: Callable[[], object] | None) -> StoreOutcome:
         """Index a flushed (or flushing) temporary file and rename it into place.
 
-        Order on disk and in the index: flushed, renamed, then the row committed.
+        Order on disk and in the index: flushed, renamed, then the row committed. A
+        duplicate or a refused instance is never placed: its temporary file is removed.
         """
         relative = self.spool.relative_path(header.study_uid, header.series_uid,
                                             header.sop_uid)
         placed: list[SpooledFile] = []
 
-        def flush_and_place() -> None:
+        def flush_and_place() -> SpooledFile:
             if wait_flushed is not None:
                 wait_flushed()
-            placed.append(self.spool.place(tmp, header.study_uid, header.series_uid,
-                                           header.sop_uid))
+            spooled = self.spool.place(tmp, header.study_uid, header.series_uid,
+                                       header.sop_uid)
+            placed.append(spooled)
+            return spooled
 
-        with self.db.write_lock:
-            if not (self.spool.root / relative).exists():
-                try:
-                    fast = self._index_fast(header, relative, size, calling_aet,
-                                            before_commit=flush_and_place)
-                except BaseException:
-                    for spooled in placed:
-                        if spooled.created:
-                            self.spool.remove(spooled.relative)
-                    raise
-                if fast is not None:
-                    return fast
-            if not placed:
-                flush_and_place()
-            spooled = placed[0]
-            try:
-                return self._index_full(header, spooled, calling_aet)
-            except BaseException:
+        try:
+            with self.db.write_lock:
+                outcome = None
+                if not (self.spool.root / relative).exists():
+                    outcome = self._index_fast(header, relative, size, calling_aet,
+                                               before_commit=flush_and_place)
+                if outcome is None:
+                    outcome = self._index_full(header, calling_aet, tmp, flush_and_place)
+        except BaseException:
+            for spooled in placed:
                 if spooled.created:
                     self.spool.remove(spooled.relative)
-                raise
+            if not placed:
+                _discard_when_flushed(tmp, wait_flushed)
+            raise
+        if not placed:  # a duplicate: the stored file stays, the received one goes
+            _discard_when_flushed(tmp, wait_flushed)
+        return outcome
 
     def _index(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
                ) -> StoreOutcome:
@@ -399,7 +404,7 @@ class InstanceStore:
             fast = self._index_fast(header, spooled.relative, spooled.size, calling_aet)
             if fast is not None:
                 return fast
-            return self._index_full(header, spooled, calling_aet)
+            return self._index_full(header, calling_aet, spooled.path, lambda: spooled)
 
     def _index_fast(self, header: InstanceHeader, relative: str, size: int, calling_aet: str,
                     before_commit: Callable[[], object] | None = None) -> StoreOutcome | None:
@@ -408,10 +413,13 @@ class InstanceStore:
         ``before_commit`` runs after the statements, before the commit (the caller
         flushes and renames the file there). Returns None, having written nothing and
         not called ``before_commit``, when the full path is needed: a new study or
-        series, a study to re-open, or a duplicate.
+        series, a study to re-open, a duplicate, or a UID clash. The caches hold only
+        a series that the full path indexed under this very study and a study under
+        this very patient (their keys say so), so a series or study UID that another
+        study or patient holds always takes the full path and its checks.
         """
-        known = self._study_key.get(header.study_uid)
-        series_pk = self._series_pk.get(header.series_uid)
+        known = self._study_key.get((header.study_uid, header.patient_id, header.issuer))
+        series_pk = self._series_pk.get((header.study_uid, header.series_uid))
         if known is None or series_pk is None:
             return None
         study_pk, version = known
@@ -447,50 +455,112 @@ class InstanceStore:
         return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
                             duplicate=False, reopened=False, study_version=version)
 
-    def _index_full(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
-                    ) -> StoreOutcome:
+    def _index_full(self, header: InstanceHeader, calling_aet: str, received: Path,
+                    place: Callable[[], SpooledFile]) -> StoreOutcome:
+        """Check the instance against the index, then place it and commit its rows.
+
+        ``received`` is the file as it arrived; ``place`` puts it into the spool, only
+        when the instance is neither a duplicate nor refused. A UID already stored
+        under another study or patient, or with other content, is refused and audited.
+        """
         with self.db.transaction() as session:
-            existing = session.execute(
-                select(Instance.path).where(Instance.sop_uid == header.sop_uid)
-            ).scalar_one_or_none()
-            if existing is not None:
-                if spooled.created and spooled.relative != existing:
-                    self.spool.remove(spooled.relative)
+            stored = session.execute(
+                select(Instance.path, Series.series_uid, Study.study_uid,
+                       Patient.patient_id, Patient.issuer)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .where(Instance.sop_uid == header.sop_uid)
+            ).one_or_none()
+            if stored is not None:
+                refusal = self._duplicate_or_conflict(header, received, *stored)
+            else:
+                refusal = _uid_clash(session, header)
+            if refusal is None and stored is not None:
                 return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
                                     duplicate=True, reopened=False, study_version=0)
-            study, reopened = _study_for(session, header, calling_aet)
-            series = session.execute(
-                select(Series).where(Series.series_uid == header.series_uid)
-            ).scalar_one_or_none()
-            if series is None:
-                series = Series(
-                    series_uid=header.series_uid, study=study, modality=header.modality,
-                    series_number=header.series_number,
-                    description=header.series_description, body_part=header.body_part,
-                    instance_count=0,
-                )
-                session.add(series)
-            series.instance_count += 1
-            now = utcnow()
-            session.add(Instance(
-                sop_uid=header.sop_uid, series=series, sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid, path=spooled.relative,
-                size=spooled.size, instance_number=header.instance_number,
-                image_type=header.image_type, orientation=header.orientation,
-                slice_position=header.slice_position,
-                images_in_acquisition=header.images_in_acquisition,
-                study_version=study.version, calling_aet=calling_aet, received_at=now,
-            ))
-            study.instance_count += 1
-            study.last_received_at = now
-            session.flush()
-            series_uid, series_pk = series.series_uid, series.id
-            study_key = (study.id, study.version)
-            outcome = StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
-                                duplicate=False, reopened=reopened, study_version=study.version)
-        self._series_pk[series_uid] = series_pk  # only once committed
-        self._study_key[header.study_uid] = study_key
+            if refusal is None:
+                spooled = place()
+                study, reopened = _study_for(session, header, calling_aet)
+                series = session.execute(
+                    select(Series).where(Series.series_uid == header.series_uid)
+                ).scalar_one_or_none()
+                if series is None:
+                    series = Series(
+                        series_uid=header.series_uid, study=study, modality=header.modality,
+                        series_number=header.series_number,
+                        description=header.series_description, body_part=header.body_part,
+                        instance_count=0,
+                    )
+                    session.add(series)
+                series.instance_count += 1
+                now = utcnow()
+                session.add(Instance(
+                    sop_uid=header.sop_uid, series=series, sop_class_uid=header.sop_class_uid,
+                    transfer_syntax_uid=header.transfer_syntax_uid, path=spooled.relative,
+                    size=spooled.size, instance_number=header.instance_number,
+                    image_type=header.image_type, orientation=header.orientation,
+                    slice_position=header.slice_position,
+                    images_in_acquisition=header.images_in_acquisition,
+                    study_version=study.version, calling_aet=calling_aet, received_at=now,
+                ))
+                study.instance_count += 1
+                study.last_received_at = now
+                session.flush()
+                series_pk = series.id
+                study_key = (study.id, study.version)
+                outcome = StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
+                                       duplicate=False, reopened=reopened,
+                                       study_version=study.version)
+        if refusal is not None:  # audited once the checking transaction is over
+            self._refuse(header, refusal, calling_aet)
+        # only once committed; checked above: the series is this study's, the study this
+        # patient's
+        self._series_pk[(header.study_uid, header.series_uid)] = series_pk
+        self._study_key[(header.study_uid, header.patient_id, header.issuer)] = study_key
         return outcome
+
+    def _duplicate_or_conflict(self, header: InstanceHeader, received: Path, path: str,
+                               series_uid: str, study_uid: str, patient_id: str, issuer: str,
+                               ) -> _Refusal | None:
+        """None for a true duplicate of the stored instance, else why it is refused."""
+        if study_uid != header.study_uid:
+            differs, where = "study", f"in another study ({study_uid})"
+            comment = "SOP Instance UID already stored in another study; refused"
+        elif series_uid != header.series_uid:
+            differs, where = "series", f"in another series ({series_uid})"
+            comment = "SOP Instance UID already stored in another series; refused"
+        elif (patient_id, issuer) != (header.patient_id, header.issuer):
+            differs, where = "patient", "for another patient"
+            comment = "SOP Instance UID already stored for another patient; refused"
+        else:
+            stored = self.spool.root / path
+            if received == stored or same_instance(stored, received):
+                return None
+            differs, where = "content", "with other content"
+            comment = "SOP Instance UID already stored with other content; refused"
+        return _Refusal(
+            "instance.refused_uid_conflict",
+            InstanceRejectedError(
+                f"SOP Instance UID {header.sop_uid} already stored {where}; refused so that "
+                "the stored instance is neither replaced nor merged with another",
+                "sop_conflict", comment),
+            {"conflict": differs, "sop_uid": header.sop_uid,
+             "series_uid": header.series_uid, "stored_study_uid": study_uid,
+             "stored_series_uid": series_uid},
+        )
+
+    def _refuse(self, header: InstanceHeader, refusal: _Refusal, calling_aet: str) -> NoReturn:
+        """Audit and log a refusal by the index (UIDs only), then raise it."""
+        try:
+            with self.db.transaction() as session:
+                session.add(AuditEvent(event=refusal.event, study_uid=header.study_uid,
+                                       calling_aet=calling_aet[:16], detail=refusal.detail))
+        except SQLAlchemyError:
+            log.exception("audit.failed", extra=fields(event=refusal.event))
+        log.warning(refusal.event, extra=fields(study=header.study_uid,
+                                                calling_aet=calling_aet, **refusal.detail))
+        raise refusal.error
 
     def close(self) -> None:
         """Wait for writes in progress, stop the I/O threads, release the connection."""
@@ -529,7 +599,11 @@ class InstanceStore:
             except (InstanceRejectedError, OSError) as exc:
                 log.warning("spool.orphan_unreadable", extra=fields(path=rel, reason=str(exc)))
                 continue
-            self._index(header, SpooledFile(path, rel, path.stat().st_size, False), "")
+            try:
+                self._index(header, SpooledFile(path, rel, path.stat().st_size, False), "")
+            except InstanceRejectedError as exc:  # audited; the file is left for a person
+                log.warning("spool.orphan_refused", extra=fields(path=rel, reason=exc.code))
+                continue
             orphans += 1
         with self.db.transaction() as session:
             jobs = _rowcount(session.execute(
@@ -563,6 +637,68 @@ def _identify(data: bytes) -> tuple[str, str, str] | None:
 def _discard_when_written(pending: Future[Path]) -> None:
     with contextlib.suppress(OSError):  # write_temp cleans up after itself when it fails
         Spool.discard(pending.result())
+
+
+def _discard_when_flushed(tmp: Path, wait_flushed: Callable[[], object] | None) -> None:
+    """Remove a received file that is not placed, once its flush (if any) is over."""
+    if wait_flushed is not None:
+        with contextlib.suppress(OSError):
+            wait_flushed()
+    Spool.discard(tmp)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """An instance the index refuses: the audit event, the error, the audit detail."""
+
+    event: str
+    error: InstanceRejectedError
+    detail: dict[str, str]
+
+
+def _uid_clash(session: Session, header: InstanceHeader) -> _Refusal | None:
+    """Why a new instance would merge two studies' or two patients' data, or None.
+
+    A series UID already indexed under another study, or a study UID already indexed
+    under another patient (PatientID + IssuerOfPatientID), means two senders' UIDs
+    collide (or one sender's are broken): filing the instance would put one patient's
+    image into another's series or study, and that study's pipeline would read it.
+    """
+    other_study = session.execute(
+        select(Study.study_uid).join(Series, Series.study_pk == Study.id)
+        .where(Series.series_uid == header.series_uid)
+    ).scalar_one_or_none()
+    if other_study is not None and other_study != header.study_uid:
+        reason = (f"Series Instance UID {header.series_uid} already belongs to study "
+                  f"{other_study}; refused so that two studies' images are not merged")
+        return _Refusal(
+            "instance.refused_uid_clash",
+            InstanceRejectedError(reason, "series_in_other_study",
+                                  "Series Instance UID already belongs to another study; "
+                                  "refused"),
+            {"clash": "series_in_other_study", "sop_uid": header.sop_uid,
+             "series_uid": header.series_uid, "other_study_uid": other_study},
+        )
+    patient = session.execute(
+        select(Patient.patient_id, Patient.issuer).join(Study, Study.patient_pk == Patient.id)
+        .where(Study.study_uid == header.study_uid)
+    ).one_or_none()
+    if patient is not None and tuple(patient) != (header.patient_id, header.issuer):
+        differs = [kw for kw, a, b in (("PatientID", patient[0], header.patient_id),
+                                       ("IssuerOfPatientID", patient[1], header.issuer))
+                   if a != b]
+        reason = (f"Study Instance UID {header.study_uid} already belongs to another "
+                  f"patient ({' and '.join(differs)} differ); refused so that two "
+                  "patients' images are not merged")
+        return _Refusal(
+            "instance.refused_uid_clash",
+            InstanceRejectedError(reason, "study_of_other_patient",
+                                  "Study Instance UID already belongs to another patient; "
+                                  "refused"),
+            {"clash": "study_of_other_patient", "sop_uid": header.sop_uid,
+             "series_uid": header.series_uid, "differs": " ".join(differs)},
+        )
+    return None
 
 
 def _study_for(session: Session, header: InstanceHeader, calling_aet: str,

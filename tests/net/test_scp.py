@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from dicomnode.config import Settings
 from dicomnode.node import Node
-from dicomnode.store.models import AuditEvent, Instance, Study
+from dicomnode.store.models import AuditEvent, Instance, Series, Study
 from tests.factories import ct_slice, write_series
 
 
@@ -245,3 +245,111 @@ def test_store_begins_when_the_last_fragment_arrives(node: Node, tmp_path: Path,
     out = _storescu(node, more)
     assert out.returncode == 0, out.stderr
     assert _count(node) == 8 and len(direct) == 3
+
+
+# --- UID clashes: refused with a status the sender logs, audited, nothing written -------
+
+def _send(node: Node, datasets: list[pydicom.Dataset], calling: str = "CTSCANNER"
+          ) -> list[pydicom.Dataset]:
+    assoc = _assoc(node, calling=calling)
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds) for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+def _series_sops(node: Node, series_uid: str) -> tuple[str, list[str]]:
+    with node.db.session() as s:
+        rows = s.execute(select(Study.study_uid, Instance.sop_uid)
+                         .join(Series, Instance.series_pk == Series.id)
+                         .join(Study, Series.study_pk == Study.id)
+                         .where(Series.series_uid == series_uid)).all()
+    assert len({study for study, _ in rows}) == 1
+    return rows[0][0], sorted(sop for _, sop in rows)
+
+
+def _audit(node: Node, event: str) -> list[AuditEvent]:
+    with node.db.session() as s:
+        rows = list(s.execute(select(AuditEvent).where(AuditEvent.event == event)).scalars())
+        s.expunge_all()
+    return rows
+
+
+def test_the_clash_statuses_are_failures_in_pynetdicom_s_storage_table() -> None:
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    for code in (0xC230, 0xC231, 0x0111):
+        assert STORAGE_SERVICE_CLASS_STATUS[code][0] == "Failure"
+
+
+def test_a_series_uid_of_another_study_is_refused_over_the_network_and_audited(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    study_a, study_b, series = generate_uid(), generate_uid(), generate_uid()
+    first = [ct_slice(study_a, series, 2.0 * i, i) for i in range(3)]
+    assert [s.Status for s in _send(node, first)] == [0, 0, 0]
+    # another patient's study whose scanner reused the series UID, with a series of its own
+    own = ct_slice(study_b, generate_uid(), 0.0, 0)
+    other = ct_slice(study_b, series, 9.0, 7)
+    for ds in (own, other):
+        ds.PatientName, ds.PatientID = "Other^Person", "OTHER-ID"
+    statuses = _send(node, [own, other], calling="OTHERCT")
+    assert statuses[0].Status == 0
+    assert statuses[1].Status == 0xC230
+    assert statuses[1].ErrorComment == (
+        "Series Instance UID already belongs to another study; refused")
+    assert _series_sops(node, series) == (study_a, sorted(ds.SOPInstanceUID for ds in first))
+    with node.db.session() as s:
+        counts = dict(s.execute(select(Study.study_uid, Study.instance_count)).all())
+    assert counts == {study_a: 3, study_b: 1}
+    [row] = _audit(node, "instance.refused_uid_clash")
+    assert (row.study_uid, row.calling_aet) == (study_b, "OTHERCT")
+    assert row.detail == {"clash": "series_in_other_study", "sop_uid": other.SOPInstanceUID,
+                          "series_uid": series, "other_study_uid": study_a}
+    assert not list(node.spool.tmp_dir.iterdir())
+    assert not list(node.spool.instances_dir.rglob(f"{other.SOPInstanceUID}.dcm"))
+    text = caplog.text + repr([getattr(r, "dn_fields", "") for r in caplog.records])
+    assert "instance.refused_uid_clash" in text
+    for secret in ("Secret", "SECRET-ID-42", "19700101", "Other^Person", "OTHER-ID"):
+        assert secret not in text
+
+
+def test_a_study_uid_of_another_patient_is_refused_over_the_network_and_audited(
+        node: Node) -> None:
+    study, series = generate_uid(), generate_uid()
+    first = [ct_slice(study, series, 2.0 * i, i) for i in range(2)]
+    other = ct_slice(study, series, 9.0, 7)
+    other.PatientID = "OTHER-ID"
+    statuses = _send(node, [*first, other])
+    assert [s.Status for s in statuses] == [0, 0, 0xC231]
+    assert statuses[2].ErrorComment == (
+        "Study Instance UID already belongs to another patient; refused")
+    assert _series_sops(node, series) == (study, sorted(ds.SOPInstanceUID for ds in first))
+    [row] = _audit(node, "instance.refused_uid_clash")
+    assert row.detail is not None and row.detail["clash"] == "study_of_other_patient"
+    assert "OTHER-ID" not in repr(row.detail) and "SECRET" not in repr(row.detail)
+    assert not list(node.spool.tmp_dir.iterdir())
+
+
+def test_a_sop_uid_stored_with_other_content_is_refused_over_the_network_and_audited(
+        node: Node) -> None:
+    study_a, series_a = generate_uid(), generate_uid()
+    first = ct_slice(study_a, series_a, 0.0, 0)
+    elsewhere = ct_slice(generate_uid(), generate_uid(), 0.0, 0)  # another study
+    changed = ct_slice(study_a, series_a, 0.0, 5)                 # other pixels
+    for ds in (elsewhere, changed):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    statuses = _send(node, [first, elsewhere, changed, first], calling="PACS")
+    assert [s.Status for s in statuses] == [0, 0x0111, 0x0111, 0]  # the last: a true duplicate
+    assert statuses[1].ErrorComment == "SOP Instance UID already stored in another study; refused"
+    assert statuses[2].ErrorComment == "SOP Instance UID already stored with other content; refused"
+    assert _series_sops(node, series_a) == (study_a, [first.SOPInstanceUID])
+    stored = pydicom.dcmread(next(node.spool.instances_dir.rglob("*.dcm")))
+    assert stored.PixelData == first.PixelData
+    rows = _audit(node, "instance.refused_uid_conflict")
+    assert [(r.study_uid, r.calling_aet, (r.detail or {})["conflict"]) for r in rows] == [
+        (elsewhere.StudyInstanceUID, "PACS", "study"), (study_a, "PACS", "content")]
+    with node.db.session() as s:
+        assert s.execute(select(func.count(Study.id))).scalar_one() == 1
+    assert not list(node.spool.tmp_dir.iterdir())
+    assert len(list(node.spool.instances_dir.rglob("*.dcm"))) == 1

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.results.algorithm import AlgorithmInfo
@@ -49,8 +52,13 @@ def _rotation(degrees: float) -> np.ndarray:
 
 def make_ct_series(directory: Path, *, slices: int = 24, matrix: int = 96,
                    spacing: float = 1.5, thickness: float = 3.0, reverse: bool = False,
-                   tilt: float = 0.0, patient_name: str = "Phantom^Results") -> CtSeries:
-    """Write a CT series with ellipsoid structures; return datasets and labels in order."""
+                   tilt: float = 0.0, patient_name: str = "Phantom^Results",
+                   attributes: dict[str, object] | None = None) -> CtSeries:
+    """Write a CT series with ellipsoid structures; return datasets and labels in order.
+
+    ``attributes`` override the defaults on every slice (keyword -> value; None removes
+    the attribute, bytes are written as they are).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     rot = _rotation(tilt)
     row_dir, col_dir, normal = rot[:, 0], rot[:, 1], rot[:, 2]
@@ -120,6 +128,13 @@ def make_ct_series(directory: Path, *, slices: int = 24, matrix: int = 96,
         ds.WindowCenter = 40
         ds.WindowWidth = 400
         ds.PixelData = hu.tobytes()
+        for keyword, value in (attributes or {}).items():
+            if value is None:
+                delattr(ds, keyword)
+            elif isinstance(value, bytes):
+                ds.add(DataElement(Tag(keyword), dictionary_VR(keyword), value))
+            else:
+                setattr(ds, keyword, value)
         ds.save_as(directory / f"ct_{k:03d}.dcm", enforce_file_format=True)
         images.append(ds)
         label_slices.append(labels)
@@ -148,6 +163,28 @@ def reversed_axial(series_root: Path) -> CtSeries:
 @pytest.fixture(scope="session")
 def oblique(series_root: Path) -> CtSeries:
     return make_ct_series(series_root / "oblique", tilt=20.0)
+
+
+#: Patient and study values real scanners send that highdicom's constructors refuse: a
+#: multi-valued PatientName, type 2 attributes missing, an over-long AccessionNumber.
+AWKWARD_VALUES: dict[str, object] = {
+    "PatientName": "Doe^John\\Roe^Jane", "PatientSex": None, "StudyTime": None,
+    "AccessionNumber": "ACC-2025-0001234567", "StudyID": "",
+}
+
+
+@pytest.fixture(scope="session")
+def awkward(series_root: Path) -> CtSeries:
+    return make_ct_series(series_root / "awkward", slices=16, matrix=64,
+                          attributes=AWKWARD_VALUES)
+
+
+def assert_awkward_values_kept(result: Dataset) -> None:
+    """``result`` (as read back) carries the awkward source's values as they were sent."""
+    assert [str(v) for v in result.PatientName] == ["Doe^John", "Roe^Jane"]
+    assert result.AccessionNumber == "ACC-2025-0001234567"
+    assert result.StudyID == "" and result.PatientSex == "" and result.StudyTime == ""
+    assert result.PatientID == "RES-001"
 
 
 @pytest.fixture(params=["axial", "reversed_axial", "oblique"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -159,3 +160,83 @@ def test_phantom_ground_truth_encodes(region: str, tmp_path: Path) -> None:
         back_mask = sitk.GetArrayFromImage(sitk.Resample(
             image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
         assert dice(back_mask, expected == label) >= 0.95, name
+
+
+# Values real scanners send in the patient and study modules, several of them not valid
+# for their VR: each result object must still be written, carrying them as they came.
+_AWKWARD_COMMON: dict[str, object] = {"StudyID": "", "AccessionNumber": "ACC-2025-0001234567"}
+_AWKWARD: dict[str, dict[str, object]] = {
+    "multi_valued_name": {"PatientName": "Doe^John\\Roe^Jane", "PatientSex": "U",
+                          "ReferringPhysicianName": "Ref^One\\Ref^Two"},
+    "ideographic_name": {"SpecificCharacterSet": "ISO_IR 192",
+                         "PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう"},
+    "non_ascii_name": {"SpecificCharacterSet": "ISO_IR 192",
+                       "PatientName": "Müller-Lüdenscheidt^Jürgen",
+                       "StudyDescription": "Leber – Übersicht", "PatientSex": None,
+                       "StudyTime": None, "PatientBirthDate": "19000000"},
+}
+_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
+           "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "StudyTime",
+           "SpecificCharacterSet")
+
+
+def _liver_labels(series: CtSeries) -> CtSeries:
+    labels = np.zeros_like(series.labels)
+    labels[series.labels == 3] = 1  # the shell as the liver
+    labels[series.labels == 1] = 2  # a lesion
+    return CtSeries(series.images, labels, series.directory)
+
+
+def _raw(ds: pydicom.Dataset, keyword: str) -> bytes | None:
+    """An attribute's value bytes as stored (padding stripped), None when absent."""
+    if keyword not in ds:
+        return None
+    value = ds.get_item(keyword).value
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value.rstrip(b" \x00")
+    return str(value).encode()  # decoded on reading (Specific Character Set)
+
+
+@pytest.mark.parametrize("case", sorted(_AWKWARD))
+def test_awkward_patient_and_study_values_go_through_every_result_object(
+        case: str, tmp_path: Path) -> None:
+    series = make_ct_series(tmp_path / "ct", slices=10, matrix=48,
+                            attributes={**_AWKWARD_COMMON, **_AWKWARD[case]})
+    labels = _write_nifti(_liver_labels(series), tmp_path / "liver.nii.gz")
+    result = encode_label_map(series.directory, labels, "abdomen", tmp_path / "out")
+    source_path = sorted(series.directory.glob("*.dcm"))[0]
+    source = pydicom.dcmread(source_path)
+    source_errors = set(dciodvfy_errors(source_path))
+    # byte for byte; a type 2 attribute the source lacks is present and empty
+    expected = {keyword: _raw(source, keyword) for keyword in _COPIED}
+    expected.update({k: b"" for k in ("PatientSex", "StudyTime") if expected[k] is None})
+    for path in (result.seg, result.rtstruct, result.sr):
+        back = pydicom.dcmread(path)
+        assert {keyword: _raw(back, keyword) for keyword in _COPIED} == expected, path.name
+        assert str(back.PatientName) == str(source.PatientName)
+        # the result adds no dciodvfy error of its own: only those the source CT has
+        assert set(dciodvfy_errors(path)) <= source_errors, path.name
+    if case == "multi_valued_name":
+        assert [str(v) for v in pydicom.dcmread(result.sr).PatientName] == [
+            "Doe^John", "Roe^Jane"]
+    if case == "ideographic_name":
+        assert pydicom.dcmread(result.seg).PatientName.ideographic == "山田^太郎"
+
+
+def test_a_name_that_is_not_text_in_its_character_set_is_dropped_not_fatal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dicomnode")
+    series = make_ct_series(tmp_path / "ct", slices=10, matrix=48, attributes={
+        "SpecificCharacterSet": "ISO_IR 192", "PatientName": b"M\xfcller^J\xfcrgen"})
+    labels = _write_nifti(_liver_labels(series), tmp_path / "liver.nii.gz")
+    result = encode_label_map(series.directory, labels, "abdomen", tmp_path / "out")
+    for path in (result.seg, result.rtstruct, result.sr):
+        back = pydicom.dcmread(path)
+        assert "PatientName" in back and back.PatientName == ""  # type 2: present, empty
+        assert back.PatientID == "RES-001"
+    dropped = [r for r in caplog.records if r.getMessage() == "result.source_value_dropped"]
+    assert dropped and all(r.dn_fields == {"keyword": "PatientName"}  # type: ignore[attr-defined]
+                           for r in dropped)
+    assert "ller^J" not in caplog.text

@@ -10,7 +10,7 @@ import pytest
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.kos import build_kos
 from dicomnode.results.source import write
-from tests.results.conftest import CtSeries, dciodvfy_errors
+from tests.results.conftest import CtSeries, assert_awkward_values_kept, dciodvfy_errors
 
 
 def test_kos_references_the_flagged_slices(axial: CtSeries, algorithm: AlgorithmInfo,
@@ -41,3 +41,9 @@ def test_kos_needs_valid_slices(axial: CtSeries, algorithm: AlgorithmInfo) -> No
         build_kos(axial.images, [], algorithm)
     with pytest.raises(ValueError, match="'slice_indices' value '99'"):
         build_kos(axial.images, [1, 99], algorithm)
+
+
+def test_kos_carries_a_multi_valued_patient_name_as_sent(
+        awkward: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    path = write(build_kos(awkward.images, [3, 4], algorithm), tmp_path / "kos.dcm")
+    assert_awkward_values_kept(pydicom.dcmread(path))

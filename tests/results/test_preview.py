@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -13,7 +14,7 @@ from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import HEADNECK
 from dicomnode.results.preview import build_secondary_capture, choose_slices, render_montage
 from dicomnode.results.source import check_source_images, structure_masks, write
-from tests.results.conftest import CtSeries, dciodvfy_errors
+from tests.results.conftest import CtSeries, assert_awkward_values_kept, dciodvfy_errors
 
 
 def test_montage_is_a_png_with_structure_colours(axial: CtSeries, tmp_path: Path) -> None:
@@ -48,3 +49,11 @@ def test_secondary_capture_series(oblique: CtSeries, algorithm: AlgorithmInfo,
     assert middle.PatientID == oblique.images[0].PatientID
     assert middle.StudyInstanceUID == oblique.images[0].StudyInstanceUID
     assert middle.pixel_array.shape == (96, 96, 3)
+
+
+def test_secondary_capture_carries_a_multi_valued_patient_name_as_sent(
+        awkward: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    images = build_secondary_capture(awkward.images[:2], awkward.labels[:2], HEADNECK,
+                                     algorithm)
+    for i, sc in enumerate(images):
+        assert_awkward_values_kept(pydicom.dcmread(write(sc, tmp_path / f"sc{i}.dcm")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from scipy import ndimage
 from dicomnode.results.codes import HEADNECK
 from dicomnode.results.source import (
     check_source_images,
+    constructor_source,
     copy_patient_study,
     ds_string,
     label_boxes,
@@ -134,3 +136,67 @@ def test_write_gives_the_bytes_pydicom_writes(tmp_path: Path) -> None:
     assert back.ROIContourSequence[0].ContourSequence[0].ContourData == [1.5, -2, 3.25]
     assert back.SmallestImagePixelValue == -5 and str(back.PatientName) == "Müller^Jürgen"
     assert back.OtherPatientIDsSequence[0].PatientID == "X-1"
+
+
+def _raw_element(keyword: str, vr: str, value: bytes) -> RawDataElement:
+    return RawDataElement(Tag(keyword), vr, len(value), value, 0, False, True)
+
+
+def test_constructor_source_hides_patient_values_and_leaves_the_source_alone(
+        axial: CtSeries) -> None:
+    source = copy.deepcopy(axial.images[0])
+    source.PatientName = "Doe^John\\Roe^Jane"
+    del source.PatientSex
+    before = copy.deepcopy(source)
+    stand_in = constructor_source(source)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName"):
+        assert stand_in[keyword].value in ("", None), keyword
+    assert "PatientAge" not in stand_in and "StudyDescription" not in stand_in
+    assert stand_in.StudyInstanceUID == source.StudyInstanceUID
+    assert stand_in.ImagePositionPatient == source.ImagePositionPatient
+    assert stand_in.PixelData is source.PixelData  # shared, not copied
+    assert source == before
+
+
+def test_values_pydicom_can_write_are_copied_as_they_came(axial: CtSeries) -> None:
+    source = copy.deepcopy(axial.images[0])
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    source.AccessionNumber = "ACC-2025-0001234567"  # longer than SH allows: as sent
+    source.PatientSex = "U"                          # not M/F/O: as sent
+    source.StudyID = ""
+    target = Dataset()
+    target.PatientName = "Placeholder^"
+    copy_patient_study(source, target)
+    assert target.PatientName == source.PatientName
+    assert target.PatientName.ideographic == "山田^太郎"
+    assert (target.AccessionNumber, target.PatientSex, target.StudyID) == (
+        "ACC-2025-0001234567", "U", "")
+    assert target.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_values_that_cannot_be_read_or_written_are_dropped_with_the_keyword_logged(
+        axial: CtSeries, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicomnode")
+    undecodable = copy.deepcopy(axial.images[0])  # bytes that are not UTF-8
+    undecodable.SpecificCharacterSet = "ISO_IR 192"
+    undecodable[Tag("PatientName")] = _raw_element("PatientName", "PN", b"M\xfcller^J\xfcrgen")
+    unencodable = copy.deepcopy(axial.images[0])  # not in Latin-1: pydicom would write "?"
+    unencodable.SpecificCharacterSet = "ISO_IR 100"
+    unencodable.PatientName = "Yamada^Tarou"
+    unencodable.StudyDescription = "肝臓 CT"
+    for source, keyword in ((undecodable, "PatientName"), (unencodable, "StudyDescription")):
+        caplog.clear()
+        target = Dataset()
+        target[keyword] = source[keyword]  # as if highdicom had copied it already
+        copy_patient_study(source, target)
+        if keyword == "PatientName":
+            assert "PatientName" in target and target.PatientName == ""  # type 2: empty
+        else:
+            assert keyword not in target                                # type 3: left out
+        assert target.PatientID == source.PatientID
+        assert [r.dn_fields for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "result.source_value_dropped"] == [{"keyword": keyword}]
+        assert "ller" not in caplog.text and "肝臓" not in caplog.text

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
@@ -19,7 +20,7 @@ from dicomnode.results.sr import (
     build_no_result_sr,
     build_segmentation_sr,
 )
-from tests.results.conftest import CtSeries, dciodvfy_errors
+from tests.results.conftest import CtSeries, assert_awkward_values_kept, dciodvfy_errors
 
 
 def _report(sr: hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR
@@ -153,3 +154,11 @@ def test_no_result_report_is_readable_text_with_its_evidence(
     assert back.PatientName == axial.images[0].PatientName
     with pytest.raises(ValueError, match="'reason'"):
         build_no_result_sr(axial.images, "AI liver", " ", algorithm)
+
+
+def test_ich_and_no_result_reports_carry_a_multi_valued_patient_name_as_sent(
+        awkward: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    ich = build_ich_sr(awkward.images, [IchResult("any", 0.9, True, (3,))], algorithm)
+    none = build_no_result_sr(awkward.images, "AI liver", "No liver was found.", algorithm)
+    for name, sr in (("ich", ich), ("none", none)):
+        assert_awkward_values_kept(pydicom.dcmread(write(sr, tmp_path / f"{name}.dcm")))

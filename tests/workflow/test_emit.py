@@ -177,3 +177,25 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_the_liver_results_carry_a_multi_valued_patient_name_as_sent(
+        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
+    # Issue 17: "Doe^John\Roe^Jane" (PN with VM 2, as real systems send) failed the job.
+    result, volume = liver_result
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    files = []
+    for i, ds in enumerate(volume.datasets):
+        ds = pydicom.dcmread(ds.filename) if getattr(ds, "filename", None) else ds
+        ds.PatientName = "Doe^John\\Roe^Jane"
+        del ds.PatientSex  # a type 2 attribute some senders leave out
+        ds.save_as(folder / f"{i:03d}.dcm", enforce_file_format=True)
+        files.append(folder / f"{i:03d}.dcm")
+    awkward = load_series(files)
+    written = write_result_objects(result, awkward, tmp_path / "out", EMITS)
+    assert len(written) == 3
+    for path in written:
+        back = pydicom.dcmread(path)
+        assert [str(v) for v in back.PatientName] == ["Doe^John", "Roe^Jane"], path.name
+        assert "PatientSex" in back and back.PatientSex == ""
