@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 from pathlib import Path
@@ -215,135 +216,182 @@ def route(
     raise typer.Exit(code)
 
 
-@app.command()
-def train(
-    model: Annotated[str, typer.Argument(help="Model to train (liver_tumor).")],
-    data: Annotated[Path | None, typer.Option(help="Phantom folders and/or LiTS pairs "
-                                              "(volume-N.nii, segmentation-N.nii).")] = None,
-    phantom_seeds: Annotated[str | None, typer.Option(help="Generate training phantoms "
-                                                      "from these seeds, e.g. 1000-1063.")] = None,
-    heldout_seeds: Annotated[str | None, typer.Option(help="Phantom seeds evaluated after "
-                                                      "training, e.g. 0-19.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs per stage.")] = 10,
-    steps_per_epoch: Annotated[int, typer.Option(help="Batches per epoch.")] = 40,
-    out: Annotated[Path, typer.Option(help="Models folder (weights, manifest).")] = Path("models"),
-    version: Annotated[str, typer.Option(help="Version written to the manifest.")] = "1.0.0",
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache of generated phantoms.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Time budget per stage (the "
-                                                      "learning rate decays to it).")] = None,
-    stages: Annotated[str, typer.Option(help="Stages to train: liver,tumour (a stage left "
-                                        "out keeps the --init weights; 'none' trains "
-                                        "nothing).")] = "liver,tumour",
-    val_seeds: Annotated[str | None, typer.Option(help="Phantom seeds on which the tumour "
-                                                  "threshold is chosen, e.g. 2000-2019.")
-                         ] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights "
-                                              "(fine-tuning, retraining one stage).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine decay; "
-                                             "default 0.003).")] = None,
-    device: Annotated[str, typer.Option(help="Where to train: auto (CUDA when present), "
-                                        "cpu or cuda[:N]; bfloat16 autocast on CUDA.")
-                      ] = "auto",
-    batch_size: Annotated[int | None, typer.Option(help="Patches per step (default 4).")
-                          ] = None,
-    workers: Annotated[int, typer.Option(help="Processes that generate and prepare the "
-                                         "cases.")] = 1,
-    width_liver: Annotated[int | None, typer.Option(help="Stage-1 width (default 8); with "
-                                                    "--init, a trained stage of another "
-                                                    "width starts from scratch.")] = None,
-    width_tumour: Annotated[int | None, typer.Option(help="Stage-2 width (default 12); "
-                                                     "as --width-liver.")] = None,
-    tumour_class_weight: Annotated[float | None, typer.Option(
-        help="Cross-entropy weight of the tumour class in stage 2 (default 3.0; higher "
-             "trades false positives for recall).")] = None,
-    hu_shift: Annotated[float | None, typer.Option(
-        help="Largest shift of a training patch's HU, augmentation (default 18; wider "
-             "makes the network rely less on absolute HU).")] = None,
-) -> None:
-    """Train a model's weights and record them in the models manifest."""
-    from dicomnode.logs import configure_logging
-    from dicomnode.nn.train import train_from_cli
+class _ModelGroup(typer.core.TyperGroup):
+    """``dicomnode train|evaluate MODEL``: one subcommand per model, built when asked for.
 
-    configure_logging("INFO")
-    try:
-        entry = train_from_cli(model, data=data, phantom_seeds=phantom_seeds,
-                               heldout_seeds=heldout_seeds, epochs=epochs,
-                               steps_per_epoch=steps_per_epoch, out=out, version=version,
-                               cache_dir=cache_dir, max_minutes_per_stage=max_minutes,
-                               stages=stages, init_from=init, lr=lr, val_seeds=val_seeds,
-                               device=device, batch_size=batch_size, workers=workers,
-                               width_liver=width_liver, width_tumour=width_tumour,
-                               tumour_class_weight=tumour_class_weight,
-                               hu_shift=hu_shift)
-    except ValueError as exc:
-        typer.echo(f"dicomnode: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(json.dumps(entry, indent=2))
+    Each model's own options (its recipe's :class:`~dicomnode.nn.recipe.Options` fields,
+    a width per stage) appear on that model's subcommand only; the recipe, and torch
+    with it, is imported only when the subcommand runs or shows its help.
+    """
+
+    build: Any = None
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        from dicomnode.nn.recipe import BUILTIN
+
+        return sorted(BUILTIN)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        from dicomnode.nn.recipe import BUILTIN, get_recipe
+
+        if cmd_name not in BUILTIN:
+            return None
+        command = typer.Typer(add_completion=False)
+        command.command(name=cmd_name)(type(self).build(get_recipe(cmd_name)))
+        return typer.main.get_command(command)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            from dicomnode.nn.recipe import BUILTIN
+
+            typer.echo(f"dicomnode: Invalid 'model' value '{name}' - must be one of "
+                       f"{', '.join(sorted(BUILTIN))}", err=True)
+            raise typer.Exit(2)
+        return super().resolve_command(ctx, args)
 
 
-@app.command()
-def evaluate(
-    model: Annotated[str, typer.Argument(help="Model to evaluate (liver_tumor).")],
-    data: Annotated[Path | None, typer.Option(help="Test cases: phantom folders and/or "
-                                              "LiTS pairs (volume-N.nii, "
-                                              "segmentation-N.nii).")] = None,
-    phantom_seeds: Annotated[str | None, typer.Option(help="Phantom seeds to generate and "
-                                                      "evaluate, e.g. 0-19 (the shipped "
-                                                      "weights' held-out seeds).")] = None,
-    models: Annotated[Path | None, typer.Option(help="Models folder (default: "
-                                                "DICOMNODE_MODELS_DIR or the shipped "
-                                                "models/).")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache of generated phantoms.")] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")
-                      ] = "auto",
-    min_diameter: Annotated[float, typer.Option(help="Smallest tumour (mm, longest axial "
-                                                "diameter) counted by tumour Dice and "
-                                                "detection.")] = 10.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (every case).")] = False,
-) -> None:
-    """Score the installed weights on cases with ground truth (Dice, detection)."""
-    from dicomnode.logs import configure_logging
-    from dicomnode.nn import datasets
-    from dicomnode.nn.evaluate import evaluate as run_evaluation
-    from dicomnode.nn.weights import WeightsError
+def _option(name: str, kind: type, default: Any, help_text: str) -> inspect.Parameter:
+    """A keyword parameter that typer turns into ``--name`` (underscores as dashes)."""
+    annotation = Annotated[kind | None if default is None else kind,  # type: ignore[valid-type]
+                           typer.Option(help=help_text)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=annotation)
 
-    configure_logging("WARNING")
-    if model != "liver_tumor":
-        typer.echo(f"dicomnode: Invalid 'model' value '{model}' - must be 'liver_tumor'",
-                   err=True)
-        raise typer.Exit(2)
-    try:
-        seeds = datasets.parse_seeds(phantom_seeds) if phantom_seeds else []
-        result = run_evaluation(seeds, data_dir=data, models=models, cache_dir=cache_dir,
-                                device=device, min_diameter_mm=min_diameter)
-    except (ValueError, WeightsError) as exc:
-        typer.echo(f"dicomnode: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    for line in result["warnings"]:
-        typer.echo(f"dicomnode: warning: {line}", err=True)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    info, summary = result["model"], result["summary"]
-    typer.echo(f"{info['name']} {info['version']} (sha256 {info['sha256'][:12]}), "
-               f"{summary['cases']} cases, tumours >= {min_diameter:g} mm")
-    for row in result["cases"]:
-        tumour = "-" if row["tumour_dice_ge_min"] is None else f"{row['tumour_dice_ge_min']:.3f}"
-        typer.echo(f"  {row['case']:<20} liver Dice {row['liver_dice']:.3f}  tumour Dice "
-                   f"{tumour:>5}  detected "
-                   f"{row['detected_ge_min']}/{row['true_lesions_ge_min']}  false positives "
-                   f"{row['false_positive_lesions']}")
-    number = {key: "-" if summary.get(key) is None else f"{summary[key]:.3f}"
-              for key in ("liver_dice_mean", "liver_dice_min", "tumour_dice_mean",
-                          "tumour_dice_min", "tumour_dice_global", "detection_recall",
-                          "false_positive_lesions_per_case")}
-    typer.echo(f"liver Dice mean {number['liver_dice_mean']} (min {number['liver_dice_min']})")
-    typer.echo(f"tumour Dice per case {number['tumour_dice_mean']} (min "
-               f"{number['tumour_dice_min']}, {summary.get('tumour_cases', 0)} cases), "
-               f"Dice global {number['tumour_dice_global']}")
-    typer.echo(f"detection recall {number['detection_recall']} "
-               f"({summary.get('lesions_detected', 0)}/{summary.get('lesions_ge_min', 0)}), "
-               f"false positives per case {number['false_positive_lesions_per_case']}")
+
+def _command(function: Any, parameters: list[inspect.Parameter], doc: str) -> Any:
+    """``function(**values)`` with the signature typer reads its options from."""
+    def command(**values: Any) -> None:
+        function(**values)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    return command
+
+
+_TRAIN_OPTIONS: list[tuple[str, type, Any, str]] = [
+    ("data", Path, None, "Phantom folders and/or the model's public layout (see the model "
+     "card)."),
+    ("phantom_seeds", str, None, "Generate training phantoms from these seeds, e.g. "
+     "1000-1063."),
+    ("heldout_seeds", str, None, "Phantom seeds evaluated after training, e.g. 0-19."),
+    ("val_seeds", str, None, "Phantom seeds on which the model's operating point is "
+     "chosen, e.g. 2000-2019."),
+    ("epochs", int, 10, "Epochs per stage."),
+    ("steps_per_epoch", int, 40, "Batches per epoch (times the stage's factor)."),
+    ("out", Path, Path("models"), "Models folder (weights, manifest)."),
+    ("version", str, "1.0.0", "Version written to the manifest."),
+    ("cache_dir", Path, None, "Cache of generated phantoms."),
+    ("max_minutes", float, None, "Time budget per stage (the learning rate decays to it)."),
+    ("stages", str, None, "Stages to train, comma-separated (default all; a stage left "
+     "out keeps the --init weights; 'none' trains nothing)."),
+    ("init", Path, None, "Start from this checkpoint's weights (fine-tuning, retraining "
+     "one stage)."),
+    ("lr", float, None, "Peak learning rate (cosine decay; default 0.003)."),
+    ("device", str, "auto", "Where to train: auto (CUDA when present), cpu or cuda[:N]; "
+     "bfloat16 autocast on CUDA."),
+    ("batch_size", int, None, "Patches per step (default 4)."),
+    ("workers", int, 1, "Processes that generate and prepare the cases."),
+]
+
+
+def _train_command(recipe: Any) -> Any:
+    """``dicomnode train MODEL``: the shared options, a width per stage, the model's own."""
+    from dicomnode.nn.recipe import option_help
+
+    stages = ", ".join(s.name for s in recipe.stages)
+    widths = [(f"width_{s.name}", int, None, f"Width of stage '{s.name}' (default "
+               f"{s.width}); with --init, a trained stage of another width starts from "
+               "scratch.") for s in recipe.stages]
+    own = option_help(recipe)
+    parameters = [_option(*spec) for spec in (*_TRAIN_OPTIONS, *widths, *own)]
+
+    def run(**values: Any) -> None:
+        from dicomnode.logs import configure_logging
+        from dicomnode.nn.train import train_from_cli
+
+        configure_logging("INFO")
+        try:
+            entry = train_from_cli(
+                recipe.name, data=values["data"], phantom_seeds=values["phantom_seeds"],
+                heldout_seeds=values["heldout_seeds"], val_seeds=values["val_seeds"],
+                epochs=values["epochs"], steps_per_epoch=values["steps_per_epoch"],
+                out=values["out"], version=values["version"], cache_dir=values["cache_dir"],
+                max_minutes_per_stage=values["max_minutes"], stages=values["stages"],
+                init_from=values["init"], lr=values["lr"], device=values["device"],
+                batch_size=values["batch_size"], workers=values["workers"],
+                widths={s.name: values[f"width_{s.name}"] for s in recipe.stages},
+                options={name: values[name] for name, *_ in own})
+        except ValueError as exc:
+            typer.echo(f"dicomnode: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        typer.echo(json.dumps(entry, indent=2))
+
+    return _command(run, parameters, f"Train {recipe.name} ({stages}) and record the "
+                    "weights in the models manifest.")
+
+
+def _evaluate_command(recipe: Any) -> Any:
+    """``dicomnode evaluate MODEL``: the shared options and the model's own."""
+    own = [(name, kind, default, help_text)
+           for name, (kind, default, help_text) in recipe.evaluation_options().items()]
+    shared: list[tuple[str, type, Any, str]] = [
+        ("data", Path, None, "Test cases: phantom folders and/or the model's public layout."),
+        ("phantom_seeds", str, None, "Phantom seeds to generate and evaluate, e.g. 0-19 "
+         "(the shipped weights' held-out seeds)."),
+        ("models", Path, None, "Models folder (default: DICOMNODE_MODELS_DIR or the "
+         "shipped models/)."),
+        ("cache_dir", Path, None, "Cache of generated phantoms."),
+        ("device", str, "auto", "auto (CUDA when present), cpu or cuda[:N]."),
+    ]
+    parameters = [_option(*spec) for spec in (*shared, *own)]
+    parameters.append(inspect.Parameter(
+        "as_json", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=Annotated[bool, typer.Option("--json", help="Print JSON (every case).")]))
+
+    def run(**values: Any) -> None:
+        from dicomnode.logs import configure_logging
+        from dicomnode.nn import datasets
+        from dicomnode.nn.evaluate import evaluate as run_evaluation
+        from dicomnode.nn.weights import WeightsError
+
+        configure_logging("WARNING")
+        recipe.configure_evaluation(**{name: values[name] for name, *_ in own})
+        try:
+            seeds = (datasets.parse_seeds(values["phantom_seeds"])
+                     if values["phantom_seeds"] else [])
+            result = run_evaluation(recipe, seeds, data_dir=values["data"],
+                                    models=values["models"], cache_dir=values["cache_dir"],
+                                    device=values["device"])
+        except (ValueError, WeightsError) as exc:
+            typer.echo(f"dicomnode: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        for line in result["warnings"]:
+            typer.echo(f"dicomnode: warning: {line}", err=True)
+        if values["as_json"]:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        for line in recipe.report_lines(result):
+            typer.echo(line)
+
+    return _command(run, parameters, f"Score the installed {recipe.name} weights on cases "
+                    "with ground truth.")
+
+
+class _TrainGroup(_ModelGroup):
+    build = staticmethod(_train_command)
+
+
+class _EvaluateGroup(_ModelGroup):
+    build = staticmethod(_evaluate_command)
+
+
+app.add_typer(typer.Typer(cls=_TrainGroup, no_args_is_help=True), name="train",
+              help="Train a model's weights and record them in the models manifest "
+                   "(dicomnode train MODEL --help for its options).")
+app.add_typer(typer.Typer(cls=_EvaluateGroup, no_args_is_help=True), name="evaluate",
+              help="Score the installed weights of a model on cases with ground truth "
+                   "(Dice and the model's own scores).")
 
 
 def main() -> None:

@@ -144,7 +144,11 @@ class Settings(BaseSettings):
         "Write each result's DICOM-SEG in a helper process while the job writes its "
         "RTSTRUCT and SR (one more Python process of ~150 MB; the SEG is the longest of "
         "the three to encode)."))
-    device: str = Field(default="auto", description="'auto', 'cpu' or a torch device string.")
+    device: str = Field(default="auto", description=(
+        "Where the pipelines' networks run: 'auto' (the first CUDA GPU when present, else "
+        "the CPU), 'cpu' or 'cuda:N'."))
+    models_dir: Path | None = Field(default=None, description=(
+        "Models folder (manifest.json, weight files); None: the shipped models/."))
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 

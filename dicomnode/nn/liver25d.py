@@ -16,7 +16,8 @@ Two stages (:class:`LiverTumorSegmenter`):
 
 Intensities: HU clipped to ``HU_WINDOW`` [-200, 250] and scaled to [-1, 1].
 Post-processing (:func:`postprocess`): the largest liver component, holes filled,
-tumours only inside the liver, islands smaller than ``min_tumour_ml`` removed.
+tumours only inside the liver, islands smaller than ``min_tumour_ml`` removed. The
+training recipe (data, samplers, scores) is :mod:`dicomnode.nn.liver_tumor`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -183,7 +183,7 @@ class Liver25DNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Post-processing and measurements
+# Post-processing
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...] | None,
@@ -268,72 +268,6 @@ def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
     out = organ.astype(np.uint8) * np.uint8(LIVER)
     out[tumour] = TUMOUR
     return out
-
-
-def _longest_axial_diameter(component: np.ndarray, spacing: Sequence[float]) -> float:
-    """Longest in-plane diameter (mm) of a 3D mask over all its slices (RECIST style)."""
-    _, dy, dx = spacing
-    best = 0.0
-    for z in np.flatnonzero(component.any(axis=(1, 2))):
-        sl = component[z]
-        edge = sl & ~ndimage.binary_erosion(sl)
-        ys, xs = np.nonzero(edge)
-        pts = np.stack([ys * dy, xs * dx], axis=1)
-        if len(pts) > 400:  # subsample long outlines; the error is under one pixel
-            pts = pts[:: int(np.ceil(len(pts) / 400))]
-        diff = pts[:, None, :] - pts[None, :, :]
-        best = max(best, float(np.sqrt((diff ** 2).sum(-1)).max()))
-    # centre-to-centre distance plus one pixel: the outer extent of the voxels
-    return best + float((dx + dy) / 2)
-
-
-def measure(labels: np.ndarray, spacing: Sequence[float],
-            offset: Sequence[int] = (0, 0, 0)) -> dict[str, Any]:
-    """SR measurements of a liver/tumour label map.
-
-    Parameters
-    ----------
-    labels : numpy.ndarray
-        ``[z, y, x]`` 0 background, 1 liver, 2 tumour (or a box cut out of such a map).
-    spacing : sequence of float
-        ``(dz, dy, dx)`` mm.
-    offset : sequence of int
-        Index of ``labels[0, 0, 0]`` in the full volume (for lesion positions).
-
-    Returns
-    -------
-    dict
-        ``liver_volume_ml`` (liver including tumours), ``lesion_count``, ``lesions``
-        (``id``, ``volume_ml``, ``longest_axial_diameter_mm``, ``centroid_voxel`` [z, y, x],
-        ``slice_index``), ``total_tumour_volume_ml`` and ``tumour_to_liver_ratio``.
-    """
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    liver_ml = float((labels > 0).sum()) * voxel_ml
-    comps, _count = ndimage.label(labels == TUMOUR, structure=np.ones((3, 3, 3), dtype=bool))
-    lesions: list[dict[str, Any]] = []
-    for index, box in enumerate(ndimage.find_objects(comps), start=1):
-        if box is None:
-            continue
-        comp = comps[box] == index
-        centroid = [float(c + s.start + o) for c, s, o in zip(ndimage.center_of_mass(comp),
-                                                               box, offset, strict=True)]
-        lesions.append({
-            "volume_ml": round(float(comp.sum()) * voxel_ml, 3),
-            "longest_axial_diameter_mm": round(_longest_axial_diameter(comp, spacing), 1),
-            "centroid_voxel": [round(c, 1) for c in centroid],
-            "slice_index": round(centroid[0]),
-        })
-    lesions.sort(key=lambda d: -d["volume_ml"])
-    for i, lesion in enumerate(lesions, start=1):
-        lesion["id"] = i
-    burden = float(sum(d["volume_ml"] for d in lesions))
-    return {
-        "liver_volume_ml": round(liver_ml, 1),
-        "lesion_count": len(lesions),
-        "lesions": lesions,
-        "total_tumour_volume_ml": round(burden, 3),
-        "tumour_to_liver_ratio": round(burden / liver_ml, 5) if liver_ml > 0 else 0.0,
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,40 +446,3 @@ def label_probabilities(probs: torch.Tensor, tumour_threshold: float | None) -> 
     organ = (probs[1] + probs[2]) > probs[0]
     tumour = organ & (probs[2] >= tumour_threshold)
     return (organ.to(torch.uint8) + tumour.to(torch.uint8)).cpu().numpy()
-
-
-def build_segmenter(checkpoint: dict[str, Any], device: torch.device,
-                    **options: Any) -> LiverTumorSegmenter:
-    """Build both networks from a checkpoint (``liver``, ``tumour``, ``config``)."""
-    config = checkpoint.get("config", {})
-    if config.get("tumour_threshold") is not None:
-        options.setdefault("tumour_threshold", float(config["tumour_threshold"]))
-    if config.get("min_tumour_ml") is not None:
-        options.setdefault("min_tumour_ml", float(config["min_tumour_ml"]))
-    liver = Liver25DNet(2, int(config.get("width_liver", 8)))
-    tumour = Liver25DNet(3, int(config.get("width_tumour", 12)))
-    liver.load_state_dict(checkpoint["liver"])
-    tumour.load_state_dict(checkpoint["tumour"])
-    return LiverTumorSegmenter(liver, tumour, device, **options)
-
-
-def load_segmenter(models: Any = None, device: torch.device | None = None,
-                   name: str = "liver_tumor", **options: Any
-                   ) -> tuple[LiverTumorSegmenter, Any]:
-    """Load the checked weights of ``name`` and build the segmenter.
-
-    Returns
-    -------
-    tuple
-        The segmenter and its :class:`dicomnode.nn.weights.ManifestEntry`.
-
-    Raises
-    ------
-    dicomnode.nn.weights.WeightsError
-        Missing weights or a checksum mismatch.
-    """
-    from dicomnode.nn import weights
-
-    device = device or runtime.select_device()
-    checkpoint, entry = weights.load_weights(name, models)
-    return build_segmenter(checkpoint, device, **options), entry

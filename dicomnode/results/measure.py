@@ -1,19 +1,57 @@
-"""Measurements reported in the SR: volumes, lesions, longest axial diameters.
+"""Measurements of segmented structures: volumes, lesions, longest axial diameters.
 
-Computed from the masks in the source geometry (voxel volume from the pixel spacing and
-the slice spacing along the normal), so they agree with what a viewer measures on the
-SEG. "Axial" diameters are measured in the plane of the source slices.
+The one measurement path of the node: the pipelines report these figures in their
+JSON summary and the SR encodes the same functions' results, so the two never differ.
+Computed on the source grid (voxel volume from the pixel spacing and the slice spacing
+along the normal), so they agree with what a viewer measures on the SEG. "Axial"
+diameters are measured in the plane of the source slices, edge to edge through the
+outline that the RTSTRUCT contours follow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
 
 from dicomnode.results.contours import mask_to_polygons
-from dicomnode.results.source import SliceGeometry
+
+
+class Grid(Protocol):
+    """What a measurement needs of the grid: in-plane spacing and voxel volume.
+
+    :class:`dicomnode.results.source.SliceGeometry` is one; :class:`VoxelGrid` another.
+    """
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """``(row spacing, column spacing)`` in mm."""
+        ...
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm3."""
+        ...
+
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """A grid given by its voxel size: ``(dz, dy, dx)`` mm of a ``[z, y, x]`` array."""
+
+    size_mm: tuple[float, float, float]
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """``(dy, dx)``: row then column spacing, as DICOM's PixelSpacing."""
+        return float(self.size_mm[1]), float(self.size_mm[2])
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """``dz * dy * dx``."""
+        return float(np.prod(self.size_mm))
 
 
 @dataclass(frozen=True)
@@ -59,22 +97,39 @@ class LiverMeasurements:
     tumour_burden_cm3: float
     tumour_to_liver_percent: float
 
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as a pipeline reports them (JSON; ml = cm3)."""
+        return {
+            "liver_volume_ml": round(self.liver_volume_cm3, 1),
+            "lesion_count": len(self.lesions),
+            "lesions": [{"id": lesion.number, "volume_ml": round(lesion.volume_cm3, 3),
+                         "longest_axial_diameter_mm": round(lesion.longest_axial_diameter_mm,
+                                                            1),
+                         "slice_index": lesion.slice_indices[len(lesion.slice_indices) // 2],
+                         "slices": [lesion.slice_indices[0], lesion.slice_indices[-1]]}
+                        for lesion in self.lesions],
+            "total_tumour_volume_ml": round(self.tumour_burden_cm3, 3),
+            "tumour_to_liver_ratio": round(self.tumour_to_liver_percent / 100.0, 5),
+        }
 
-def volume_cm3(mask: np.ndarray, geometry: SliceGeometry) -> float:
+
+def volume_cm3(mask: np.ndarray, geometry: Grid) -> float:
     """Volume of a boolean mask in cm3."""
     return float(np.count_nonzero(mask)) * geometry.voxel_volume_mm3 / 1000.0
 
 
-def longest_axial_diameter_mm(mask: np.ndarray, geometry: SliceGeometry) -> float:
+def longest_axial_diameter_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Longest in-plane distance across a 3D mask, over all its slices, in mm.
 
     The distance is taken between points of the boundary polygon (through pixel-edge
-    midpoints), i.e. edge to edge as a reader measures with calipers.
+    midpoints), i.e. edge to edge as a reader measures with calipers. ``spacing`` is
+    ``(row spacing, column spacing)`` in mm.
     """
     best = 0.0
-    scale = np.asarray(geometry.spacing, float)
+    spacing = (float(spacing[0]), float(spacing[1]))
+    scale = np.asarray(spacing, float)
     for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
-        polygons = mask_to_polygons(mask[z], geometry.spacing)
+        polygons = mask_to_polygons(mask[z], spacing)
         if not polygons:
             continue
         pts = np.concatenate(polygons) * scale
@@ -83,7 +138,7 @@ def longest_axial_diameter_mm(mask: np.ndarray, geometry: SliceGeometry) -> floa
     return best
 
 
-def find_lesions(tumour: np.ndarray, geometry: SliceGeometry,
+def find_lesions(tumour: np.ndarray, geometry: Grid,
                  z_offset: int = 0) -> list[Lesion]:
     """Split a tumour mask into 3D connected lesions (26-connectivity), largest first.
 
@@ -100,13 +155,13 @@ def find_lesions(tumour: np.ndarray, geometry: SliceGeometry,
         z0 = box[0].start + z_offset
         slices = tuple(int(z0 + z) for z in np.nonzero(component.any(axis=(1, 2)))[0])
         found.append((volume_cm3(component, geometry),
-                      longest_axial_diameter_mm(component, geometry), slices))
+                      longest_axial_diameter_mm(component, geometry.spacing), slices))
     found.sort(key=lambda item: -item[0])
     return [Lesion(i, v, d, s) for i, (v, d, s) in enumerate(found, start=1)]
 
 
 def measure_liver(liver: np.ndarray, tumour: np.ndarray,
-                  geometry: SliceGeometry, *, z_offset: int = 0) -> LiverMeasurements:
+                  geometry: Grid, *, z_offset: int = 0) -> LiverMeasurements:
     """Liver volume, lesions, tumour burden and tumour-to-liver ratio.
 
     Parameters
@@ -133,3 +188,11 @@ def measure_liver(liver: np.ndarray, tumour: np.ndarray,
     burden = volume_cm3(tumour, geometry)
     ratio = 100.0 * burden / whole if whole > 0 else 0.0
     return LiverMeasurements(whole, lesions, burden, ratio)
+
+
+def structure_volumes(label_map: np.ndarray, structures: Mapping[int, str],
+                      geometry: Grid) -> dict[str, float]:
+    """Volume in cm3 of each labelled structure (label value -> name) of a label map."""
+    counts = np.bincount(label_map.ravel(), minlength=max(structures, default=0) + 1)
+    return {name: round(float(counts[value]) * geometry.voxel_volume_mm3 / 1000.0, 3)
+            for value, name in structures.items()}

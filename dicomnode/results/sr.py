@@ -136,12 +136,15 @@ def build_segmentation_sr(
     series_number: int = 902,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    absent: Sequence[Structure] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-structure volumes referencing the SEG segments.
 
     When the table has a ``Liver`` and a lesion structure, the report adds one group
     per lesion (volume, longest axial diameter), the lesion count, the total tumour
-    burden and the tumour-to-liver ratio.
+    burden and the tumour-to-liver ratio. Each structure of ``absent`` (looked for, not
+    found: a resected gland, an organ outside the field) gets a group of its own that
+    says so (qualitative evaluation Absent), so a reader knows it was not forgotten.
 
     Parameters
     ----------
@@ -159,6 +162,8 @@ def build_segmentation_sr(
         Of the new SR series.
     series_instance_uid, sop_instance_uid
         UIDs to use; new ones by default.
+    absent
+        Structures the algorithm looked for and did not find.
 
     Returns
     -------
@@ -239,6 +244,17 @@ def build_segmentation_sr(
                                       unit=MILLIMETER, algorithm_id=algorithm_id),
                 ],
             ))
+    for structure in absent:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(  # type: ignore[arg-type]
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=new_uid(), identifier=f"{structure.name} not found"),
+            finding_type=structure.type,
+            finding_category=structure.category,
+            finding_sites=_finding_sites(structure) or None,
+            algorithm_id=algorithm_id,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=structure.type, value=codes.SCT.Absent)],
+        ))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,

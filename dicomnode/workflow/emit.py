@@ -28,7 +28,7 @@ from dicomnode.imaging.morphology import bounding_box
 from dicomnode.logs import configure_logging, fields, logging_config, quiet_info
 from dicomnode.pipelines.base import PipelineResult, ResultObject
 from dicomnode.results.algorithm import AlgorithmInfo
-from dicomnode.results.codes import table_from_labels
+from dicomnode.results.codes import CATALOGUE, table_from_labels
 from dicomnode.results.kos import build_kos
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.seg import build_seg, seg_reference
@@ -125,9 +125,12 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                                 series_description=_describe(name, "contours", version))
             files.append(write(rt, out_dir / "rtstruct.dcm"))
         if ResultObject.SR in emits:
+            absent = [CATALOGUE[n] for n in result.measurements.get("absent", ())
+                      if n in CATALOGUE]
             sr = build_segmentation_sr(images, seg, labels, table, algorithm,
                                        series_description=_describe(name, "measurements",
-                                                                    version))
+                                                                    version),
+                                       absent=absent)
             files.append(write(sr, out_dir / "sr.dcm"))
         if pending is not None:
             try:
@@ -201,7 +204,7 @@ WARM_UP_OBJECTS = (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
 
 def warm_up_encoders(scratch_dir: Path,
                      objects: Sequence[ResultObject] = WARM_UP_OBJECTS) -> float:
-    """Encode and write result objects of a small phantom once.
+    """Encode and write result objects of the small example series once.
 
     highdicom reads its tables of the standard (JSON) on first use and pydicom builds
     its lookups; done at start-up, off the receiving path, the first study does not pay
@@ -221,14 +224,12 @@ def warm_up_encoders(scratch_dir: Path,
     float
         Seconds taken.
     """
+    from dicomnode.examples import example_series
     from dicomnode.imaging.series import load_series
-    from dicomnode.phantoms import make_phantom, write_phantom
     started = time.perf_counter()
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with quiet_info(), tempfile.TemporaryDirectory(prefix="warm-up-", dir=scratch_dir) as tmp:
-        phantom = make_phantom("abdomen", seed=0, matrix=64, slices=40)
-        files = [f for f in write_phantom(phantom, Path(tmp) / "ct") if f.suffix == ".dcm"]
-        volume = load_series(files)
+        volume = load_series(example_series("abdomen"))
         labels = np.zeros(volume.shape, dtype=np.uint8)
         z, y, x = (n // 2 for n in volume.shape)
         labels[z - 6:z + 6, y - 12:y + 12, x - 12:x + 12] = 1

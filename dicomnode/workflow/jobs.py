@@ -30,7 +30,12 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
-from dicomnode.pipelines.base import PipelineUnavailableError, availability, get_pipeline
+from dicomnode.pipelines.base import (
+    PipelineContext,
+    PipelineUnavailableError,
+    availability,
+    get_pipeline,
+)
 from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
 from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
@@ -95,7 +100,8 @@ class StudyRun:
 
 def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                  seg_writer: SegWriter | None = None,
-                 no_result_report: bool = False) -> StudyRun:
+                 no_result_report: bool = False,
+                 context: PipelineContext | None = None) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -113,6 +119,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
     no_result_report : bool
         When the pipeline ran and has no result, write an SR saying why (its file is
         the run's result file).
+    context : PipelineContext, optional
+        The node's models folder and device (default: from the environment).
 
     Returns
     -------
@@ -125,7 +133,7 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
     timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        pipeline = get_pipeline(name)
+        pipeline = get_pipeline(name, context)
     except PipelineUnavailableError as exc:
         return StudyRun(JobState.NO_RESULT, reason=str(exc), pipeline=name)
     timings["load_model"] = round(time.perf_counter() - started, 3)
@@ -151,7 +159,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
 
 
 def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
-                  pipeline: str | None = None, rules: RoutingRules | None = None) -> StudyRun:
+                  pipeline: str | None = None, rules: RoutingRules | None = None,
+                  context: PipelineContext | None = None) -> StudyRun:
     """Route a study and run every routed pipeline, writing results to ``out_dir``.
 
     Parameters
@@ -166,6 +175,8 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         Run this pipeline on the series routing picked, whatever the rules say.
     rules : RoutingRules, optional
         Routing rules; default the embedded ones.
+    context : PipelineContext, optional
+        Models folder and device (default: from the environment).
 
     Returns
     -------
@@ -196,7 +207,7 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         if action is not None and action.series_instance_uid != decision.series_instance_uid:
             info = next(i for i in infos if i.series_instance_uid == action.series_instance_uid)
             volume = load_series(info.paths or info.headers)
-        run = run_pipeline(name, volume, out_dir / name)
+        run = run_pipeline(name, volume, out_dir / name, context=context)
         runs.append(run)
         timings.update({f"{name}.{k}": v for k, v in run.timings.items()})
     done = [r for r in runs if r.state == JobState.DONE]
@@ -230,6 +241,8 @@ class JobRunner:
         self.settings = settings
         self.outbox = outbox
         self.rules = load_rules(settings.routing_rules)
+        #: The models folder and device the node's settings give its pipelines.
+        self.context = PipelineContext.from_settings(settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -352,7 +365,8 @@ class JobRunner:
         out_dir = self.settings.results_dir / f"job-{job['id']}"
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                            seg_writer=self.seg_writer,
-                           no_result_report=self.settings.no_result_report)
+                           no_result_report=self.settings.no_result_report,
+                           context=self.context)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
@@ -402,7 +416,7 @@ class JobRunner:
         dict
             Pipeline name -> ``"ok"`` or the reason it cannot run.
         """
-        states = availability()
+        states = availability(self.context)
         for name, state in states.items():
             if state == "ok":
                 log.info("pipeline.available", extra=fields(pipeline=name))
@@ -529,7 +543,7 @@ class JobRunner:
                 continue
             started = time.perf_counter()
             try:
-                get_pipeline(name).warm_up()
+                get_pipeline(name, self.context).warm_up()
             except Exception:  # a study will report the same problem as no_result
                 log.exception("pipeline.warm_up_failed", extra=fields(pipeline=name))
                 continue

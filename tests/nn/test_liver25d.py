@@ -8,7 +8,8 @@ import torch
 from scipy import ndimage
 
 from dicomnode.nn import liver25d
-from dicomnode.nn.liver25d import Liver25DNet, measure, normalise_hu, postprocess
+from dicomnode.nn.liver25d import Liver25DNet, normalise_hu, postprocess
+from dicomnode.nn.liver_tumor import LiverTumorRecipe
 from tests.nn.synthetic import tiny_case
 
 
@@ -89,22 +90,6 @@ def test_components_in_the_bounding_box_equal_the_whole_array(seed: int) -> None
     assert not liver25d.remove_small_islands(empty, 3).any()
 
 
-def test_measure_sphere_tumour() -> None:
-    spacing = (1.0, 1.0, 1.0)
-    z, y, x = np.mgrid[:60, :60, :60]
-    labels = np.zeros((60, 60, 60), dtype=np.uint8)
-    labels[((z - 30) ** 2 + (y - 30) ** 2 + (x - 30) ** 2) < 25 ** 2] = 1
-    labels[((z - 30) ** 2 + (y - 30) ** 2 + (x - 30) ** 2) < 10 ** 2] = 2
-    m = measure(labels, spacing)
-    assert m["lesion_count"] == 1
-    lesion = m["lesions"][0]
-    assert lesion["volume_ml"] == pytest.approx(4 / 3 * np.pi * 1000 / 1000, rel=0.05)
-    assert lesion["longest_axial_diameter_mm"] == pytest.approx(20, abs=1.5)
-    assert m["liver_volume_ml"] == pytest.approx(4 / 3 * np.pi * 25 ** 3 / 1000, rel=0.03)
-    assert m["tumour_to_liver_ratio"] == pytest.approx(
-        m["total_tumour_volume_ml"] / m["liver_volume_ml"], rel=1e-3)
-
-
 def test_segmenter_runs_two_stages_on_tiny_case() -> None:
     case = tiny_case()
     torch.manual_seed(0)
@@ -132,13 +117,13 @@ def test_threshold_comes_from_the_checkpoint_and_is_checked() -> None:
     nets = {"liver": Liver25DNet(2, 4).state_dict(), "tumour": Liver25DNet(3, 4).state_dict()}
     config = {"width_liver": 4, "width_tumour": 4, "tumour_threshold": 0.35,
               "min_tumour_ml": 0.05}
-    seg = liver25d.build_segmenter({**nets, "config": config}, torch.device("cpu"))
+    seg = LiverTumorRecipe().build_segmenter({**nets, "config": config}, torch.device("cpu"))
     assert seg.tumour_threshold == 0.35 and seg.min_tumour_ml == 0.05
-    seg = liver25d.build_segmenter({**nets, "config": config}, torch.device("cpu"),
+    seg = LiverTumorRecipe().build_segmenter({**nets, "config": config}, torch.device("cpu"),
                                    min_tumour_ml=0.3)
     assert seg.min_tumour_ml == 0.3
-    seg = liver25d.build_segmenter({**nets, "config": {"width_liver": 4, "width_tumour": 4}},
-                                   torch.device("cpu"))
+    seg = LiverTumorRecipe().build_segmenter(
+        {**nets, "config": {"width_liver": 4, "width_tumour": 4}}, torch.device("cpu"))
     assert seg.tumour_threshold is None
     with pytest.raises(ValueError, match="'tumour_threshold'"):
         liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
@@ -146,29 +131,3 @@ def test_threshold_comes_from_the_checkpoint_and_is_checked() -> None:
     with pytest.raises(ValueError, match="'min_tumour_ml'"):
         liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
                                      torch.device("cpu"), min_tumour_ml=-1)
-
-
-def test_threshold_choice_scores_every_candidate_once_per_case() -> None:
-    from dicomnode.nn.evaluate import choose_tumour_rule
-
-    torch.manual_seed(0)
-    seg = liver25d.LiverTumorSegmenter(Liver25DNet(2, 4), Liver25DNet(3, 4),
-                                       torch.device("cpu"), roi_liver=(8, 32, 32),
-                                       roi_tumour=(8, 32, 32))
-    calls = []
-    run = seg.segment_rules
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return run(*args, **kwargs)
-
-    seg.segment_rules = counted  # type: ignore[method-assign]
-    with torch.inference_mode():
-        choice = choose_tumour_rule(seg, [tiny_case(1), tiny_case(2)], (None, 0.5, 0.3),
-                                         (0.2, 0.1))
-    assert len(calls) == 2
-    assert choice["threshold"] in (None, 0.5, 0.3)
-    assert choice["min_tumour_ml"] in (0.2, 0.1)
-    assert set(choice["candidates"]) == {f"{t} / {m} ml" for t in ("argmax", 0.5, 0.3)
-                                         for m in (0.2, 0.1)}
-    assert all(s["cases"] == 2 for s in choice["candidates"].values())

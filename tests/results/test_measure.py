@@ -44,7 +44,7 @@ def test_no_tumour() -> None:
     stats = measure_liver(empty, empty, _geometry(shape))
     assert stats.lesions == () and stats.tumour_to_liver_percent == 0.0
     assert find_lesions(empty, _geometry(shape)) == []
-    assert longest_axial_diameter_mm(empty, _geometry(shape)) == 0.0
+    assert longest_axial_diameter_mm(empty, _geometry(shape).spacing) == 0.0
 
 
 def test_measurements_of_a_crop_with_its_offset_equal_the_full_grid() -> None:

@@ -35,8 +35,9 @@ def test_each_worker_thread_warms_the_pipelines_before_warmed_is_set(
     # GPU libraries keep per-thread state (cuDNN execution plans): a warm-up on another
     # thread left each study's first run 0.4-0.6 s slower per network on an H100
     pipeline = _RecordingPipeline()
-    monkeypatch.setattr(jobs, "availability", lambda: {"recording": "ok", "broken": "no"})
-    monkeypatch.setattr(jobs, "get_pipeline", lambda name: pipeline)
+    monkeypatch.setattr(jobs, "availability",
+                        lambda context=None: {"recording": "ok", "broken": "no"})
+    monkeypatch.setattr(jobs, "get_pipeline", lambda name, context=None: pipeline)
     settings.warm_up = True
     settings.workers = 2
     node = Node(settings)
@@ -56,8 +57,8 @@ def test_each_worker_thread_warms_the_pipelines_before_warmed_is_set(
 def test_no_warm_up_when_it_is_off(settings: Settings,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = _RecordingPipeline()
-    monkeypatch.setattr(jobs, "availability", lambda: {"recording": "ok"})
-    monkeypatch.setattr(jobs, "get_pipeline", lambda name: pipeline)
+    monkeypatch.setattr(jobs, "availability", lambda context=None: {"recording": "ok"})
+    monkeypatch.setattr(jobs, "get_pipeline", lambda name, context=None: pipeline)
     node = Node(settings)  # the fixture's settings: warm_up off
     node.start()
     try:
