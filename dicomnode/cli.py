@@ -343,6 +343,8 @@ def _evaluate_command(recipe: Any) -> Any:
          "shipped models/)."),
         ("cache_dir", Path, None, "Cache of generated phantoms."),
         ("device", str, "auto", "auto (CUDA when present), cpu or cuda[:N]."),
+        ("perturb", str, None, "Score the cases as another scanner would show them: "
+         "hu+30, hu-30, noise2x, soft or sharp (robustness)."),
     ]
     parameters = [_option(*spec) for spec in (*shared, *own)]
     parameters.append(inspect.Parameter(
@@ -362,7 +364,7 @@ def _evaluate_command(recipe: Any) -> Any:
                      if values["phantom_seeds"] else [])
             result = run_evaluation(recipe, seeds, data_dir=values["data"],
                                     models=values["models"], cache_dir=values["cache_dir"],
-                                    device=values["device"])
+                                    device=values["device"], perturbation=values["perturb"])
         except (ValueError, WeightsError) as exc:
             typer.echo(f"dicomnode: {exc}", err=True)
             raise typer.Exit(2) from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -141,7 +142,8 @@ def phantom_case(region: str, seed: int, relabel: Relabel, *, matrix: int,
                 phantom.instances, list(phantom.lesions))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.stem + ".tmp.npz")
+        # a name of this process's own: two trainings may fill one cache at once
+        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
         instances = (phantom.instances if phantom.instances is not None
                      else np.zeros((0,), dtype=np.uint8))
         np.savez_compressed(tmp, hu=phantom.hu, labels=phantom.labels, instances=instances,

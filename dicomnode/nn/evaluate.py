@@ -12,15 +12,63 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dicomnode.nn import datasets
 from dicomnode.nn.recipe import ModelRecipe, Segmenter
 
 log = logging.getLogger(__name__)
+
+#: Scanner shifts :func:`perturb` applies, for robustness reports.
+PERTURBATIONS = ("hu+30", "hu-30", "noise2x", "soft", "sharp")
+
+
+def perturb(case: datasets.Case, kind: str, *, noise_hu: float = 10.0,
+            seed: int = 0) -> datasets.Case:
+    """The case as another scanner or protocol would show it (the truth unchanged).
+
+    Parameters
+    ----------
+    case : Case
+        A case with ground truth.
+    kind : str
+        ``"hu+30"`` / ``"hu-30"``: every HU shifted (calibration, contrast phase);
+        ``"noise2x"``: noise of ``sqrt(3) * noise_hu`` added, doubling a noise of
+        ``noise_hu``; ``"soft"``: a softer reconstruction kernel (Gaussian, 0.8 pixel
+        in-plane); ``"sharp"``: a sharper one (unsharp mask, amount 1 at 1 pixel).
+    noise_hu : float
+        The case's own noise (the phantoms': 10 HU at 2.5 mm for head and neck).
+    seed : int
+        Seed of the added noise.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind``.
+    """
+    from scipy import ndimage
+
+    hu = case.hu.astype(np.float64)
+    if kind == "hu+30":
+        out = hu + 30
+    elif kind == "hu-30":
+        out = hu - 30
+    elif kind == "noise2x":
+        out = hu + np.random.default_rng(seed).normal(0, np.sqrt(3) * noise_hu, hu.shape)
+    elif kind in ("soft", "sharp"):
+        blurred = ndimage.gaussian_filter(hu, (0, 0.8 if kind == "soft" else 1.0,
+                                               0.8 if kind == "soft" else 1.0))
+        out = blurred if kind == "soft" else hu + (hu - blurred)
+    else:
+        raise ValueError(f"Invalid 'perturbation' value '{kind}' - must be one of "
+                         f"{', '.join(PERTURBATIONS)}")
+    return replace(case, name=f"{case.name}:{kind}",
+                   hu=np.clip(np.rint(out), -1024, 3071).astype(np.int16))
 
 
 def evaluate_cases(recipe: ModelRecipe, segmenter: Segmenter,
@@ -84,7 +132,8 @@ def seen_seeds(entry: Any, seeds: Iterable[int]) -> dict[str, list[int]]:
 
 def evaluate(recipe: ModelRecipe, seeds: Sequence[int] = (), *, data_dir: Path | None = None,
              models: Path | None = None, matrix: int | None = None,
-             cache_dir: Path | None = None, device: str | None = "cpu") -> dict[str, Any]:
+             cache_dir: Path | None = None, device: str | None = "cpu",
+             perturbation: str | None = None) -> dict[str, Any]:
     """Evaluate the installed weights of ``recipe`` on cases with ground truth.
 
     Parameters
@@ -105,6 +154,8 @@ def evaluate(recipe: ModelRecipe, seeds: Sequence[int] = (), *, data_dir: Path |
         Phantom cache.
     device : str, optional
         Torch device.
+    perturbation : str, optional
+        Score the cases as :func:`perturb` changes them (one of :data:`PERTURBATIONS`).
 
     Returns
     -------
@@ -122,6 +173,9 @@ def evaluate(recipe: ModelRecipe, seeds: Sequence[int] = (), *, data_dir: Path |
     """
     from dicomnode.nn.runtime import select_device
 
+    if perturbation is not None and perturbation not in PERTURBATIONS:
+        raise ValueError(f"Invalid 'perturbation' value '{perturbation}' - must be one of "
+                         f"{', '.join(PERTURBATIONS)}")
     if data_dir is None and not seeds:
         raise ValueError("Nothing to evaluate - give phantom seeds and/or a data directory")
     segmenter, entry = recipe.load_segmenter(models, select_device(device))
@@ -129,9 +183,12 @@ def evaluate(recipe: ModelRecipe, seeds: Sequence[int] = (), *, data_dir: Path |
                  f"phantom seeds {', '.join(map(str, found))} were")
                 + f" used in {kind} of {entry.name} {entry.version}: scores on them flatter it"
                 for kind, found in seen_seeds(entry, seeds).items() if found]
-    cases = recipe.iter_cases(data_dir, seeds,
-                              matrix=matrix or recipe.evaluation_matrix or recipe.phantom_matrix,
-                              cache_dir=cache_dir)
+    cases: Iterable[datasets.Case] = recipe.iter_cases(
+        data_dir, seeds, matrix=matrix or recipe.evaluation_matrix or recipe.phantom_matrix,
+        cache_dir=cache_dir)
+    if perturbation is not None:
+        cases = (perturb(case, perturbation, noise_hu=recipe.phantom_noise_hu)
+                 for case in cases)
     result = evaluate_cases(recipe, segmenter, cases)
     return {"model": {"name": entry.name, "version": entry.version, "sha256": entry.sha256},
-            **result, "warnings": warnings}
+            **result, "perturbation": perturbation, "warnings": warnings}

@@ -443,6 +443,7 @@ class LiverTumorRecipe(ModelRecipe):
     labels: ClassVar[dict[int, str]] = {1: "Liver", 2: "Lesion_Liver"}
     options = LiverTumorOptions
     phantom_matrix = 256
+    phantom_noise_hu = 12.0
     data_layout = "LiTS pairs (volume-N.nii + segmentation-N.nii)"
 
     def __init__(self) -> None:

@@ -71,3 +71,88 @@ class CrossEntropyDiceLoss(nn.Module):
         weight: torch.Tensor | None = self.class_weights  # type: ignore[assignment]
         ce = F.cross_entropy(logits.float(), target.long(), weight=weight)
         return self.ce_weight * ce + self.dice_weight * soft_dice_loss(logits, target)
+
+
+def marginal_probabilities(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities with each sample's unannotated classes merged into background.
+
+    A structure nobody contoured in a case (incomplete planning data) is labelled
+    background there; teaching the network that its voxels are background would teach
+    it to miss the organ. Merging its probability into background (the "marginal loss"
+    of partially labelled data) scores only what the annotation can tell.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[B, C, ...]``.
+    present : torch.Tensor
+        ``[B, C]`` bool, True where the class is annotated in that sample (background
+        always is).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, C, ...]`` probabilities; absent classes are 0, background holds their mass.
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    shape = (*present.shape, *([1] * (logits.ndim - 2)))
+    keep = present.to(probs.dtype).reshape(shape)
+    absent_mass = (probs * (1 - keep)).sum(1)
+    out = probs * keep
+    out[:, 0] = out[:, 0] + absent_mass
+    return out
+
+
+class DiceFocalLoss(nn.Module):
+    """AnatomyNet's loss: soft Dice over the organs plus ``focal_weight`` times focal loss.
+
+    Dice is computed per class over the whole batch and averaged over the organs that
+    appear in the batch's annotation: an organ no patch holds has no overlap to score
+    (its false positives are the focal term's to punish), and a constant 1 per absent
+    organ would only hide how well the others are learned. The focal term
+    ``-(1 - p_t)^gamma log p_t`` is averaged over voxels. Both use
+    :func:`marginal_probabilities`, so an organ missing from a case's annotation is
+    neither rewarded nor punished there.
+
+    Parameters
+    ----------
+    focal_weight : float
+        Weight of the focal term (the paper's lambda: 0.5).
+    gamma : float
+        Focal exponent (the paper: 2).
+    eps : float
+        Dice smoothing in voxels.
+    """
+
+    def __init__(self, focal_weight: float = 0.5, gamma: float = 2.0, eps: float = 1.0) -> None:
+        super().__init__()
+        if focal_weight < 0 or gamma < 0:
+            raise ValueError(f"Invalid 'focal_weight'/'gamma' values '{focal_weight}', "
+                             f"'{gamma}' - must be >= 0")
+        self.focal_weight = focal_weight
+        self.gamma = gamma
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor,
+                target: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Loss of ``logits`` ``[B, C, ...]`` against ``target`` ``[B, ...]`` or
+        ``(target, present)`` with ``present`` ``[B, C]`` (default: all annotated)."""
+        if isinstance(target, tuple):
+            labels, present = target
+        else:
+            labels = target
+            present = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        present = present.clone()
+        present[:, 0] = True
+        num_classes = logits.shape[1]
+        probs = marginal_probabilities(logits, present)
+        onehot = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
+        dims = (0, *range(2, logits.ndim))
+        inter = (probs * onehot).sum(dims)
+        truth = onehot.sum(dims)
+        dice = (2 * inter + self.eps) / (probs.sum(dims) + truth + self.eps)  # [C]
+        organs = (truth[1:] > 0).float()
+        dice_loss = ((1 - dice[1:]) * organs).sum() / organs.sum().clamp_min(1)
+        p_true = (probs * onehot).sum(1).clamp_min(1e-6)
+        focal = (-(1 - p_true) ** self.gamma * torch.log(p_true)).mean()
+        return dice_loss + self.focal_weight * focal

@@ -28,7 +28,7 @@ from dicomnode.nn import datasets, weights
 log = logging.getLogger(__name__)
 
 #: Built-in model recipes: name -> module under ``dicomnode.nn``.
-BUILTIN: dict[str, str] = {"liver_tumor": "liver_tumor"}
+BUILTIN: dict[str, str] = {"headneck_oar": "headneck_oar", "liver_tumor": "liver_tumor"}
 
 #: A case to read: a path, or a pair of paths (image, labels), or a phantom seed.
 Source = Path | tuple[Path, ...] | int
@@ -117,6 +117,8 @@ class ModelRecipe(ABC):
         In-plane matrix of its training phantoms.
     evaluation_matrix : int or None
         In-plane matrix of its validation and held-out phantoms (None: the training one).
+    phantom_noise_hu : float
+        Noise of its phantoms at their protocol (robustness reports double it).
     data_layout : str
         The public dataset's layout it reads, in words (for help texts and errors).
     """
@@ -129,6 +131,7 @@ class ModelRecipe(ABC):
     options: ClassVar[type[Options]] = Options
     phantom_matrix: ClassVar[int] = 256
     evaluation_matrix: ClassVar[int | None] = None
+    phantom_noise_hu: ClassVar[float] = 10.0
     data_layout: ClassVar[str] = ""
 
     # --- data -------------------------------------------------------------------------

@@ -71,11 +71,11 @@ def _organ(name: str, label: int, type_: Code, color: tuple[int, int, int],
     return Structure(name, label, ANATOMICAL_STRUCTURE, type_, laterality, color, "ORGAN")
 
 
-#: Head-and-neck organs at risk (MICCAI 2015 set), in label order.
+#: Head-and-neck organs at risk (the MICCAI 2015 set) by their TG-263 names, in label order.
 HEADNECK: tuple[Structure, ...] = (
     _organ("BrainStem", 1, codes.SCT.BrainStem, (255, 170, 0)),
-    _organ("Chiasm", 2, codes.SCT.OpticChiasm, (255, 0, 255)),
-    _organ("Mandible", 3, codes.SCT.Mandible, (230, 230, 170)),
+    _organ("OpticChiasm", 2, codes.SCT.OpticChiasm, (255, 0, 255)),
+    _organ("Bone_Mandible", 3, codes.SCT.Mandible, (230, 230, 170)),
     _organ("OpticNrv_L", 4, codes.SCT.OpticNerve, (0, 170, 255), LEFT),
     _organ("OpticNrv_R", 5, codes.SCT.OpticNerve, (0, 255, 170), RIGHT),
     _organ("Parotid_L", 6, codes.SCT.ParotidGland, (255, 85, 85), LEFT),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dicomnode.nn import datasets
+from dicomnode.nn.headneck_oar import HeadNeckRecipe
 from dicomnode.nn.liver_tumor import LiverTumorRecipe
 
 
@@ -20,7 +21,7 @@ def test_seed_lists_parse_and_format_both_ways() -> None:
             datasets.parse_seeds(bad)
 
 
-@pytest.mark.parametrize("recipe", [LiverTumorRecipe()])
+@pytest.mark.parametrize("recipe", [LiverTumorRecipe(), HeadNeckRecipe()])
 def test_discover_says_what_it_looked_for_in_an_empty_folder(recipe: object,
                                                               tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no phantom folders") as error:
@@ -38,7 +39,11 @@ def test_a_cached_phantom_is_the_generated_one_relabelled_for_each_model(tmp_pat
     assert list(tmp_path.glob("*.npz")) == [tmp_path / "phantom-headneck-3-m32.npz"]
     assert np.array_equal(made.hu, again.hu) and np.array_equal(made.labels, again.labels)
     assert set(np.unique(made.labels)) <= {0, 1}
-
+    # the cache keeps the phantom's own labels: another model maps them its own way
+    organs = HeadNeckRecipe().phantom_case(3, matrix=32, cache_dir=tmp_path)
+    assert np.array_equal(organs.hu, made.hu)
+    assert np.array_equal(organs.labels == 1, made.labels == 1)
+    assert organs.labels.max() > 1
 
 
 def test_nrrd_images_are_read_in_the_dicom_array_order(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -74,3 +75,29 @@ def test_evaluate_command_warns_about_seen_seeds(monkeypatch: pytest.MonkeyPatch
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "phantom seed 2000 was used in validation of liver_tumor" in result.output
+
+
+def test_perturbations_change_the_image_as_named_and_never_the_truth() -> None:
+    from dicomnode.nn.evaluate import PERTURBATIONS, perturb
+
+    case = tiny_case()
+    water = case.hu < 80
+    for kind in PERTURBATIONS:
+        out = perturb(case, kind)
+        assert out.name == f"tiny-0:{kind}" and out.labels is case.labels
+        assert out.hu.dtype == np.int16 and out.hu.shape == case.hu.shape
+    shift = perturb(case, "hu+30").hu.astype(int) - case.hu.astype(int)
+    assert (shift[case.hu > -1000] == 30).all()
+    noisy = perturb(case, "noise2x", noise_hu=5.0).hu.astype(float) - case.hu
+    assert np.std(noisy[water]) == pytest.approx(5.0 * np.sqrt(3), rel=0.1)
+    # a softer kernel lowers the noise, a sharper one raises it
+    soft, sharp = perturb(case, "soft").hu, perturb(case, "sharp").hu
+    from scipy import ndimage
+
+    inside = ndimage.binary_erosion(case.labels == 1, iterations=3)   # away from edges
+    assert np.std(soft[inside]) < np.std(case.hu[inside]) < np.std(sharp[inside])
+    with pytest.raises(ValueError, match="'perturbation'"):
+        perturb(case, "blur")
+    refused = CliRunner().invoke(app, ["evaluate", "liver_tumor", "--phantom-seeds", "0",
+                                       "--perturb", "blur"])
+    assert refused.exit_code == 2 and "perturbation" in refused.output

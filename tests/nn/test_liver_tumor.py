@@ -182,3 +182,5 @@ def test_options_refuse_bad_values_by_name() -> None:
         make_options(recipe, {"tumour_class_weight": 0})
     with pytest.raises(ValueError, match="'tumour_patch'"):
         make_options(recipe, {"tumour_patch": 36})
+    with pytest.raises(ValueError, match="option 'focal_gamma'"):
+        make_options(recipe, {"focal_gamma": 2.0})   # the head-and-neck model's, not this one's

@@ -33,3 +33,23 @@ def test_weighted_loss_weighs_the_rare_class() -> None:
 def test_loss_validates_weights() -> None:
     with pytest.raises(ValueError, match="'ce_weight'"):
         CrossEntropyDiceLoss(ce_weight=0, dice_weight=0)
+
+
+def test_an_unannotated_organ_is_neither_taught_nor_punished() -> None:
+    from dicomnode.nn.losses import DiceFocalLoss, marginal_probabilities
+
+    target = torch.zeros(1, 4, 8, 8, dtype=torch.long)
+    target[0, 1:3, 2:5, 2:5] = 1
+    # the network sees class 2 where the case has no contour of class 2 (labelled 0)
+    logits = _logits_for(target, 3)
+    logits[0, 2, 1:3, 5:8, 5:8] = 40.0
+    present_all = torch.tensor([[True, True, True]])
+    present_12 = torch.tensor([[True, True, False]])
+    loss = DiceFocalLoss()
+    assert float(loss(logits, (target, present_12))) < float(loss(logits, (target, present_all)))
+    assert float(loss(logits, (target, present_12))) == pytest.approx(0, abs=2e-3)
+    probs = marginal_probabilities(logits, present_12)
+    assert torch.allclose(probs.sum(1), torch.ones(1, 4, 8, 8))
+    assert float(probs[:, 2].max()) == 0.0
+    with pytest.raises(ValueError, match="'focal_weight'"):
+        DiceFocalLoss(focal_weight=-1)

@@ -50,7 +50,10 @@ def test_train_rejects_bad_requests(tmp_path: Path) -> None:
         TrainConfig(max_minutes_per_stage=0)
     with pytest.raises(ValueError, match="'width_liver'"):
         TrainConfig(widths={"liver": 2})
-
+    # a model's own options belong to that model's command only
+    other = CliRunner().invoke(app, ["train", "headneck_oar", "--phantom-seeds", "1",
+                                     "--tumour-class-weight", "4"])
+    assert other.exit_code == 2 and "--tumour-class-weight" in other.output
 
 
 def _one_case_and_a_first_checkpoint(tmp_path: Path) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ from dicomnode.results.codes import (
 
 def test_headneck_table_is_the_miccai_set_in_label_order() -> None:
     assert [s.name for s in HEADNECK] == [
-        "BrainStem", "Chiasm", "Mandible", "OpticNrv_L", "OpticNrv_R", "Parotid_L",
+        "BrainStem", "OpticChiasm", "Bone_Mandible", "OpticNrv_L", "OpticNrv_R", "Parotid_L",
         "Parotid_R", "Glnd_Submand_L", "Glnd_Submand_R"]
     assert [s.label for s in HEADNECK] == list(range(1, 10))
     assert all(s.category == ANATOMICAL_STRUCTURE for s in HEADNECK)

@@ -56,7 +56,7 @@ def test_plastimatch_rasterises_back_to_the_masks(any_series: CtSeries,
         score = dice(back, truth)
         assert score >= 0.95, (structure.name, score)
         checked.append(structure.name)
-    assert "Mandible" in checked  # the structure with a hole on every slice
+    assert "Bone_Mandible" in checked  # the structure with a hole on every slice
 
 
 def test_contours_reference_slices_and_frame(axial: CtSeries, algorithm: AlgorithmInfo,
@@ -85,7 +85,7 @@ def test_contours_reference_slices_and_frame(axial: CtSeries, algorithm: Algorit
             image = source[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
             # Every point lies in the plane of the slice it references.
             assert np.allclose(points[:, 2], float(image.ImagePositionPatient[2]))
-    assert counts["OpticNrv_L"] == 0 and counts["Mandible"] > 0
+    assert counts["OpticNrv_L"] == 0 and counts["Bone_Mandible"] > 0
 
 
 def test_ds_values_fit_sixteen_characters(oblique: CtSeries, algorithm: AlgorithmInfo,

@@ -162,3 +162,24 @@ def test_ich_and_no_result_reports_carry_a_multi_valued_patient_name_as_sent(
     none = build_no_result_sr(awkward.images, "AI liver", "No liver was found.", algorithm)
     for name, sr in (("ich", ich), ("none", none)):
         assert_awkward_values_kept(pydicom.dcmread(write(sr, tmp_path / f"{name}.dcm")))
+
+
+def test_organs_looked_for_and_not_found_are_reported_absent(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    found = [s for s in HEADNECK if s.name != "Parotid_L"]
+    labels = np.where(axial.labels == 6, 0, axial.labels)
+    seg = build_seg(axial.images, labels, found, algorithm)
+    sr = build_segmentation_sr(axial.images, seg, labels, found, algorithm,
+                               absent=[s for s in HEADNECK if s.name == "Parotid_L"])
+    path = write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    report = _report(hd.sr.srread(path))
+    assert [g.tracking_identifier for g in report.get_volumetric_roi_measurement_groups()
+            ] == [s.name for s in found]
+    absent = report.get_planar_roi_measurement_groups() + list(
+        report.get_image_measurement_groups())
+    assert [g.tracking_identifier for g in absent] == ["Parotid_L not found"]
+    evaluation = next(e for e in absent[0].get_qualitative_evaluations()
+                      if e.name.value == codes.SCT.ParotidGland.value)
+    assert (evaluation.value.value, evaluation.value.meaning) == (codes.SCT.Absent.value,
+                                                                  "Absent")

@@ -1,0 +1,119 @@
+"""Tests of dicomnode.nn.anatomynet: the network, orientation, sides, two-stage inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.nn import anatomynet
+from dicomnode.nn.anatomynet import (
+    AnatomyNet,
+    HeadNeckSegmenter,
+    assign_sides,
+    canonical_flips,
+    keep_largest,
+    midline,
+    postprocess,
+)
+
+
+def test_the_network_keeps_the_input_shape_and_stays_small() -> None:
+    net = AnatomyNet(10, 16).eval()
+    with torch.inference_mode():
+        out = net(torch.randn(2, 1, 6, 32, 40))
+    assert out.shape == (2, 10, 6, 32, 40)
+    megabytes = sum(p.numel() for p in net.parameters()) * 4 / 2**20
+    assert megabytes < 2
+    # the paper's width: 28 channels first, then 30, 32, 34 in the encoder
+    paper = AnatomyNet(10, 28)
+    assert [b[0].body[0].out_channels for b in (paper.enc1, paper.enc2, paper.enc3)] == [
+        30, 32, 34]
+
+
+def test_the_network_refuses_what_it_cannot_take() -> None:
+    with pytest.raises(ValueError, match="'num_classes'"):
+        AnatomyNet(1)
+    with pytest.raises(ValueError, match="'width'"):
+        AnatomyNet(10, 2)
+    with pytest.raises(ValueError, match="even"):
+        AnatomyNet(10, 4)(torch.zeros(1, 1, 4, 9, 8))
+
+
+def test_standard_and_flipped_axial_series_map_to_the_canonical_orientation() -> None:
+    assert canonical_flips(None) == ()
+    assert canonical_flips(np.eye(3)) == ()
+    # rows run right-to-left (x decreasing), slices head-to-foot
+    flipped = np.array([[-1, 0, 0], [0, 1, 0], [0, 0, -1]], dtype=float)
+    assert canonical_flips(flipped) == (0, 2)
+    with pytest.raises(ValueError, match="not an axial series"):
+        canonical_flips(np.array([[0, 1, 0], [0, 0, -1], [-1, 0, 0]], dtype=float))
+
+
+def test_sides_follow_the_patient_whatever_the_network_called_them() -> None:
+    labels = np.zeros((4, 10, 20), dtype=np.uint8)
+    labels[:, 4:6, 9:11] = 1          # brainstem on the midline, x = 9.5
+    labels[:, 2:4, 15:18] = 7         # "right parotid" on the patient's left (x > 9.5)
+    labels[:, 2:4, 2:5] = 7           # and one on the right
+    labels[:, 7:9, 14:16] = 5         # a "right optic nerve" on the left
+    mid = midline(labels)
+    assert mid == pytest.approx(9.5)
+    out = assign_sides(labels, mid)
+    assert (out[:, 2:4, 15:18] == 6).all() and (out[:, 2:4, 2:5] == 7).all()
+    assert (out[:, 7:9, 14:16] == 4).all()
+    assert (out[:, 4:6, 9:11] == 1).all()
+
+
+def test_each_organ_keeps_its_largest_component_and_no_voxel_has_two_organs() -> None:
+    labels = np.zeros((6, 20, 20), dtype=np.uint8)
+    labels[1:5, 2:8, 2:8] = 3
+    labels[0, 15, 15] = 3             # a stray mandible voxel
+    labels[2, 12:14, 12:14] = 2
+    out = keep_largest(labels)
+    assert out[0, 15, 15] == 0 and (out[1:5, 2:8, 2:8] == 3).all()
+    assert (out[2, 12:14, 12:14] == 2).all()
+    assert postprocess(np.zeros((2, 4, 4), dtype=np.uint8)).max() == 0
+
+
+def _toy_segmenter() -> HeadNeckSegmenter:
+    torch.manual_seed(0)
+    return HeadNeckSegmenter(AnatomyNet(10, 4), AnatomyNet(10, 4), torch.device("cpu"),
+                             roi_coarse=(8, 16, 16), roi_fine=(8, 32, 32))
+
+
+def test_segmenter_returns_labels_on_the_input_grid_in_its_orientation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seg = _toy_segmenter()
+    hu = np.full((24, 64, 64), -1000, dtype=np.int16)
+    hu[:, 16:48, 16:48] = 40
+    # the coarse stage finds one organ in the patient's left half: box and sides follow it
+    def coarse(net: AnatomyNet, image: torch.Tensor, roi: tuple[int, int, int]
+               ) -> torch.Tensor:
+        probs = torch.zeros((10, *image.shape[-3:]))
+        probs[0] = 1
+        if net is seg.coarse_net:
+            z, y, x = image.shape[-3:]
+            probs[0, z // 3:2 * z // 3, y // 3:2 * y // 3, x // 2:] = 0
+            probs[6, z // 3:2 * z // 3, y // 3:2 * y // 3, x // 2:] = 1
+        else:
+            probs[0] = 0
+            probs[7] = 1                    # everything in the box: "right parotid"
+        return probs
+
+    monkeypatch.setattr(seg, "_predict", coarse)
+    out = seg.segment(hu, (5.0, 4.0, 4.0))
+    assert out.labels.shape == hu.shape and out.box is not None
+    # no midline organ: the network's side is kept
+    assert set(np.unique(out.labels)) == {0, 7}
+    flipped = seg.segment(hu[:, :, ::-1].copy(), (5.0, 4.0, 4.0),
+                          np.array([[-1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float))
+    assert np.array_equal(flipped.labels, out.labels[:, :, ::-1])
+    assert "stage2_fine" in out.timings
+
+
+def test_nothing_found_gives_an_empty_map() -> None:
+    seg = _toy_segmenter()
+    seg.coarse_net.classify.bias.data[:] = torch.tensor([50.0] + [0.0] * 9)
+    out = seg.segment(np.zeros((16, 32, 32), dtype=np.int16), (5.0, 4.0, 4.0))
+    assert out.labels.max() == 0 and out.box is None
+    assert anatomynet.normalise_hu(np.array([-1000, 100, 2000])).tolist() == [-1, 0, 1]
