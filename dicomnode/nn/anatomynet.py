@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -329,18 +329,28 @@ class HeadNeckSegmenter:
         sizes: instance normalisation sees windows of the size it was trained on).
     batch_size : int, optional
         Windows per forward pass (default 2 on a CPU, 8 on a GPU).
+    thresholds : mapping, optional
+        Organ label -> probability at which a background voxel becomes that organ
+        (chosen on validation cases for the small organs; none: the most probable
+        class).
     """
 
     def __init__(self, coarse_net: AnatomyNet, fine_net: AnatomyNet, device: torch.device,
                  *, roi_coarse: tuple[int, int, int] = (32, 80, 80),
                  roi_fine: tuple[int, int, int] = (24, 96, 96),
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None,
+                 thresholds: Mapping[int, float] | None = None) -> None:
         self.coarse_net = coarse_net.to(device).eval()
         self.fine_net = fine_net.to(device).eval()
         self.device = device
         self.roi_coarse = roi_coarse
         self.roi_fine = roi_fine
         self.batch_size = batch_size or (8 if device.type == "cuda" else 2)
+        for value, threshold in (thresholds or {}).items():
+            if value not in ORGANS or not 0 < threshold < 1:
+                raise ValueError(f"Invalid 'thresholds' value '{value}: {threshold}' - an "
+                                 "organ label and a probability in (0, 1)")
+        self.thresholds = dict(thresholds or {})
 
     def _predict(self, net: AnatomyNet, image: torch.Tensor,
                  roi: tuple[int, int, int]) -> torch.Tensor:
@@ -390,9 +400,9 @@ class HeadNeckSegmenter:
             box.append(slice(max(0, lo), min(int(shape[axis]), hi)))
         return tuple(box)  # type: ignore[return-value]
 
-    def segment(self, hu: np.ndarray, spacing: Sequence[float],
-                direction: np.ndarray | None = None) -> Segmentation:
-        """Segment the organs at risk of one ``[z, y, x]`` HU volume.
+    def probabilities(self, hu: np.ndarray, spacing: Sequence[float],
+                      direction: np.ndarray | None = None) -> OrganProbabilities:
+        """Both stages on one ``[z, y, x]`` HU volume: the organs' probabilities in their box.
 
         Parameters
         ----------
@@ -405,9 +415,10 @@ class HeadNeckSegmenter:
 
         Returns
         -------
-        Segmentation
-            uint8 labels on the input grid (0 background, :data:`ORGANS`; empty when no
-            organ was found), seconds per step and the organs' box.
+        OrganProbabilities
+            ``[classes, z, y, x]`` probabilities on the input grid inside the box, in the
+            canonical orientation (None when stage 1 found no organ), with what
+            :meth:`label` needs to put labels back on the input grid.
         """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -425,9 +436,8 @@ class HeadNeckSegmenter:
         scale = [n / m for n, m in zip(shape, coarse_labels.shape, strict=True)]
         box = self.organ_box(coarse_labels, scale, shape, spacing)
         timings["stage1_coarse"] = time.perf_counter() - t
-        labels = np.zeros(shape, dtype=np.uint8)
         if box is None:
-            return Segmentation(flip(labels, flips).copy(), timings)
+            return OrganProbabilities(None, None, flips, shape, timings)
 
         t = time.perf_counter()
         region = image[box]
@@ -443,13 +453,66 @@ class HeadNeckSegmenter:
         timings["stage2_fine"] = self._done() - t
         t = time.perf_counter()
         probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")
-        in_box = probs.argmax(0).to(torch.uint8).cpu().numpy()
         timings["resample_out"] = self._done() - t
+        return OrganProbabilities(probs, box, flips, shape, timings)
+
+    def label(self, found: OrganProbabilities,
+              thresholds: Mapping[int, float] | None = None) -> Segmentation:
+        """Labels on the input grid from :meth:`probabilities`.
+
+        Each voxel takes its most probable class; where that is background, an organ of
+        ``thresholds`` (label -> probability; default :attr:`thresholds`) whose
+        probability reaches its threshold takes it instead (the small organs, whose
+        probability rarely beats background over their whole thin extent). Then
+        :func:`postprocess`.
+        """
+        labels = np.zeros(found.shape, dtype=np.uint8)
+        timings = dict(found.timings)
+        if found.probs is None or found.box is None:
+            return Segmentation(flip(labels, found.flips).copy(), timings)
         t = time.perf_counter()
-        labels[box] = postprocess(in_box)
+        in_box = label_probabilities(found.probs, self.thresholds if thresholds is None
+                                     else thresholds)
+        labels[found.box] = postprocess(in_box)
         timings["postprocess"] = time.perf_counter() - t
         original_box = tuple(
-            slice(n - s.stop, n - s.start) if axis in flips else s
-            for axis, (s, n) in enumerate(zip(box, shape, strict=True)))
-        return Segmentation(flip(labels, flips).copy(), timings,
+            slice(n - s.stop, n - s.start) if axis in found.flips else s
+            for axis, (s, n) in enumerate(zip(found.box, found.shape, strict=True)))
+        return Segmentation(flip(labels, found.flips).copy(), timings,
                             original_box)  # type: ignore[arg-type]
+
+    def segment(self, hu: np.ndarray, spacing: Sequence[float],
+                direction: np.ndarray | None = None) -> Segmentation:
+        """Segment the organs at risk of one ``[z, y, x]`` HU volume.
+
+        :meth:`probabilities`, then :meth:`label` with the segmenter's thresholds.
+
+        Returns
+        -------
+        Segmentation
+            uint8 labels on the input grid (0 background, :data:`ORGANS`; empty when no
+            organ was found), seconds per step and the organs' box.
+        """
+        return self.label(self.probabilities(hu, spacing, direction))
+
+
+@dataclass
+class OrganProbabilities:
+    """Output of :meth:`HeadNeckSegmenter.probabilities` (canonical orientation)."""
+
+    probs: torch.Tensor | None
+    box: tuple[slice, slice, slice] | None
+    flips: tuple[int, ...]
+    shape: tuple[int, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def label_probabilities(probs: torch.Tensor, thresholds: Mapping[int, float] | None
+                        ) -> np.ndarray:
+    """The most probable class, and background voxels given to an organ of ``thresholds``
+    whose probability reaches its threshold (in label order)."""
+    labels = probs.argmax(0).to(torch.uint8)
+    for value, threshold in sorted((thresholds or {}).items()):
+        take = (labels == 0) & (probs[value] >= threshold)
+        labels[take] = value
+    return labels.cpu().numpy()

@@ -116,3 +116,35 @@ def test_options_refuse_bad_values_by_name() -> None:
         make_options(recipe, {"hu_shift": 500})
     with pytest.raises(ValueError, match="option 'tumour_class_weight'"):
         make_options(recipe, {"tumour_class_weight": 3})
+
+
+def test_a_small_organ_gets_a_lower_threshold_when_validation_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.nn.anatomynet import AnatomyNet, HeadNeckSegmenter, OrganProbabilities
+    from dicomnode.nn.headneck_oar import choose_thresholds
+
+    case = _toy_case()
+    shape = case.labels.shape
+    probs = torch.zeros((NUM_CLASSES, *shape))
+    probs[0] = 0.75
+    probs[3][torch.from_numpy(case.labels == 3)] = 0.9      # the mandible: clear
+    probs[0][torch.from_numpy(case.labels == 3)] = 0.1
+    chiasm = torch.from_numpy(case.labels == 2)
+    probs[2][chiasm] = 0.25                                   # the chiasm: never the max
+    probs[2][~chiasm] = 0.04
+    box = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    seg = HeadNeckSegmenter(AnatomyNet(2, 4), AnatomyNet(10, 4), torch.device("cpu"))
+    monkeypatch.setattr(seg, "probabilities", lambda *a, **k: OrganProbabilities(
+        probs, box, (), shape))
+    assert not (seg.segment(case.hu, case.spacing).labels == 2).any()
+    chosen = choose_thresholds(seg, [case, case])
+    assert chosen["thresholds"] == {"2": 0.2} and chosen["cases"] == 2
+    assert chosen["candidates"]["OpticChiasm"]["argmax"] == 0.0
+    assert chosen["candidates"]["OpticChiasm"]["0.2"] == 1.0
+    # an organ with no truth in these cases keeps the most probable class
+    assert "4" not in chosen["thresholds"]
+    seg.thresholds = {2: 0.2}
+    assert np.array_equal(seg.segment(case.hu, case.spacing).labels == 2, case.labels == 2)
+    with pytest.raises(ValueError, match="'thresholds'"):
+        HeadNeckSegmenter(AnatomyNet(2, 4), AnatomyNet(10, 4), torch.device("cpu"),
+                          thresholds={2: 1.5})
