@@ -122,6 +122,10 @@ class Settings(BaseSettings):
         default=None,
         description="Calling AE allow-list; None accepts any AE (embedded default).",
     )
+    require_called_aet: bool = Field(
+        default=True,
+        description="Reject an association whose called AE title is not ae_title.",
+    )
     disk_reserve_mb: int = Field(
         default=1024, ge=0, description="Refuse stores (0xA700) below this much free space."
     )

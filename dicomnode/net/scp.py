@@ -65,6 +65,14 @@ _REJECTION_STATUS = {
     "sop_conflict": STATUS_DUPLICATE_SOP_INSTANCE,
 }
 
+#: Why an association was rejected, by the A-ASSOCIATE-RJ's (source, diagnostic) (PS3.8 9.3.4).
+_REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "user identity not accepted",
+    (0x03, 0x02): "local limit exceeded",
+}
+
 #: Storage classes a CT study carries; the node keeps these and refuses the rest.
 CT_STUDY_SOP_CLASSES: frozenset[str] = frozenset({
     "1.2.840.10008.5.1.4.1.1.2",  # CT Image
@@ -155,6 +163,7 @@ class StorageSCP:
         ae.dimse_timeout = s.network_timeout_s
         if s.allowed_calling_aets is not None:
             ae.require_calling_aet = list(s.allowed_calling_aets)
+        ae.require_called_aet = s.require_called_aet
         ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
@@ -230,14 +239,34 @@ class StorageSCP:
             calling_aet=event.assoc.requestor.ae_title, address=event.assoc.requestor.address))
 
     def _on_rejected(self, event: Any) -> None:
-        calling = event.assoc.requestor.ae_title
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        answer = assoc.acceptor.primitive
+        reason = _REJECTION_REASONS.get(
+            (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)),
+            "rejected")
+        self.audit_rejection(assoc.requestor.ae_title, assoc.requestor.address, reason,
+                             str(getattr(request, "called_ae_title", "") or ""))
+
+    def audit_rejection(self, calling: str, address: str, reason: str, called: str) -> None:
+        """Log and audit an association refused at set-up (AE titles only, no patient data).
+
+        Parameters
+        ----------
+        calling, called : str
+            The calling and called AE titles of the request.
+        address : str
+            The peer's IP address.
+        reason : str
+            Why, as the A-ASSOCIATE-RJ says it.
+        """
         log.warning("association.rejected", extra=fields(
-            calling_aet=calling, address=event.assoc.requestor.address,
-            reason="calling AE title not in allowed_calling_aets"))
+            calling_aet=calling, called_aet=called, address=address, reason=reason))
         try:
             with self.store.db.transaction() as session:
                 session.add(AuditEvent(event="association.rejected", calling_aet=calling[:16],
-                                       detail={"address": event.assoc.requestor.address}))
+                                       detail={"address": address, "reason": reason,
+                                               "called_aet": called[:16]}))
         except SQLAlchemyError:
             log.exception("audit.failed")
 

@@ -353,3 +353,35 @@ def test_a_sop_uid_stored_with_other_content_is_refused_over_the_network_and_aud
         assert s.execute(select(func.count(Study.id))).scalar_one() == 1
     assert not list(node.spool.tmp_dir.iterdir())
     assert len(list(node.spool.instances_dir.rglob("*.dcm"))) == 1
+
+
+# --- association set-up: who may call, under which title ----------------------------
+
+def test_a_wrong_called_ae_title_is_rejected_at_association_time_and_audited(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    out = subprocess.run(["echoscu", "-aet", "SCANNER", "-aec", "NOTTHENODE", "127.0.0.1",
+                          str(node.scp.port)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "Called AE Title Not Recognized" in out.stdout + out.stderr
+    assoc = _assoc(node, calling="SCANNER")      # the node's own title is accepted
+    assert assoc.is_established
+    assoc.release()
+    [row] = _audit(node, "association.rejected")
+    assert row.calling_aet == "SCANNER"
+    assert row.detail is not None
+    assert row.detail["reason"] == "called AE title not recognised"
+    assert row.detail["called_aet"] == "NOTTHENODE"
+    [record] = [r for r in caplog.records if r.getMessage() == "association.rejected"]
+    assert getattr(record, "dn_fields", {})["reason"] == "called AE title not recognised"
+
+
+def test_any_called_ae_title_is_accepted_when_not_required(settings: Settings) -> None:
+    node = Node(settings.model_copy(update={"require_called_aet": False}))
+    node.start()
+    try:
+        out = subprocess.run(["echoscu", "-aec", "ANY-SCP", "127.0.0.1", str(node.scp.port)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        node.stop()
