@@ -99,9 +99,19 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default SQLite under data_dir."
     )
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=16, ge=1, description=(
+        "Associations open at once; a further request is rejected (local limit exceeded). "
+        "A connection counts from its association request on."))
+    max_associations_per_ip: int = Field(default=8, ge=1, description=(
+        "Associations open at once from one IP address (further requests rejected); also "
+        "the connections from one address that have not yet sent their association "
+        "request (further ones are closed at once)."))
     max_pdu: int = Field(default=0, ge=0, description="Maximum PDU length; 0 = unlimited.")
-    network_timeout_s: float = Field(default=60.0, gt=0)
+    association_timeout_s: float = Field(default=5.0, gt=0, le=600, description=(
+        "A connection must send its whole A-ASSOCIATE-RQ within this time (ARTIM); also "
+        "how long a rejected, released or aborted association waits for the peer to close."))
+    network_timeout_s: float = Field(default=60.0, gt=0, description=(
+        "An association with no PDU for this long is aborted."))
     chunked_receive: bool = Field(
         default=True,
         description="Receive datasets straight into spool files as they arrive (faster; "

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomnode.config import Settings
 from dicomnode.logs import fields
 from dicomnode.net import direct_encoding
+from dicomnode.net.transport import ConnectionLimits, ListenerServer, start_listener
 from dicomnode.store.header import InstanceRejectedError
 from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
@@ -54,6 +55,8 @@ STATUS_STUDY_OF_OTHER_PATIENT = 0xC231
 # "Duplication SOP Instance"): the SOP Instance UID is already stored with other content
 # or under another study, series or patient. A true duplicate is acknowledged with 0x0000.
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
+#: pynetdicom's own association limit, set out of the way (see ``_make_ae``).
+_UNCOUNTED = 1_000_000
 
 _REJECTION_STATUS = {
     "undecodable": STATUS_CANNOT_UNDERSTAND,
@@ -146,7 +149,7 @@ class StorageSCP:
         self._assoc_studies: dict[int, set[str]] = {}
         self._assoc_counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
-        self._server: Any = None
+        self._server: ListenerServer | None = None
         self._previous_receive: tuple[bool, str | None] | None = None
         self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
@@ -156,10 +159,12 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # The listener counts associations itself (transport.py); pynetdicom's count is of
+        # every connection's thread, including those that never sent a request.
+        ae.maximum_associations = _UNCOUNTED
         ae.maximum_pdu_size = s.max_pdu
         ae.network_timeout = s.network_timeout_s
-        ae.acse_timeout = s.network_timeout_s
+        ae.acse_timeout = s.association_timeout_s  # also the ARTIM timer
         ae.dimse_timeout = s.network_timeout_s
         if s.allowed_calling_aets is not None:
             ae.require_calling_aet = list(s.allowed_calling_aets)
@@ -194,9 +199,9 @@ class StorageSCP:
             _config.STORE_RECV_CHUNKED_DATASET = True
             tempfile.tempdir = str(self.store.spool.tmp_dir)
             self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
-        self._server = self.ae.start_server(
-            (s.bind_address, s.port), block=False, evt_handlers=self.handlers
-        )
+        self._server = start_listener(
+            self.ae, (s.bind_address, s.port), self.handlers, ConnectionLimits.from_settings(s),
+            on_rejected=self.audit_rejection, on_ended=self._on_ended)
         log.info("scp.listening", extra=fields(ae_title=s.ae_title, address=s.bind_address,
                                                port=self.port))
 
@@ -364,23 +369,32 @@ class StorageSCP:
                 sop=outcome.sop_uid, study=outcome.study_uid, duplicate=outcome.duplicate))
         return STATUS_SUCCESS
 
-    def _finish(self, event: Any, how: str) -> set[str]:
+    def _finish(self, assoc: Any, how: str) -> set[str]:
         with self._lock:
-            studies = self._assoc_studies.pop(id(event.assoc), set())
-            counts = self._assoc_counts.pop(id(event.assoc), Counter())
-            dropped = [k for k, (a, _) in self._early.items() if a == id(event.assoc)]
+            studies = self._assoc_studies.pop(id(assoc), set())
+            counts = self._assoc_counts.pop(id(assoc), Counter())
+            dropped = [k for k, (a, _) in self._early.items() if a == id(assoc)]
             futures = [self._early.pop(name)[1] for name in dropped]
         for future in futures:   # begun, never answered: the sender was not told success
             future.add_done_callback(_log_unanswered)
         if counts or how != "released":
             log.info(f"association.{how}", extra=fields(
-                calling_aet=event.assoc.requestor.ae_title, studies=len(studies),
+                calling_aet=assoc.requestor.ae_title, studies=len(studies),
                 stored=counts["stored"], duplicates=counts["duplicate"],
                 refused=counts["refused"]))
         return studies
 
+    def _on_ended(self, assoc: Any) -> None:
+        """An association's thread has ended: finish it if pynetdicom never said it did."""
+        key = id(assoc)
+        with self._lock:
+            unfinished = (key in self._assoc_counts or key in self._assoc_studies
+                          or any(a == key for a, _ in self._early.values()))
+        if unfinished:
+            self._finish(assoc, "aborted")
+
     def _on_released(self, event: Any) -> None:
-        studies = self._finish(event, "released")
+        studies = self._finish(event.assoc, "released")
         if studies and self.on_released is not None:
             try:
                 self.on_released(studies)
@@ -389,5 +403,5 @@ class StorageSCP:
 
     def _on_aborted(self, event: Any) -> None:
         # An aborted association may have cut a study short: only the quiet period completes it.
-        self._finish(event, "aborted")
+        self._finish(event.assoc, "aborted")
 

@@ -1,0 +1,289 @@
+"""The listener's connections: association slots held by associations, not sockets.
+
+pynetdicom's association server gives every TCP connection an association thread and
+counts ``maximum_associations`` over those threads, so a connection that never sends a
+byte, or one already closed but still waiting out its ACSE timeout, holds a slot: a
+handful of idle sockets locked every sender out.
+
+Here, with pynetdicom's own extension points (``make_server`` with a server and
+request-handler class, ``acse_timeout``, event handlers) and one per-connection hook
+where it has none (it says why):
+
+- an association slot is taken when the A-ASSOCIATE-RQ arrives and given back when the
+  association ends: ``max_associations`` counts associations, not sockets, and
+  ``max_associations_per_ip`` bounds what one address holds; an address may also keep
+  at most that many connections that have not yet sent their request;
+- the A-ASSOCIATE-RQ must arrive within ``association_timeout_s`` of the connection
+  (pynetdicom's ARTIM and ACSE timeouts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicomnode.config import Settings
+from dicomnode.logs import fields
+
+log = logging.getLogger(__name__)
+
+#: A-ASSOCIATE-RJ: rejected-transient, service provider (presentation), local limit exceeded.
+_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+#: Seconds between two log lines about connections refused to one address.
+_REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one listener allows each connection (see ``Settings``)."""
+
+    max_associations: int = 16
+    max_associations_per_ip: int = 8
+    association_timeout_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        """The limits a node's settings set.
+
+        Parameters
+        ----------
+        settings : Settings
+
+        Returns
+        -------
+        ConnectionLimits
+        """
+        return cls(settings.max_associations, settings.max_associations_per_ip,
+                   settings.association_timeout_s)
+
+
+#: Called as ``(calling_aet, address, reason, called_aet)`` for a request the node rejects.
+RejectionCallback = Callable[[str, str, str, str], object]
+#: Called with the association once its thread has ended, whatever the way.
+EndCallback = Callable[[Any], object]
+
+
+class _Connection:
+    """One accepted TCP connection: its place in the limits and its guards."""
+
+    def __init__(self, server: ListenerServer, ip: str) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.ip = ip
+        self.accepted_at = time.monotonic()
+        self.phase = "pending"     # -> "associated" -> "over"; "pending" -> "over"
+        self.assoc: Any = None
+
+    def attach(self, assoc: Any) -> None:
+        """Install the end hook and the limit's handlers on ``assoc``."""
+        self.assoc = assoc
+        run = assoc.run
+
+        def run_then_end() -> None:
+            try:
+                run()
+            finally:
+                self.end()
+                self.server.association_ended(assoc)
+
+        # The one point every way an association ends goes through (release, abort, a
+        # request never sent, a rejection, the DUL thread gone): its thread's run().
+        assoc.run = run_then_end
+        assoc.bind(evt.EVT_REQUESTED, self._on_requested)
+        for event in (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_REJECTED, evt.EVT_CONN_CLOSE):
+            assoc.bind(event, self._on_over)
+
+    def _on_requested(self, event: Any) -> None:
+        reason = self.server.admit(self)
+        if reason is None:
+            return
+        primitive = event.assoc.requestor.primitive
+        event.assoc.acse.send_reject(*_LOCAL_LIMIT_EXCEEDED)
+        self.server.on_rejected(str(primitive.calling_ae_title or ""), self.ip, reason,
+                                str(primitive.called_ae_title or ""))
+        event.assoc.kill()  # as pynetdicom after its own rejections: waits for the RJ to go
+
+    def _on_over(self, event: Any) -> None:
+        self.end()
+
+    def end(self) -> None:
+        """Give back this connection's place in the limits (once)."""
+        self.server.release(self)
+
+class _RequestHandler(RequestHandler):
+    """pynetdicom's handler, with the connection's hooks installed before it starts."""
+
+    server: ListenerServer
+
+    def handle(self) -> None:
+        """Create the association, attach its connection, start its thread."""
+        connection = self.server.take_connection(self.request, self.client_address)
+        try:
+            assoc = self._create_association()
+            connection.attach(assoc)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+        except BaseException:
+            connection.end()
+            raise
+
+
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the node's connection limits.
+
+    Parameters
+    ----------
+    ae, address, ae_title, contexts, ssl_context, evt_handlers
+        As for ``pynetdicom.transport.AssociationServer``.
+    limits : ConnectionLimits
+        What each connection is allowed.
+    on_rejected : callable
+        Told about each association request rejected for a limit.
+    on_ended : callable, optional
+        Called with each association once its thread has ended.
+    """
+
+    # No join of connection threads at shutdown (their associations are aborted instead).
+    daemon_threads = True
+
+    def __init__(self, ae: Any, address: Any, ae_title: str, contexts: Any, ssl_context: Any,
+                 evt_handlers: Any = None, *, limits: ConnectionLimits,
+                 on_rejected: RejectionCallback,
+                 on_ended: EndCallback | None = None, **kwargs: Any) -> None:
+        self.limits = limits
+        self.on_rejected = on_rejected
+        self._on_ended = on_ended
+        self._lock = threading.Lock()
+        self._accepted: dict[Any, _Connection] = {}
+        self._pending: Counter[str] = Counter()
+        self._associated: Counter[str] = Counter()
+        self._refusals: dict[str, tuple[float, int]] = {}
+        self.associations = 0
+        super().__init__(ae, address, ae_title, contexts, ssl_context,
+                         evt_handlers=evt_handlers, request_handler=_RequestHandler, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Accept a connection unless its address has too many awaiting association."""
+        ip = str(client_address[0])
+        with self._lock:
+            if self._pending[ip] < self.limits.max_associations_per_ip:
+                self._pending[ip] += 1
+                self._accepted[request] = _Connection(self, ip)
+                return True
+            now = time.monotonic()
+            if len(self._refusals) > 1024:
+                self._refusals.clear()
+            last, count = self._refusals.get(ip, (0.0, 0))
+            due = now - last >= _REFUSAL_LOG_INTERVAL_S
+            self._refusals[ip] = (now, 0) if due else (last, count + 1)
+        if due:
+            log.warning("association.connection_refused", extra=fields(
+                address=ip, reason="too many connections from this address awaiting "
+                "association (max_associations_per_ip)", refused_since_last=count))
+        return False
+
+    def take_connection(self, request: Any, client_address: Any) -> _Connection:
+        """The connection ``verify_request`` accepted for ``request``."""
+        with self._lock:
+            connection = self._accepted.pop(request, None)
+        if connection is None:  # not through verify_request (a subclass, a test)
+            ip = str(client_address[0])
+            with self._lock:
+                self._pending[ip] += 1
+            connection = _Connection(self, ip)
+        return connection
+
+    def admit(self, connection: _Connection) -> str | None:
+        """Take an association slot for ``connection``; the reason when none is free."""
+        ip = connection.ip
+        with self._lock:
+            if connection.phase != "pending":
+                return None
+            self._pending[ip] -= 1
+            _drop_zero(self._pending, ip)
+            if self.associations >= self.limits.max_associations:
+                reason = (f"local limit exceeded: {self.associations} associations open "
+                          "(max_associations)")
+            elif self._associated[ip] >= self.limits.max_associations_per_ip:
+                reason = (f"local limit exceeded: {self._associated[ip]} associations from "
+                          "this address (max_associations_per_ip)")
+            else:
+                self.associations += 1
+                self._associated[ip] += 1
+                connection.phase = "associated"
+                return None
+            connection.phase = "over"
+        return reason
+
+    def release(self, connection: _Connection) -> None:
+        """Give back what ``connection`` holds (idempotent)."""
+        ip = connection.ip
+        with self._lock:
+            if connection.phase == "pending":
+                self._pending[ip] -= 1
+                _drop_zero(self._pending, ip)
+            elif connection.phase == "associated":
+                self.associations -= 1
+                self._associated[ip] -= 1
+                _drop_zero(self._associated, ip)
+            connection.phase = "over"
+
+    def association_ended(self, assoc: Any) -> None:
+        """Run the end callback for an association whose thread has ended."""
+        if self._on_ended is not None:
+            self._on_ended(assoc)
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        """Associations held and connections awaiting association, per address."""
+        with self._lock:
+            return {"associations": self.associations, "associated": dict(self._associated),
+                    "pending": dict(self._pending)}
+
+
+def _drop_zero(counter: Counter[str], key: str) -> None:
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def start_listener(ae: Any, address: tuple[str, int], evt_handlers: list[Any],
+                   limits: ConnectionLimits, on_rejected: RejectionCallback,
+                   on_ended: EndCallback | None = None) -> ListenerServer:
+    """Start a ``ListenerServer`` in a background thread, as ``AE.start_server`` would.
+
+    Parameters
+    ----------
+    ae : pynetdicom.AE
+        The listening AE (its supported contexts, AE title and timeouts apply).
+    address : tuple
+        ``(host, port)`` to bind.
+    evt_handlers : list
+        ``(event, handler)`` pairs bound to every association.
+    limits : ConnectionLimits
+    on_rejected, on_ended : callable
+        See ``ListenerServer``.
+
+    Returns
+    -------
+    ListenerServer
+    """
+    server = ae.make_server(address, evt_handlers=evt_handlers, server_class=ListenerServer,
+                            limits=limits, on_rejected=on_rejected, on_ended=on_ended)
+    # pynetdicom's own non-blocking start_server, with our class: its shutdown() takes the
+    # server off the AE's list of servers
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server
+

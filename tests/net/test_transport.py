@@ -1,0 +1,201 @@
+"""The listener's connections: limits counted on associations, not on sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from dicomnode.config import Settings
+from dicomnode.node import Node
+from dicomnode.store.models import AuditEvent
+from tests.factories import ct_slice
+
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+# --- a raw peer: the bytes a sender puts on the wire, one by one if need be ------------
+
+def associate_rq(called: str = "DICOMNODE", calling: str = "RAWSCU") -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing CT Image Storage (context 1), explicit VR LE."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, called
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16382
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
+    primitive.user_information = [length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def raw_association(node: Node, source: str = "127.0.0.1") -> socket.socket:
+    """A socket with an association accepted by ``node``."""
+    sock = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5,
+                                    source_address=(source, 0))
+    sock.sendall(associate_rq(node.settings.ae_title))
+    answer = sock.recv(65536)
+    assert answer[:1] == b"\x02", answer[:12]
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """What the node sends until it closes the connection, and when it closed (seconds)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return data, float("inf")
+    return data, time.monotonic() - started
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def pynetdicom_assoc(node: Node, calling: str = "TESTSCU", source: str = "") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.ae_title,
+                        bind_address=(source, 0))
+
+
+def counts(node: Node) -> dict[str, Any]:
+    server = node.scp._server
+    assert server is not None
+    return dict(server.counts)
+
+
+def idle(node: Node) -> bool:
+    return counts(node) == {"associations": 0, "associated": {}, "pending": {}}
+
+
+@pytest.fixture
+def limited(settings: Settings) -> Iterator[Callable[..., Node]]:
+    """Start a node with some settings changed."""
+    started: list[Node] = []
+
+    def start(**changes: object) -> Node:
+        node = Node(settings.model_copy(update=changes))
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+# --- association slots are held by associations, not by sockets -----------------------
+
+def test_connections_that_close_without_a_request_hold_no_association_slot(
+        node: Node) -> None:
+    for _ in range(node.settings.max_associations + 1):
+        socket.create_connection(("127.0.0.1", node.scp.port), timeout=5).close()
+    time.sleep(0.3)
+    assoc = pynetdicom_assoc(node)
+    assert assoc.is_established, "refused after connections that sent nothing"
+    assert assoc.send_c_store(ct_slice(generate_uid(), generate_uid(), 0.0, 0)).Status == 0
+    assoc.release()
+
+
+def test_as_many_senders_as_max_associations_get_through_and_one_more_is_rejected(
+        limited: Callable[..., Node]) -> None:
+    node = limited(max_associations=16, max_associations_per_ip=16)
+    silent = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)  # sends nothing
+    assocs = [pynetdicom_assoc(node, calling=f"SENDER{i}") for i in range(16)]
+    silent.close()
+    try:
+        assert [a.is_established for a in assocs] == [True] * 16
+        extra = pynetdicom_assoc(node, calling="ONEMORE")
+        assert extra.is_rejected
+        answer = extra.acceptor.primitive
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x02, 0x03, 0x02)
+        assocs[0].release()
+        again = pynetdicom_assoc(node, calling="AGAIN")
+        assert again.is_established, "a released association's slot was not given back"
+        assocs[0] = again
+    finally:
+        for assoc in assocs:
+            assoc.release()
+    with node.db.session() as s:
+        rows = s.execute(select(AuditEvent).where(
+            AuditEvent.event == "association.rejected")).scalars().all()
+    assert [(r.calling_aet, (r.detail or {})["reason"]) for r in rows] == [
+        ("ONEMORE", "local limit exceeded: 16 associations open (max_associations)")]
+    assert wait_for(lambda: idle(node))
+
+
+def test_one_address_holds_at_most_max_associations_per_ip(
+        limited: Callable[..., Node]) -> None:
+    node = limited(max_associations_per_ip=2)
+    first = [pynetdicom_assoc(node, source="127.0.0.1") for _ in range(2)]
+    third = pynetdicom_assoc(node, source="127.0.0.1")
+    other = pynetdicom_assoc(node, source="127.0.0.2")
+    try:
+        assert [a.is_established for a in first] == [True, True]
+        assert third.is_rejected and third.acceptor.primitive.diagnostic == 0x02
+        assert other.is_established
+    finally:
+        for assoc in (*first, other):
+            assoc.release()
+    assert wait_for(lambda: idle(node))
+
+
+def test_connections_awaiting_association_are_capped_per_address(
+        limited: Callable[..., Node]) -> None:
+    node = limited(max_associations_per_ip=2, association_timeout_s=5)
+    waiting = [socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+               for _ in range(2)]
+    try:
+        assert wait_for(lambda: counts(node)["pending"] == {"127.0.0.1": 2})
+        refused = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+        assert read_until_closed(refused, 2)[1] < 1, "a third waiting connection was kept"
+        elsewhere = raw_association(node, source="127.0.0.2")   # another address is served
+        elsewhere.sendall(RELEASE_RQ)
+        assert read_until_closed(elsewhere, 5)[0][:1] == b"\x06"
+    finally:
+        for sock in waiting:
+            sock.close()
+    assert wait_for(lambda: idle(node))
+
+
+# --- the association request's deadline (ARTIM) --------------------------------------
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_association_timeout(
+        limited: Callable[..., Node]) -> None:
+    node = limited(association_timeout_s=0.5)
+    sock = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+    _, closed_after = read_until_closed(sock, 5)
+    assert closed_after < 2
+    assert wait_for(lambda: idle(node))
