@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     association_timeout_s: float = Field(default=5.0, gt=0, le=600, description=(
         "A connection must send its whole A-ASSOCIATE-RQ within this time (ARTIM); also "
         "how long a rejected, released or aborted association waits for the peer to close."))
+    pdu_timeout_s: float = Field(default=10.0, gt=0, le=3600, description=(
+        "Once a PDU's first byte is in, the whole PDU must arrive within this time."))
     network_timeout_s: float = Field(default=60.0, gt=0, description=(
         "An association with no PDU for this long is aborted."))
     chunked_receive: bool = Field(

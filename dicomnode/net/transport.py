@@ -1,25 +1,28 @@
-"""The listener's connections: association slots held by associations, not sockets.
+"""The listener's connections: association slots held by associations, deadlines.
 
 pynetdicom's association server gives every TCP connection an association thread and
 counts ``maximum_associations`` over those threads, so a connection that never sends a
-byte, or one already closed but still waiting out its ACSE timeout, holds a slot: a
-handful of idle sockets locked every sender out.
+byte, or one already closed but still waiting out its ACSE timeout, holds a slot; and it
+reads each PDU without any time limit once its first byte is in (its ARTIM timer is only
+looked at between PDUs). A handful of idle or trickling sockets could lock every sender
+out.
 
-Here, with pynetdicom's own extension points (``make_server`` with a server and
-request-handler class, ``acse_timeout``, event handlers) and one per-connection hook
-where it has none (it says why):
+Here, with pynetdicom's own extension points where it has them (``make_server`` with a
+server and request-handler class, ``acse_timeout``, event handlers), and small
+per-connection replacements where it has none (each says why):
 
 - an association slot is taken when the A-ASSOCIATE-RQ arrives and given back when the
   association ends: ``max_associations`` counts associations, not sockets, and
   ``max_associations_per_ip`` bounds what one address holds; an address may also keep
   at most that many connections that have not yet sent their request;
-- the A-ASSOCIATE-RQ must arrive within ``association_timeout_s`` of the connection
-  (pynetdicom's ARTIM and ACSE timeouts).
+- the A-ASSOCIATE-RQ must arrive within ``association_timeout_s`` of the connection,
+  every later PDU within ``pdu_timeout_s`` of its first byte.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import Counter
@@ -36,6 +39,11 @@ from dicomnode.logs import fields
 
 log = logging.getLogger(__name__)
 
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_HEADER = struct.Struct(">BBL")
+# A-ABORT PDU from the service provider (PS3.8 9.3.8), reason 0 "not specified".
+_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02"
+_REASON_NOT_SPECIFIED = b"\x00"
 #: A-ASSOCIATE-RJ: rejected-transient, service provider (presentation), local limit exceeded.
 _LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 #: Seconds between two log lines about connections refused to one address.
@@ -49,6 +57,7 @@ class ConnectionLimits:
     max_associations: int = 16
     max_associations_per_ip: int = 8
     association_timeout_s: float = 5.0
+    pdu_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -63,13 +72,105 @@ class ConnectionLimits:
         ConnectionLimits
         """
         return cls(settings.max_associations, settings.max_associations_per_ip,
-                   settings.association_timeout_s)
+                   settings.association_timeout_s, settings.pdu_timeout_s)
 
 
 #: Called as ``(calling_aet, address, reason, called_aet)`` for a request the node rejects.
 RejectionCallback = Callable[[str, str, str, str], object]
 #: Called with the association once its thread has ended, whatever the way.
 EndCallback = Callable[[Any], object]
+
+
+class _PduCutError(Exception):
+    """Internal: a PDU the node will not read to its end."""
+
+    def __init__(self, event: str, reason: bytes, **details: object) -> None:
+        super().__init__(event)
+        self.event = event
+        self.reason = reason
+        self.details = details
+
+
+class _PeerClosedError(Exception):
+    """Internal: the peer closed the connection (or it broke) inside a PDU."""
+
+
+class _PduReader:
+    """Reads each PDU whole, within its deadline.
+
+    pynetdicom reads a PDU with ``AssociationSocket.recv(6)`` (the header) and then
+    ``recv(length)``, blocking until all of it is in, however long that takes. This
+    object replaces ``recv`` on one association's socket (nothing in pynetdicom offers
+    a hook there): the header call reads the whole PDU, and returns the header; the next
+    call returns the body. A PDU cut short (too slow, or the connection gone) returns an
+    empty header, which pynetdicom takes for a closed connection (event 17:
+    the association ends, aborted); the peer is sent an A-ABORT first.
+    """
+
+    def __init__(self, connection: _Connection, asock: Any) -> None:
+        self._connection = connection
+        self._asock = asock
+        self._body: bytearray | None = None
+        self._first = True
+
+    def recv(self, nr_bytes: int) -> bytearray | memoryview:
+        """pynetdicom's ``AssociationSocket.recv`` for this connection."""
+        body, self._body = self._body, None
+        if body is not None and len(body) == nr_bytes:
+            return body
+        if nr_bytes != _HEADER.size or body is not None:
+            # not the pattern above: pynetdicom changed; read what it asks within a deadline
+            return self._bounded(nr_bytes)
+        limits = self._connection.limits
+        now = time.monotonic()
+        deadline = now + limits.pdu_timeout_s
+        if self._first:  # the A-ASSOCIATE-RQ: ARTIM runs from the connection on
+            self._first = False
+            deadline = min(deadline, self._connection.accepted_at + limits.association_timeout_s)
+        try:
+            header = self._read(_HEADER.size, deadline)
+            pdu_type, _, length = _HEADER.unpack(header)
+            if pdu_type not in _PDU_TYPES:
+                return header  # pynetdicom refuses it (event 19) without reading on
+            self._body = self._read(length, deadline)
+        except _PeerClosedError:
+            return bytearray()
+        except _PduCutError as cut:
+            self._connection.cut(cut)
+            return bytearray()
+        return header
+
+    def _bounded(self, nr_bytes: int) -> bytearray:
+        try:
+            return self._read(nr_bytes, time.monotonic() + self._connection.limits.pdu_timeout_s)
+        except (_PeerClosedError, _PduCutError):
+            return bytearray()
+
+    def _read(self, nr_bytes: int, deadline: float) -> bytearray:
+        sock = self._asock.socket
+        if sock is None:
+            raise _PeerClosedError
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                count = sock.recv_into(view[got:], nr_bytes - got)
+                if not count:
+                    raise _PeerClosedError
+                got += count
+        except TimeoutError:
+            raise _PduCutError("association.pdu_timeout", _REASON_NOT_SPECIFIED,
+                          received=got, expected=nr_bytes) from None
+        except OSError:
+            raise _PeerClosedError from None
+        finally:
+            view.release()
+        return buf
 
 
 class _Connection:
@@ -84,8 +185,10 @@ class _Connection:
         self.assoc: Any = None
 
     def attach(self, assoc: Any) -> None:
-        """Install the end hook and the limit's handlers on ``assoc``."""
+        """Install the reader, the end hook and the limit's handlers on ``assoc``."""
         self.assoc = assoc
+        asock = assoc.dul.socket
+        asock.recv = _PduReader(self, asock).recv
         run = assoc.run
 
         def run_then_end() -> None:
@@ -101,6 +204,12 @@ class _Connection:
         assoc.bind(evt.EVT_REQUESTED, self._on_requested)
         for event in (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_REJECTED, evt.EVT_CONN_CLOSE):
             assoc.bind(event, self._on_over)
+
+    @property
+    def calling_aet(self) -> str:
+        """The calling AE title, once the request is in ('' before)."""
+        primitive = getattr(self.assoc.requestor, "primitive", None) if self.assoc else None
+        return str(getattr(primitive, "calling_ae_title", "") or "")
 
     def _on_requested(self, event: Any) -> None:
         reason = self.server.admit(self)
@@ -118,6 +227,18 @@ class _Connection:
     def end(self) -> None:
         """Give back this connection's place in the limits (once)."""
         self.server.release(self)
+
+    def cut(self, cut: _PduCutError) -> None:
+        """A PDU too slow: tell the peer (A-ABORT), log once."""
+        sock = self.assoc.dul.socket.socket if self.assoc is not None else None
+        if sock is not None:
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(_ABORT + cut.reason)
+            except OSError:
+                pass
+        log.warning(cut.event, extra=fields(calling_aet=self.calling_aet, address=self.ip,
+                                            **cut.details))
 
 class _RequestHandler(RequestHandler):
     """pynetdicom's handler, with the connection's hooks installed before it starts."""

@@ -1,8 +1,11 @@
-"""The listener's connections: limits counted on associations, not on sockets."""
+"""The listener's connections: limits counted on associations, not on sockets; deadlines
+for the association request and for every PDU."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +49,27 @@ def associate_rq(called: str = "DICOMNODE", calling: str = "RAWSCU") -> bytes:
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return bytes(pdu.encode())
+
+
+def p_data(context_id: int, control: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one PDV."""
+    pdv = struct.pack(">LBB", len(data) + 2, context_id, control) + data
+    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
+
+
+def command(*elements: tuple[int, bytes]) -> bytes:
+    """A command set (group 0000, implicit VR LE) with its group length."""
+    body = b"".join(struct.pack("<HHL", 0, el, len(v)) + v for el, v in elements)
+    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+STORE_RQ = command((0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x0100, _us(0x0001)),
+                   (0x0110, _us(1)), (0x0700, _us(0)), (0x0800, _us(0)),
+                   (0x1000, b"1.2.3.4.5\x00"))
 
 
 def raw_association(node: Node, source: str = "127.0.0.1") -> socket.socket:
@@ -190,7 +214,7 @@ def test_connections_awaiting_association_are_capped_per_address(
     assert wait_for(lambda: idle(node))
 
 
-# --- the association request's deadline (ARTIM) --------------------------------------
+# --- deadlines: the association request, then every PDU ------------------------------
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_association_timeout(
         limited: Callable[..., Node]) -> None:
@@ -199,3 +223,75 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_association_timeout
     _, closed_after = read_until_closed(sock, 5)
     assert closed_after < 2
     assert wait_for(lambda: idle(node))
+
+
+def test_a_trickled_association_request_is_cut_at_the_association_timeout(
+        limited: Callable[..., Node]) -> None:
+    node = limited(association_timeout_s=1, pdu_timeout_s=30)
+    request = associate_rq()
+    sock = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+    started = time.monotonic()
+    try:
+        for byte in request:                 # ~10 s in all, one byte every 50 ms
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)
+            if time.monotonic() - started > 4:
+                break
+    except OSError:
+        pass                                 # closed by the node: what should happen
+    answer, _ = read_until_closed(sock, 3)
+    assert time.monotonic() - started < 4, "the trickle was read for as long as it lasted"
+    assert answer[:1] != b"\x02", "the trickled request was accepted"
+
+
+def test_a_trickled_pdu_is_cut_at_the_pdu_timeout_and_frees_its_slot(
+        limited: Callable[..., Node], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicomnode")
+    node = limited(pdu_timeout_s=0.5)
+    sock = raw_association(node)
+    pdu = p_data(1, 3, STORE_RQ)
+    started = time.monotonic()
+    try:
+        for byte in pdu:                     # ~9 s in all
+            sock.sendall(bytes([byte]))
+            time.sleep(0.1)
+            if time.monotonic() - started > 3:
+                break
+    except OSError:
+        pass
+    answer, _ = read_until_closed(sock, 3)
+    assert time.monotonic() - started < 3, "the trickle was read for as long as it lasted"
+    assert answer[:1] == b"\x07", "no A-ABORT before the close"
+    assert wait_for(lambda: idle(node))
+    assert [r.getMessage() for r in caplog.records] == ["association.pdu_timeout"]
+
+
+def test_pynetdicom_reads_a_pdu_as_two_reads_the_reader_replaces() -> None:
+    """The reader relies on pynetdicom reading a PDU as recv(6), then recv(length)."""
+    from pynetdicom.dul import DULServiceProvider
+
+    calls: list[int] = []
+    pdu = RELEASE_RQ
+
+    class FakeSocket:
+        def recv(self, nr_bytes: int) -> bytes:
+            calls.append(nr_bytes)
+            data = pdu[sum(calls[:-1]):sum(calls)]
+            return data
+
+    class FakeAssoc:
+        is_acceptor, mode = True, "acceptor"
+
+        def get_handlers(self, event: object) -> list[object]:
+            return []
+
+    dul = DULServiceProvider.__new__(DULServiceProvider)
+    dul._assoc = FakeAssoc()  # type: ignore[assignment]
+    dul.socket = FakeSocket()  # type: ignore[assignment]
+    import queue
+
+    dul.event_queue = queue.Queue()
+    dul._recv_pdu = queue.Queue()
+    dul._read_pdu_data()
+    assert calls == [6, 4]
+    assert dul.event_queue.get_nowait() == "Evt12"
