@@ -1,11 +1,12 @@
-"""The listener's connections: association slots held by associations, deadlines.
+"""The listener's connections: limits, deadlines and a cap on what one PDU may hold.
 
-pynetdicom's association server gives every TCP connection an association thread and
-counts ``maximum_associations`` over those threads, so a connection that never sends a
-byte, or one already closed but still waiting out its ACSE timeout, holds a slot; and it
-reads each PDU without any time limit once its first byte is in (its ARTIM timer is only
-looked at between PDUs). A handful of idle or trickling sockets could lock every sender
-out.
+pynetdicom's association server gives every TCP connection an association thread, counts
+``maximum_associations`` over those threads (so a connection that never sends a byte, or
+one already closed but still waiting out its ACSE timeout, holds a slot), reads each PDU
+whole into memory whatever length its header announces, and reads it without any time
+limit once its first byte is in (its ARTIM timer is only looked at between PDUs). A
+handful of idle or trickling sockets could lock every sender out, and one PDU header
+announcing 4 GiB made the node buffer whatever followed.
 
 Here, with pynetdicom's own extension points where it has them (``make_server`` with a
 server and request-handler class, ``acse_timeout``, event handlers), and small
@@ -16,7 +17,9 @@ per-connection replacements where it has none (each says why):
   ``max_associations_per_ip`` bounds what one address holds; an address may also keep
   at most that many connections that have not yet sent their request;
 - the A-ASSOCIATE-RQ must arrive within ``association_timeout_s`` of the connection,
-  every later PDU within ``pdu_timeout_s`` of its first byte.
+  every later PDU within ``pdu_timeout_s`` of its first byte;
+- a PDU longer than ``max_pdu`` (P-DATA-TF; other PDUs: ``MAX_CONTROL_PDU``) aborts the
+  association as soon as its header is read, before any of it is buffered.
 """
 
 from __future__ import annotations
@@ -39,11 +42,16 @@ from dicomnode.logs import fields
 
 log = logging.getLogger(__name__)
 
+#: Longest PDU other than P-DATA-TF the node reads: an A-ASSOCIATE-RQ with 128
+#: presentation contexts of ten transfer syntaxes each is about 100 KiB.
+MAX_CONTROL_PDU = 256 * 1024
+_P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _HEADER = struct.Struct(">BBL")
-# A-ABORT PDU from the service provider (PS3.8 9.3.8), reason 0 "not specified".
+# A-ABORT PDU from the service provider (PS3.8 9.3.8): reason 0 "not specified",
+# 6 "invalid PDU parameter value" (the length).
 _ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02"
-_REASON_NOT_SPECIFIED = b"\x00"
+_REASON_NOT_SPECIFIED, _REASON_INVALID_PARAMETER = b"\x00", b"\x06"
 #: A-ASSOCIATE-RJ: rejected-transient, service provider (presentation), local limit exceeded.
 _LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 #: Seconds between two log lines about connections refused to one address.
@@ -58,6 +66,7 @@ class ConnectionLimits:
     max_associations_per_ip: int = 8
     association_timeout_s: float = 5.0
     pdu_timeout_s: float = 10.0
+    max_pdu: int = 2**20
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -72,7 +81,7 @@ class ConnectionLimits:
         ConnectionLimits
         """
         return cls(settings.max_associations, settings.max_associations_per_ip,
-                   settings.association_timeout_s, settings.pdu_timeout_s)
+                   settings.association_timeout_s, settings.pdu_timeout_s, settings.max_pdu)
 
 
 #: Called as ``(calling_aet, address, reason, called_aet)`` for a request the node rejects.
@@ -96,14 +105,15 @@ class _PeerClosedError(Exception):
 
 
 class _PduReader:
-    """Reads each PDU whole, within its deadline.
+    """Reads each PDU whole, within its deadline, refusing one longer than the cap.
 
     pynetdicom reads a PDU with ``AssociationSocket.recv(6)`` (the header) and then
-    ``recv(length)``, blocking until all of it is in, however long that takes. This
-    object replaces ``recv`` on one association's socket (nothing in pynetdicom offers
-    a hook there): the header call reads the whole PDU, and returns the header; the next
-    call returns the body. A PDU cut short (too slow, or the connection gone) returns an
-    empty header, which pynetdicom takes for a closed connection (event 17:
+    ``recv(length)``, blocking until all of it is in, with no upper bound on
+    ``length``. This object replaces ``recv`` on one association's socket (nothing
+    in pynetdicom offers a hook there): the header call reads the whole PDU into a
+    buffer sized once the length is checked, and returns the header; the next call
+    returns the body. A PDU cut short (too long, too slow, or the connection gone)
+    returns an empty header, which pynetdicom takes for a closed connection (event 17:
     the association ends, aborted); the peer is sent an A-ABORT first.
     """
 
@@ -132,6 +142,10 @@ class _PduReader:
             pdu_type, _, length = _HEADER.unpack(header)
             if pdu_type not in _PDU_TYPES:
                 return header  # pynetdicom refuses it (event 19) without reading on
+            limit = limits.max_pdu if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
+            if length > limit:
+                raise _PduCutError("association.pdu_too_long", _REASON_INVALID_PARAMETER,
+                                   pdu_type=pdu_type, length=length, limit=limit)
             self._body = self._read(length, deadline)
         except _PeerClosedError:
             return bytearray()
@@ -165,7 +179,7 @@ class _PduReader:
                 got += count
         except TimeoutError:
             raise _PduCutError("association.pdu_timeout", _REASON_NOT_SPECIFIED,
-                          received=got, expected=nr_bytes) from None
+                               received=got, expected=nr_bytes) from None
         except OSError:
             raise _PeerClosedError from None
         finally:
@@ -229,7 +243,7 @@ class _Connection:
         self.server.release(self)
 
     def cut(self, cut: _PduCutError) -> None:
-        """A PDU too slow: tell the peer (A-ABORT), log once."""
+        """A PDU too long or too slow: tell the peer (A-ABORT), log once."""
         sock = self.assoc.dul.socket.socket if self.assoc is not None else None
         if sock is not None:
             try:

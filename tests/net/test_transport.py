@@ -1,5 +1,5 @@
 """The listener's connections: limits counted on associations, not on sockets; deadlines
-for the association request and for every PDU."""
+for the association request and for every PDU; a PDU cap, announced and enforced."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -264,6 +265,76 @@ def test_a_trickled_pdu_is_cut_at_the_pdu_timeout_and_frees_its_slot(
     assert answer[:1] == b"\x07", "no A-ABORT before the close"
     assert wait_for(lambda: idle(node))
     assert [r.getMessage() for r in caplog.records] == ["association.pdu_timeout"]
+
+
+# --- the PDU cap: announced and enforced ----------------------------------------------
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_the_node_announces_max_pdu(node: Node) -> None:
+    assoc = pynetdicom_assoc(node)
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == node.settings.max_pdu == 2**20
+    assoc.release()
+
+
+def test_a_pdu_longer_than_max_pdu_aborts_at_once_without_being_buffered(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicomnode")
+    sock = raw_association(node)
+    chunk = b"\x00" * 2**20
+    before = _rss_mib()
+    sent = 0
+    try:
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF))
+        sock.settimeout(10)
+        while sent < 256 * 2**20:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass                                 # reset by the node: what should happen
+    answer, _ = read_until_closed(sock, 3)
+    grown = _rss_mib() - before
+    assert sent < 64 * 2**20, f"{sent >> 20} MiB taken before the association ended"
+    assert grown < 32, f"the node's memory grew by {grown:.0f} MiB"
+    assert answer[:1] in (b"\x07", b""), answer[:12]
+    assert wait_for(lambda: idle(node))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "association.pdu_too_long"
+
+
+def test_an_association_request_longer_than_the_control_cap_is_refused(node: Node) -> None:
+    from dicomnode.net.transport import MAX_CONTROL_PDU
+
+    sock = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+    sock.sendall(struct.pack(">BBL", 0x01, 0, MAX_CONTROL_PDU + 1) + b"\x00" * 1000)
+    answer, closed_after = read_until_closed(sock, 3)
+    assert closed_after < 1
+    assert answer[:1] == b"\x07"
+
+
+def test_datasets_larger_than_max_pdu_arrive_in_pdus_within_it(
+        limited: Callable[..., Node], tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.factories import write_series
+
+    node = limited(max_pdu=4096)
+    assoc = pynetdicom_assoc(node)
+    assert assoc.acceptor.maximum_length == 4096
+    big = ct_slice(generate_uid(), generate_uid(), 0.0, 0, rows=128, cols=128)  # 32 KiB
+    assert assoc.send_c_store(big).Status == 0
+    assoc.release()
+    out = subprocess.run(["storescu", "-aec", node.settings.ae_title, "127.0.0.1",
+                          str(node.scp.port),
+                          *map(str, write_series(tmp_path / "in", 3, rows=128, cols=128))],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_pynetdicom_reads_a_pdu_as_two_reads_the_reader_replaces() -> None:
