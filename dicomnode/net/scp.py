@@ -9,11 +9,14 @@ only then answers success. An exception in a handler becomes a failure status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import socket
 import tempfile
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -21,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    dimse_messages,
+    evt,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
@@ -31,7 +41,7 @@ from dicomnode.net.transport import ConnectionLimits, ListenerServer, start_list
 from dicomnode.store.header import InstanceRejectedError
 from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
-from dicomnode.store.spool import SpoolFullError
+from dicomnode.store.spool import Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,108 @@ CT_STUDY_SOP_CLASSES: frozenset[str] = frozenset({
 })
 
 
+class ReceiveFile:
+    """Where pynetdicom writes one received data set: a file in ``spool/tmp``, or nowhere.
+
+    pynetdicom's chunked receive writes each C-STORE data set into
+    ``tempfile.NamedTemporaryFile`` as its fragments arrive, on the association's network
+    thread: a full disk (ENOSPC) raised there and ended the association without an
+    answer, leaving the partial file behind, and the disk reserve was checked only once
+    the whole data set was on disk. This stands in for that file while a node listens
+    (``install_receive_files``): the reserve is checked before anything is written (below
+    it, nothing is), and a write error is kept, not raised: the partial file is removed
+    at once, later fragments are dropped, and the C-STORE handler answers 0xA700.
+
+    Parameters
+    ----------
+    spool : Spool
+        Where the file goes (``spool.tmp_dir``) and whose reserve applies.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.error: OSError | None = None
+        self.begun = False   # a store took the file over (InstanceStore.begin_store)
+        self._lock = threading.Lock()
+        self._fd = -1
+        try:
+            spool.check_reserve()
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=spool.tmp_dir)
+        except OSError as exc:   # SpoolFullError included
+            self.error = exc
+            self.name = str(spool.tmp_dir / f"{uuid.uuid4().hex}.refused")
+
+    @property
+    def file(self) -> ReceiveFile:
+        """pynetdicom flushes ``.file`` after each fragment (nothing is buffered here)."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        """Write a fragment; after an error, drop it."""
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self._fd, view):]
+                except OSError as exc:
+                    self.error = exc
+                    self._remove()
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to flush: each fragment was written as it came."""
+
+    def close(self) -> None:
+        """Close the file, leaving it where it is."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def discard(self) -> None:
+        """Close and remove the file (a data set no store took over)."""
+        with self._lock:
+            self._remove()
+
+    def _remove(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+
+def install_receive_files(spool: Spool) -> Callable[[], None]:
+    """Make pynetdicom's chunked receive write into ``ReceiveFile`` objects on ``spool``.
+
+    pynetdicom creates the file with ``NamedTemporaryFile(delete=False, mode="wb",
+    suffix=".dcm")``, looked up in its ``dimse_messages`` module (its only use there); the
+    name is replaced there while a node listens, as ``direct_encoding`` does for the file
+    meta. One node per process, as for ``STORE_RECV_CHUNKED_DATASET`` itself.
+
+    Parameters
+    ----------
+    spool : Spool
+        Where received data sets go and whose reserve applies.
+
+    Returns
+    -------
+    callable
+        Puts pynetdicom's ``NamedTemporaryFile`` back.
+    """
+    original = dimse_messages.NamedTemporaryFile
+
+    def receive_file(*args: Any, **kwargs: Any) -> ReceiveFile:
+        return ReceiveFile(spool)
+
+    dimse_messages.NamedTemporaryFile = receive_file  # type: ignore[assignment]
+
+    def uninstall() -> None:
+        dimse_messages.NamedTemporaryFile = original  # type: ignore[misc]
+
+    return uninstall
+
+
 def _log_unanswered(future: Future[StoreOutcome]) -> None:
     """An early store whose association ended before its answer: say how it ended."""
     exc = future.exception()
@@ -150,7 +262,7 @@ class StorageSCP:
         self._assoc_counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
         self._server: ListenerServer | None = None
-        self._previous_receive: tuple[bool, str | None] | None = None
+        self._previous_receive: tuple[bool, Callable[[], None]] | None = None
         self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
         self._early: dict[str, tuple[int, Future[StoreOutcome]]] = {}
@@ -192,12 +304,12 @@ class StorageSCP:
         """Listen in background threads."""
         s = self.settings
         if s.chunked_receive:
-            # pynetdicom then writes each dataset into a file in tempfile's directory as
-            # its fragments arrive; pointed at the spool's tmp/, the file is renamed into
-            # place without a copy. Both settings are per process: one node per process.
-            self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+            # pynetdicom then writes each dataset into a file as its fragments arrive; made
+            # in the spool's tmp/ (ReceiveFile), it is renamed into place without a copy.
+            # Both settings are per process: one node per process.
+            self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET,
+                                      install_receive_files(self.store.spool))
             _config.STORE_RECV_CHUNKED_DATASET = True
-            tempfile.tempdir = str(self.store.spool.tmp_dir)
             self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
         self._server = start_listener(
             self.ae, (s.bind_address, s.port), self.handlers, ConnectionLimits.from_settings(s),
@@ -222,7 +334,8 @@ class StorageSCP:
             for assoc in server.active_associations:
                 assoc.join(timeout=10)
         if self._previous_receive is not None:
-            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous_receive
+            _config.STORE_RECV_CHUNKED_DATASET, uninstall = self._previous_receive
+            uninstall()
             self._previous_receive = None
             if self._meta_installed:
                 direct_encoding.uninstall_file_meta()
@@ -282,10 +395,15 @@ class StorageSCP:
         # here, and _on_store answers when they are done: the same order and the same
         # "acknowledged once committed", with pynetdicom's poll no longer in the way.
         message = event.message
-        name = getattr(getattr(message, "_data_set_file", None), "name", None)
+        received = getattr(message, "_data_set_file", None)
+        name = getattr(received, "name", None)
         command = getattr(message, "command_set", None)
         if not isinstance(name, str) or command is None:
             return
+        if isinstance(received, ReceiveFile):
+            if received.error is not None:
+                return  # not on disk (reserve, disk full): _on_store refuses it
+            received.begun = True
         try:
             sop_class = str(command.AffectedSOPClassUID or "")
             sop_uid = str(command.AffectedSOPInstanceUID or "")
@@ -333,7 +451,10 @@ class StorageSCP:
             return self._refuse(event, STATUS_SOP_CLASS_NOT_SUPPORTED, "sop_class",
                                 f"SOP class {sop_class} not accepted", sop_uid)
         calling = event.assoc.requestor.ae_title
+        received = getattr(request, "_dataset_file", None)
         try:
+            if isinstance(received, ReceiveFile) and received.error is not None:
+                raise received.error  # refused before it was written, or the disk filled
             if early is not None:  # begun by _on_dimse_recv
                 outcome = early.result()
             elif self._previous_receive is not None:  # chunked: already a file in spool/tmp

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -385,3 +388,109 @@ def test_any_called_ae_title_is_accepted_when_not_required(settings: Settings) -
         assert out.returncode == 0, out.stdout + out.stderr
     finally:
         node.stop()
+
+
+# --- a full disk: 0xA700, the association goes on, nothing partial left --------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs (needs root; skipped where mounting is not permitted)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _node_on(settings: Settings, data_dir: Path, tmp_path: Path, **changes: object) -> Node:
+    """A node whose spool is on ``data_dir`` (its database stays elsewhere)."""
+    node = Node(settings.model_copy(update={
+        "data_dir": data_dir, "database_url": f"sqlite:///{tmp_path / 'index.db'}",
+        **changes}))
+    node.start()
+    return node
+
+
+def test_a_full_disk_answers_out_of_resources_and_the_association_goes_on(
+        settings: Settings, small_disk: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    escaped: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: escaped.append(args.exc_type.__name__))
+    node = _node_on(settings, small_disk, tmp_path, disk_reserve_mb=0)
+    try:
+        too_big = ct_slice(generate_uid(), generate_uid(), 0.0, 0, rows=2048, cols=2048)  # 8 MiB
+        small = ct_slice(generate_uid(), generate_uid(), 0.0, 1)
+        assoc = _assoc(node)
+        assert assoc.is_established
+        refused = assoc.send_c_store(too_big)
+        assert refused.get("Status") == 0xA700, refused
+        assert "space" in refused.ErrorComment
+        assert not list(node.spool.tmp_dir.iterdir()), "the partial file was left"
+        assert assoc.is_established
+        assert assoc.send_c_store(small).Status == 0    # room again: the partial file is gone
+        assoc.release()
+        assert _count(node) == 1
+    finally:
+        node.stop()
+    assert not escaped
+    assert not [r for r in caplog.records if r.exc_info]
+    assert not list(node.spool.tmp_dir.iterdir())
+
+
+def test_the_disk_reserve_is_checked_before_a_received_dataset_is_written(
+        settings: Settings, small_disk: Path, tmp_path: Path) -> None:
+    (small_disk / "ballast").write_bytes(b"\0" * 3 * 2**20)     # ~5 MiB free
+    node = _node_on(settings, small_disk, tmp_path, disk_reserve_mb=6)
+    written: list[int] = []
+    sending = threading.Event()
+
+    def watch() -> None:  # how much of the data set ever reaches spool/tmp
+        while sending.is_set():
+            written.append(sum(p.stat().st_size for p in node.spool.tmp_dir.iterdir()
+                               if p.exists()))
+            time.sleep(0.001)
+
+    try:
+        assoc = _assoc(node)
+        sending.set()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        status = assoc.send_c_store(ct_slice(generate_uid(), generate_uid(), 0.0, 0,
+                                             rows=1024, cols=1024))   # 2 MiB: it would fit
+        sending.clear()
+        watcher.join()
+        assert status.Status == 0xA700
+        assert "reserve" in status.ErrorComment
+        assert max(written, default=0) == 0, f"{max(written)} bytes written below the reserve"
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        sending.clear()
+        node.stop()
+
+
+def test_received_data_sets_go_through_the_node_s_file_only_while_it_listens(
+        settings: Settings) -> None:
+    from pynetdicom import dimse_messages
+
+    from dicomnode.net.scp import ReceiveFile
+
+    original = dimse_messages.NamedTemporaryFile
+    node = Node(settings)
+    node.start()
+    try:
+        made = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        assert isinstance(made, ReceiveFile)
+        assert Path(made.name).parent == node.spool.tmp_dir
+        made.discard()
+        assert not Path(made.name).exists()
+    finally:
+        node.stop()
+    assert dimse_messages.NamedTemporaryFile is original
