@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -213,10 +214,14 @@ def install_receive_files(spool: Spool) -> Callable[[], None]:
     return uninstall
 
 
-def _log_unanswered(future: Future[StoreOutcome]) -> None:
-    """An early store whose association ended before its answer: say how it ended."""
+def _log_unanswered(path: Path, future: Future[StoreOutcome]) -> None:
+    """An early store whose association ended before its answer: say how it ended.
+
+    A store that failed left its received file for the answer to remove: remove it.
+    """
     exc = future.exception()
     if exc is not None:
+        Spool.discard(path)
         log.warning("instance.unanswered_store_failed", extra=fields(error=type(exc).__name__))
     else:
         outcome = future.result()
@@ -495,9 +500,9 @@ class StorageSCP:
             studies = self._assoc_studies.pop(id(assoc), set())
             counts = self._assoc_counts.pop(id(assoc), Counter())
             dropped = [k for k, (a, _) in self._early.items() if a == id(assoc)]
-            futures = [self._early.pop(name)[1] for name in dropped]
-        for future in futures:   # begun, never answered: the sender was not told success
-            future.add_done_callback(_log_unanswered)
+            futures = [(name, self._early.pop(name)[1]) for name in dropped]
+        for name, future in futures:  # begun, never answered: the sender was not told success
+            future.add_done_callback(functools.partial(_log_unanswered, Path(name)))
         if counts or how != "released":
             log.info(f"association.{how}", extra=fields(
                 calling_aet=assoc.requestor.ae_title, studies=len(studies),
@@ -506,13 +511,21 @@ class StorageSCP:
         return studies
 
     def _on_ended(self, assoc: Any) -> None:
-        """An association's thread has ended: finish it if pynetdicom never said it did."""
+        """An association's thread has ended: finish it if pynetdicom never said it did,
+        and remove the files of data sets it was receiving or never handed to a store."""
         key = id(assoc)
         with self._lock:
             unfinished = (key in self._assoc_counts or key in self._assoc_studies
                           or any(a == key for a, _ in self._early.values()))
         if unfinished:
             self._finish(assoc, "aborted")
+        dimse = assoc.dimse
+        received = [getattr(dimse.message, "_data_set_file", None)]
+        received += [getattr(primitive, "_dataset_file", None)
+                     for _, primitive in list(dimse.msg_queue.queue)]
+        for file in received:
+            if isinstance(file, ReceiveFile) and not file.begun:
+                file.discard()
 
     def _on_released(self, event: Any) -> None:
         studies = self._finish(event.assoc, "released")

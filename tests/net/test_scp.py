@@ -6,7 +6,7 @@ import logging
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -494,3 +494,52 @@ def test_received_data_sets_go_through_the_node_s_file_only_while_it_listens(
     finally:
         node.stop()
     assert dimse_messages.NamedTemporaryFile is original
+
+
+# --- stores cut short leave nothing behind, while the node runs -----------------------
+
+def _tmp_bytes(node: Node) -> int:
+    return sum(p.stat().st_size for p in node.spool.tmp_dir.iterdir() if p.exists())
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("ending", ["a_abort", "connection_closed", "node_stopped"])
+def test_the_partial_file_of_a_store_cut_short_is_removed_at_once(node: Node,
+                                                                  ending: str) -> None:
+    from tests.net.rawpeer import A_ABORT_RQ, STORE_RQ, p_data, raw_association
+
+    sock = raw_association(node)
+    sock.sendall(p_data(1, 3, STORE_RQ))
+    for _ in range(4):
+        sock.sendall(p_data(1, 0, b"\0" * 60_000))   # data set fragments, not the last
+    assert _eventually(lambda: _tmp_bytes(node) >= 240_000), "the data set never arrived"
+    if ending == "a_abort":
+        sock.sendall(A_ABORT_RQ)
+    elif ending == "connection_closed":
+        sock.close()
+    else:
+        node.stop()
+    assert _eventually(lambda: not list(node.spool.tmp_dir.iterdir()), 2), (
+        f"left in spool/tmp: {list(node.spool.tmp_dir.iterdir())}")
+    sock.close()
+
+
+def test_stores_refused_after_their_association_ended_leave_nothing(node: Node) -> None:
+    from tests.net.rawpeer import A_ABORT_RQ, STORE_RQ, p_data, raw_association
+
+    for _ in range(10):   # the abort lands before or after the store begins: both ways
+        sock = raw_association(node)
+        sock.sendall(p_data(1, 3, STORE_RQ) + p_data(1, 2, b"\x08\x00\x60\x00CS\x02\x00CT")
+                     + A_ABORT_RQ)                     # a whole data set without UIDs
+        sock.close()
+    assert _eventually(lambda: not list(node.spool.tmp_dir.iterdir()), 3), (
+        f"left in spool/tmp: {list(node.spool.tmp_dir.iterdir())}")
+    assert _count(node) == 0
