@@ -9,7 +9,7 @@ handful of idle or trickling sockets could lock every sender out, and one PDU he
 announcing 4 GiB made the node buffer whatever followed.
 
 Here, with pynetdicom's own extension points where it has them (``make_server`` with a
-server and request-handler class, ``acse_timeout``, event handlers), and small
+server and request-handler class, ``acse_timeout``, event handlers), and three small
 per-connection replacements where it has none (each says why):
 
 - an association slot is taken when the A-ASSOCIATE-RQ arrives and given back when the
@@ -19,7 +19,10 @@ per-connection replacements where it has none (each says why):
 - the A-ASSOCIATE-RQ must arrive within ``association_timeout_s`` of the connection,
   every later PDU within ``pdu_timeout_s`` of its first byte;
 - a PDU longer than ``max_pdu`` (P-DATA-TF; other PDUs: ``MAX_CONTROL_PDU``) aborts the
-  association as soon as its header is read, before any of it is buffered.
+  association as soon as its header is read, before any of it is buffered;
+- an exception in pynetdicom's state machine (a malformed P-DATA, an event its state does
+  not expect) aborts the association with an A-ABORT and one log line instead of
+  killing its network thread with a traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from datetime import datetime
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Settings
@@ -197,12 +201,26 @@ class _Connection:
         self.accepted_at = time.monotonic()
         self.phase = "pending"     # -> "associated" -> "over"; "pending" -> "over"
         self.assoc: Any = None
+        self._logged_error = False
 
     def attach(self, assoc: Any) -> None:
-        """Install the reader, the end hook and the limit's handlers on ``assoc``."""
+        """Install the reader, the state-machine guard and the end hook on ``assoc``."""
         self.assoc = assoc
         asock = assoc.dul.socket
         asock.recv = _PduReader(self, asock).recv
+        machine = assoc.dul.state_machine
+        original = machine.do_action
+
+        def do_action(event: str) -> None:
+            try:
+                original(event)
+            except Exception as exc:  # any error aborts this association only
+                self._protocol_error(event, exc, original)
+
+        # pynetdicom lets an exception in an FSM action escape its DUL thread (the thread
+        # dies with a traceback, the peer gets no A-ABORT, the association never reports
+        # its end); catching it on this association's state machine is the only place.
+        machine.do_action = do_action
         run = assoc.run
 
         def run_then_end() -> None:
@@ -254,8 +272,36 @@ class _Connection:
         log.warning(cut.event, extra=fields(calling_aet=self.calling_aet, address=self.ip,
                                             **cut.details))
 
+    def _protocol_error(self, event: str, exc: Exception,
+                        original: Callable[[str], None]) -> None:
+        dul = self.assoc.dul
+        state = dul.state_machine.current_state
+        if state == "Sta1":  # the association is over already; a late event (a second close)
+            dul.kill_dul()
+            return
+        if not self._logged_error:
+            self._logged_error = True
+            log.warning("association.protocol_error", extra=fields(
+                calling_aet=self.calling_aet, address=self.ip, fsm_event=event, state=state,
+                error=type(exc).__name__))
+        if ("Evt19", state) not in TRANSITION_TABLE:
+            dul.kill_dul()
+            return
+        # Treat it as pynetdicom treats a PDU it cannot decode (event 19): A-ABORT to the
+        # peer, A-P-ABORT to the association, then wait for the close. pynetdicom's
+        # do_action stopped the DUL on its way out; it must run to do that.
+        dul._kill_thread = False
+        try:
+            original("Evt19")
+        except Exception:  # the DUL cannot abort: close the connection
+            dul.kill_dul()
+            asock = dul.socket
+            if asock is not None:
+                asock.close()
+
+
 class _RequestHandler(RequestHandler):
-    """pynetdicom's handler, with the connection's hooks installed before it starts."""
+    """pynetdicom's handler, with the connection's guards installed before it starts."""
 
     server: ListenerServer
 

@@ -51,12 +51,12 @@ def command(*elements: tuple[int, bytes]) -> bytes:
     return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
 
 
-def _us(value: int) -> bytes:
+def us(value: int) -> bytes:
     return struct.pack("<H", value)
 
 
-STORE_RQ = command((0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x0100, _us(0x0001)),
-                   (0x0110, _us(1)), (0x0700, _us(0)), (0x0800, _us(0)),
+STORE_RQ = command((0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x0100, us(0x0001)),
+                   (0x0110, us(1)), (0x0700, us(0)), (0x0800, us(0)),
                    (0x1000, b"1.2.3.4.5\x00"))
 
 

@@ -1,11 +1,13 @@
 """The listener's connections: limits counted on associations, not on sockets; deadlines
-for the association request and for every PDU; a PDU cap, announced and enforced."""
+for the association request and for every PDU; a PDU cap, announced and enforced;
+malformed input ending one association (A-ABORT, one log line) instead of a thread."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +27,11 @@ from tests.net.rawpeer import (
     RELEASE_RQ,
     STORE_RQ,
     associate_rq,
+    command,
     p_data,
     raw_association,
     read_until_closed,
+    us,
 )
 
 
@@ -72,6 +76,15 @@ def limited(settings: Settings) -> Iterator[Callable[..., Node]]:
     yield start
     for node in started:
         node.stop()
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Exceptions that escape any thread while the test runs."""
+    errors: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: errors.append(f"{args.thread}: {args.exc_type.__name__}"))
+    return errors
 
 
 # --- association slots are held by associations, not by sockets -----------------------
@@ -268,6 +281,55 @@ def test_datasets_larger_than_max_pdu_arrive_in_pdus_within_it(
                           *map(str, write_series(tmp_path / "in", 3, rows=128, cols=128))],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+# --- malformed input ends one association: A-ABORT, one log line, nothing left -------
+
+_MALFORMED = {
+    "no_command_field": [p_data(1, 3, command((0x0110, us(1)), (0x0800, us(0x0101))))],
+    "unknown_command_field": [p_data(1, 3, command((0x0100, us(0x1234)),
+                                                   (0x0800, us(0x0101))))],
+    "unaccepted_context": [p_data(99, 3, STORE_RQ),
+                           p_data(99, 2, b"\x08\x00\x18\x00UI\x02\x001\x00")],
+    "undecodable_command": [p_data(1, 3, b"\xff" * 40)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED))
+def test_malformed_p_data_ends_the_association_with_an_a_abort(
+        node: Node, case: str, caplog: pytest.LogCaptureFixture,
+        thread_errors: list[str]) -> None:
+    caplog.set_level(logging.DEBUG)
+    sock = raw_association(node)
+    for pdu in _MALFORMED[case]:
+        sock.sendall(pdu)
+    answer, closed_after = read_until_closed(sock, 10)
+    assert answer[:1] == b"\x07", answer[:12]
+    assert closed_after < 10
+    assert wait_for(lambda: idle(node))
+    assert not thread_errors
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith("dicomnode"))
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("dicomnode.net")
+            and r.levelno >= logging.WARNING]
+    assert ours == ["association.protocol_error"]
+    assert wait_for(lambda: not list(node.spool.tmp_dir.iterdir()))
+    assoc = pynetdicom_assoc(node)                # the node still serves
+    assert assoc.send_c_store(ct_slice(generate_uid(), generate_uid(), 0.0, 0)).Status == 0
+    assoc.release()
+
+
+def test_an_event_the_state_machine_does_not_expect_aborts_the_association(
+        node: Node, thread_errors: list[str]) -> None:
+    sock = raw_association(node)
+    server = node.scp._server
+    assert server is not None
+    assert wait_for(lambda: len(server.active_associations) == 1)
+    [assoc] = server.active_associations
+    assoc.dul.event_queue.put("Evt18")     # ARTIM expired while established: not in PS3.8's table
+    answer, _ = read_until_closed(sock, 10)
+    assert answer[:1] == b"\x07"
+    assert wait_for(lambda: idle(node))
+    assert not thread_errors
 
 
 def test_pynetdicom_reads_a_pdu_as_two_reads_the_reader_replaces() -> None:
