@@ -72,6 +72,7 @@ _UNCOUNTED = 1_000_000
 _REJECTION_STATUS = {
     "undecodable": STATUS_CANNOT_UNDERSTAND,
     "truncated": STATUS_CANNOT_UNDERSTAND,
+    "invalid_image": STATUS_CANNOT_UNDERSTAND,
     "missing_uid": STATUS_MISSING_UID,
     "sop_mismatch": STATUS_DATASET_MISMATCH,
     "series_in_other_study": STATUS_SERIES_IN_OTHER_STUDY,

@@ -147,6 +147,23 @@ def test_non_dicom_bytes_are_refused(node: Node, tmp_path: Path, chunked_send: N
     assert not list(node.spool.tmp_dir.iterdir())
 
 
+@pytest.mark.parametrize("body", [b"", b"\0" * 1000, b"\x08\x00\x18\x00UI"],
+                         ids=["empty", "all_zero", "cut_header"])
+def test_empty_all_zero_or_cut_data_sets_are_refused_as_undecodable(
+        node: Node, tmp_path: Path, chunked_send: None, body: bytes) -> None:
+    assert _send_raw(node, _raw_file(tmp_path, body, generate_uid())) == 0xC210
+    assert _count(node) == 0
+
+
+def test_an_image_of_zero_rows_is_refused_as_undecodable(node: Node) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.Rows, ds.Columns, ds.PixelData = 0, 0, b""
+    status = _send(node, [ds])[0]
+    assert status.Status == 0xC210
+    assert "Rows" in status.ErrorComment
+    assert _count(node) == 0
+
+
 def test_truncated_dataset_is_refused(node: Node, tmp_path: Path, chunked_send: None) -> None:
     ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0, rows=64, cols=64)
     full = tmp_path / "full.dcm"
