@@ -335,10 +335,15 @@ class StorageSCP:
         if self._server is not None:
             server, self._server = self._server, None
             server.shutdown()        # no new associations
+            established = []
             for assoc in server.active_associations:
-                assoc.abort()        # nothing in flight is acknowledged after this
-            for assoc in server.active_associations:
-                assoc.join(timeout=10)
+                if assoc.is_established:
+                    assoc.abort()    # nothing in flight is acknowledged after this
+                    established.append(assoc)
+                else:                # never associated, or already ending: no data in flight
+                    server.close_connection(assoc)
+            for assoc in established:
+                assoc.join(timeout=10)   # its partial file is removed as its thread ends
         if self._previous_receive is not None:
             _config.STORE_RECV_CHUNKED_DATASET, uninstall = self._previous_receive
             uninstall()

@@ -27,7 +27,9 @@ per-connection replacements where it has none (each says why):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import struct
 import threading
 import time
@@ -38,7 +40,7 @@ from datetime import datetime
 from typing import Any
 
 from pynetdicom import evt
-from pynetdicom.fsm import TRANSITION_TABLE
+from pynetdicom.fsm import TRANSITION_TABLE, InvalidEventError
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Settings
@@ -279,6 +281,14 @@ class _Connection:
         if state == "Sta1":  # the association is over already; a late event (a second close)
             dul.kill_dul()
             return
+        if event == "Evt15" and isinstance(exc, InvalidEventError):
+            # our own abort where PS3.8 has none (no association yet, or one closing):
+            # close the connection instead (its primitive would come back every loop)
+            with contextlib.suppress(queue.Empty):
+                dul.to_provider_queue.get_nowait()
+            if dul.socket is not None:
+                dul.socket.close()
+            return
         if not self._logged_error:
             self._logged_error = True
             log.warning("association.protocol_error", extra=fields(
@@ -417,6 +427,17 @@ class ListenerServer(ThreadedAssociationServer):
                 self._associated[ip] -= 1
                 _drop_zero(self._associated, ip)
             connection.phase = "over"
+
+    @staticmethod
+    def close_connection(assoc: Any) -> None:
+        """Close an association's connection without an A-ABORT (one not established).
+
+        Its thread then ends by itself within ``association_timeout_s`` (the ACSE wait
+        for a request that will not come); nothing it holds needs waiting for.
+        """
+        asock = getattr(assoc.dul, "socket", None)
+        if asock is not None and asock.socket is not None:
+            asock.close()
 
     def association_ended(self, assoc: Any) -> None:
         """Run the end callback for an association whose thread has ended."""

@@ -332,6 +332,45 @@ def test_an_event_the_state_machine_does_not_expect_aborts_the_association(
     assert not thread_errors
 
 
+def test_stopping_does_not_wait_for_connections_that_never_associated(
+        limited: Callable[..., Node], caplog: pytest.LogCaptureFixture,
+        thread_errors: list[str]) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    node = limited(association_timeout_s=5)
+    waiting = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+    socket.create_connection(("127.0.0.1", node.scp.port), timeout=5).close()
+    sending = raw_association(node)
+    sending.sendall(p_data(1, 3, STORE_RQ) + p_data(1, 0, b"\0" * 1000))   # a store under way
+    assert wait_for(lambda: counts(node)["associations"] == 1
+                    and counts(node)["pending"] == {"127.0.0.1": 1})
+    started = time.monotonic()
+    node.stop()
+    assert time.monotonic() - started < 2, "stop waited out the association timeout"
+    assert read_until_closed(sending, 2)[0][:1] == b"\x07"   # the store under way: aborted
+    assert read_until_closed(waiting, 2)[1] < 2
+    assert not list(node.spool.tmp_dir.iterdir())
+    assert not thread_errors
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("dicomnode.net")]
+    assert lines.count("association.aborted") == 1, lines
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], lines
+
+
+def test_aborting_a_connection_that_has_not_associated_closes_it_quietly(
+        node: Node, caplog: pytest.LogCaptureFixture, thread_errors: list[str]) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    waiting = socket.create_connection(("127.0.0.1", node.scp.port), timeout=5)
+    server = node.scp._server
+    assert server is not None
+    assert wait_for(lambda: len(server.active_associations) == 1)
+    [assoc] = server.active_associations
+    assoc.abort(block=False)          # PS3.8 has no A-ABORT before the association exists
+    assert read_until_closed(waiting, 3)[1] < 3
+    assert wait_for(lambda: idle(node))
+    assert not thread_errors
+    assert not [r for r in caplog.records
+                if r.name.startswith("dicomnode") and r.levelno >= logging.WARNING]
+
+
 def test_pynetdicom_reads_a_pdu_as_two_reads_the_reader_replaces() -> None:
     """The reader relies on pynetdicom reading a PDU as recv(6), then recv(length)."""
     from pynetdicom.dul import DULServiceProvider
