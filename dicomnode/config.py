@@ -17,6 +17,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+#: Bounds of ``max_pdu``: dcmtk's smallest, and 16 MiB (the node buffers one PDU per
+#: association, a few times over while it decodes it).
+MIN_PDU, MAX_PDU = 4096, 2**24
 
 
 def _check_ae_title(value: str, name: str) -> str:
@@ -99,9 +102,23 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default SQLite under data_dir."
     )
-    max_associations: int = Field(default=16, ge=1)
-    max_pdu: int = Field(default=0, ge=0, description="Maximum PDU length; 0 = unlimited.")
-    network_timeout_s: float = Field(default=60.0, gt=0)
+    max_associations: int = Field(default=16, ge=1, description=(
+        "Associations open at once; a further request is rejected (local limit exceeded). "
+        "A connection counts from its association request on."))
+    max_associations_per_ip: int = Field(default=8, ge=1, description=(
+        "Associations open at once from one IP address (further requests rejected); also "
+        "the connections from one address that have not yet sent their association "
+        "request (further ones are closed at once)."))
+    max_pdu: int = Field(default=2**20, description=(
+        "Maximum PDU length announced to peers and enforced: a P-DATA-TF PDU longer than "
+        "this aborts the association before any of it is read."))
+    association_timeout_s: float = Field(default=5.0, gt=0, le=600, description=(
+        "A connection must send its whole A-ASSOCIATE-RQ within this time (ARTIM); also "
+        "how long a rejected, released or aborted association waits for the peer to close."))
+    pdu_timeout_s: float = Field(default=10.0, gt=0, le=3600, description=(
+        "Once a PDU's first byte is in, the whole PDU must arrive within this time."))
+    network_timeout_s: float = Field(default=60.0, gt=0, description=(
+        "An association with no PDU for this long is aborted."))
     chunked_receive: bool = Field(
         default=True,
         description="Receive datasets straight into spool files as they arrive (faster; "
@@ -121,6 +138,10 @@ class Settings(BaseSettings):
     allowed_calling_aets: list[str] | None = Field(
         default=None,
         description="Calling AE allow-list; None accepts any AE (embedded default).",
+    )
+    require_called_aet: bool = Field(
+        default=True,
+        description="Reject an association whose called AE title is not ae_title.",
     )
     disk_reserve_mb: int = Field(
         default=1024, ge=0, description="Refuse stores (0xA700) below this much free space."
@@ -163,6 +184,16 @@ class Settings(BaseSettings):
         if v is None:
             return None
         return [_check_ae_title(a, "allowed_calling_aets") for a in v]
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _max_pdu(cls, v: int) -> int:
+        if not MIN_PDU <= v <= MAX_PDU:
+            raise ValueError(
+                f"Invalid 'max_pdu' value '{v}' - a PDU length from {MIN_PDU} to {MAX_PDU} "
+                "bytes (the node reads each PDU whole, so it must be bounded; 0, unlimited, "
+                "is not accepted)")
+        return v
 
     @model_validator(mode="after")
     def _default_db(self) -> Settings:

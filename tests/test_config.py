@@ -48,7 +48,9 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("bad", [{"ae_title": "WAY_TOO_LONG_AE_TITLE"}, {"port": 70000},
-                                 {"unknown_key": 1}, {"ae_title": "BACK\\SLASH"}])
+                                 {"unknown_key": 1}, {"ae_title": "BACK\\SLASH"},
+                                 {"max_associations_per_ip": 0}, {"association_timeout_s": 0},
+                                 {"max_pdu": 0}, {"max_pdu": 2**30}])
 def test_invalid_values_are_named(tmp_path: Path, bad: dict[str, object]) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(bad))

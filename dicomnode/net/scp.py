@@ -9,11 +9,15 @@ only then answers success. An exception in a handler becomes a failure status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
+import os
 import socket
 import tempfile
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -21,16 +25,24 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    dimse_messages,
+    evt,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
 from dicomnode.net import direct_encoding
+from dicomnode.net.transport import ConnectionLimits, ListenerServer, start_listener
 from dicomnode.store.header import InstanceRejectedError
 from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
-from dicomnode.store.spool import SpoolFullError
+from dicomnode.store.spool import Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +66,26 @@ STATUS_STUDY_OF_OTHER_PATIENT = 0xC231
 # "Duplication SOP Instance"): the SOP Instance UID is already stored with other content
 # or under another study, series or patient. A true duplicate is acknowledged with 0x0000.
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
+#: pynetdicom's own association limit, set out of the way (see ``_make_ae``).
+_UNCOUNTED = 1_000_000
 
 _REJECTION_STATUS = {
     "undecodable": STATUS_CANNOT_UNDERSTAND,
     "truncated": STATUS_CANNOT_UNDERSTAND,
+    "invalid_image": STATUS_CANNOT_UNDERSTAND,
     "missing_uid": STATUS_MISSING_UID,
     "sop_mismatch": STATUS_DATASET_MISMATCH,
     "series_in_other_study": STATUS_SERIES_IN_OTHER_STUDY,
     "study_of_other_patient": STATUS_STUDY_OF_OTHER_PATIENT,
     "sop_conflict": STATUS_DUPLICATE_SOP_INSTANCE,
+}
+
+#: Why an association was rejected, by the A-ASSOCIATE-RJ's (source, diagnostic) (PS3.8 9.3.4).
+_REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "user identity not accepted",
+    (0x03, 0x02): "local limit exceeded",
 }
 
 #: Storage classes a CT study carries; the node keeps these and refuses the rest.
@@ -90,10 +113,116 @@ CT_STUDY_SOP_CLASSES: frozenset[str] = frozenset({
 })
 
 
-def _log_unanswered(future: Future[StoreOutcome]) -> None:
-    """An early store whose association ended before its answer: say how it ended."""
+class ReceiveFile:
+    """Where pynetdicom writes one received data set: a file in ``spool/tmp``, or nowhere.
+
+    pynetdicom's chunked receive writes each C-STORE data set into
+    ``tempfile.NamedTemporaryFile`` as its fragments arrive, on the association's network
+    thread: a full disk (ENOSPC) raised there and ended the association without an
+    answer, leaving the partial file behind, and the disk reserve was checked only once
+    the whole data set was on disk. This stands in for that file while a node listens
+    (``install_receive_files``): the reserve is checked before anything is written (below
+    it, nothing is), and a write error is kept, not raised: the partial file is removed
+    at once, later fragments are dropped, and the C-STORE handler answers 0xA700.
+
+    Parameters
+    ----------
+    spool : Spool
+        Where the file goes (``spool.tmp_dir``) and whose reserve applies.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.error: OSError | None = None
+        self.begun = False   # a store took the file over (InstanceStore.begin_store)
+        self._lock = threading.Lock()
+        self._fd = -1
+        try:
+            spool.check_reserve()
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=spool.tmp_dir)
+        except OSError as exc:   # SpoolFullError included
+            self.error = exc
+            self.name = str(spool.tmp_dir / f"{uuid.uuid4().hex}.refused")
+
+    @property
+    def file(self) -> ReceiveFile:
+        """pynetdicom flushes ``.file`` after each fragment (nothing is buffered here)."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        """Write a fragment; after an error, drop it."""
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self._fd, view):]
+                except OSError as exc:
+                    self.error = exc
+                    self._remove()
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to flush: each fragment was written as it came."""
+
+    def close(self) -> None:
+        """Close the file, leaving it where it is."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def discard(self) -> None:
+        """Close and remove the file (a data set no store took over)."""
+        with self._lock:
+            self._remove()
+
+    def _remove(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+
+def install_receive_files(spool: Spool) -> Callable[[], None]:
+    """Make pynetdicom's chunked receive write into ``ReceiveFile`` objects on ``spool``.
+
+    pynetdicom creates the file with ``NamedTemporaryFile(delete=False, mode="wb",
+    suffix=".dcm")``, looked up in its ``dimse_messages`` module (its only use there); the
+    name is replaced there while a node listens, as ``direct_encoding`` does for the file
+    meta. One node per process, as for ``STORE_RECV_CHUNKED_DATASET`` itself.
+
+    Parameters
+    ----------
+    spool : Spool
+        Where received data sets go and whose reserve applies.
+
+    Returns
+    -------
+    callable
+        Puts pynetdicom's ``NamedTemporaryFile`` back.
+    """
+    original = dimse_messages.NamedTemporaryFile
+
+    def receive_file(*args: Any, **kwargs: Any) -> ReceiveFile:
+        return ReceiveFile(spool)
+
+    dimse_messages.NamedTemporaryFile = receive_file  # type: ignore[assignment]
+
+    def uninstall() -> None:
+        dimse_messages.NamedTemporaryFile = original  # type: ignore[misc]
+
+    return uninstall
+
+
+def _log_unanswered(path: Path, future: Future[StoreOutcome]) -> None:
+    """An early store whose association ended before its answer: say how it ended.
+
+    A store that failed left its received file for the answer to remove: remove it.
+    """
     exc = future.exception()
     if exc is not None:
+        Spool.discard(path)
         log.warning("instance.unanswered_store_failed", extra=fields(error=type(exc).__name__))
     else:
         outcome = future.result()
@@ -138,8 +267,8 @@ class StorageSCP:
         self._assoc_studies: dict[int, set[str]] = {}
         self._assoc_counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
-        self._server: Any = None
-        self._previous_receive: tuple[bool, str | None] | None = None
+        self._server: ListenerServer | None = None
+        self._previous_receive: tuple[bool, Callable[[], None]] | None = None
         self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
         self._early: dict[str, tuple[int, Future[StoreOutcome]]] = {}
@@ -148,13 +277,16 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # The listener counts associations itself (transport.py); pynetdicom's count is of
+        # every connection's thread, including those that never sent a request.
+        ae.maximum_associations = _UNCOUNTED
         ae.maximum_pdu_size = s.max_pdu
         ae.network_timeout = s.network_timeout_s
-        ae.acse_timeout = s.network_timeout_s
+        ae.acse_timeout = s.association_timeout_s  # also the ARTIM timer
         ae.dimse_timeout = s.network_timeout_s
         if s.allowed_calling_aets is not None:
             ae.require_calling_aet = list(s.allowed_calling_aets)
+        ae.require_called_aet = s.require_called_aet
         ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
@@ -178,16 +310,16 @@ class StorageSCP:
         """Listen in background threads."""
         s = self.settings
         if s.chunked_receive:
-            # pynetdicom then writes each dataset into a file in tempfile's directory as
-            # its fragments arrive; pointed at the spool's tmp/, the file is renamed into
-            # place without a copy. Both settings are per process: one node per process.
-            self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+            # pynetdicom then writes each dataset into a file as its fragments arrive; made
+            # in the spool's tmp/ (ReceiveFile), it is renamed into place without a copy.
+            # Both settings are per process: one node per process.
+            self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET,
+                                      install_receive_files(self.store.spool))
             _config.STORE_RECV_CHUNKED_DATASET = True
-            tempfile.tempdir = str(self.store.spool.tmp_dir)
             self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
-        self._server = self.ae.start_server(
-            (s.bind_address, s.port), block=False, evt_handlers=self.handlers
-        )
+        self._server = start_listener(
+            self.ae, (s.bind_address, s.port), self.handlers, ConnectionLimits.from_settings(s),
+            on_rejected=self.audit_rejection, on_ended=self._on_ended)
         log.info("scp.listening", extra=fields(ae_title=s.ae_title, address=s.bind_address,
                                                port=self.port))
 
@@ -203,12 +335,18 @@ class StorageSCP:
         if self._server is not None:
             server, self._server = self._server, None
             server.shutdown()        # no new associations
+            established = []
             for assoc in server.active_associations:
-                assoc.abort()        # nothing in flight is acknowledged after this
-            for assoc in server.active_associations:
-                assoc.join(timeout=10)
+                if assoc.is_established:
+                    assoc.abort()    # nothing in flight is acknowledged after this
+                    established.append(assoc)
+                else:                # never associated, or already ending: no data in flight
+                    server.close_connection(assoc)
+            for assoc in established:
+                assoc.join(timeout=10)   # its partial file is removed as its thread ends
         if self._previous_receive is not None:
-            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous_receive
+            _config.STORE_RECV_CHUNKED_DATASET, uninstall = self._previous_receive
+            uninstall()
             self._previous_receive = None
             if self._meta_installed:
                 direct_encoding.uninstall_file_meta()
@@ -230,14 +368,34 @@ class StorageSCP:
             calling_aet=event.assoc.requestor.ae_title, address=event.assoc.requestor.address))
 
     def _on_rejected(self, event: Any) -> None:
-        calling = event.assoc.requestor.ae_title
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        answer = assoc.acceptor.primitive
+        reason = _REJECTION_REASONS.get(
+            (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)),
+            "rejected")
+        self.audit_rejection(assoc.requestor.ae_title, assoc.requestor.address, reason,
+                             str(getattr(request, "called_ae_title", "") or ""))
+
+    def audit_rejection(self, calling: str, address: str, reason: str, called: str) -> None:
+        """Log and audit an association refused at set-up (AE titles only, no patient data).
+
+        Parameters
+        ----------
+        calling, called : str
+            The calling and called AE titles of the request.
+        address : str
+            The peer's IP address.
+        reason : str
+            Why, as the A-ASSOCIATE-RJ says it.
+        """
         log.warning("association.rejected", extra=fields(
-            calling_aet=calling, address=event.assoc.requestor.address,
-            reason="calling AE title not in allowed_calling_aets"))
+            calling_aet=calling, called_aet=called, address=address, reason=reason))
         try:
             with self.store.db.transaction() as session:
                 session.add(AuditEvent(event="association.rejected", calling_aet=calling[:16],
-                                       detail={"address": event.assoc.requestor.address}))
+                                       detail={"address": address, "reason": reason,
+                                               "called_aet": called[:16]}))
         except SQLAlchemyError:
             log.exception("audit.failed")
 
@@ -248,10 +406,15 @@ class StorageSCP:
         # here, and _on_store answers when they are done: the same order and the same
         # "acknowledged once committed", with pynetdicom's poll no longer in the way.
         message = event.message
-        name = getattr(getattr(message, "_data_set_file", None), "name", None)
+        received = getattr(message, "_data_set_file", None)
+        name = getattr(received, "name", None)
         command = getattr(message, "command_set", None)
         if not isinstance(name, str) or command is None:
             return
+        if isinstance(received, ReceiveFile):
+            if received.error is not None:
+                return  # not on disk (reserve, disk full): _on_store refuses it
+            received.begun = True
         try:
             sop_class = str(command.AffectedSOPClassUID or "")
             sop_uid = str(command.AffectedSOPInstanceUID or "")
@@ -299,7 +462,10 @@ class StorageSCP:
             return self._refuse(event, STATUS_SOP_CLASS_NOT_SUPPORTED, "sop_class",
                                 f"SOP class {sop_class} not accepted", sop_uid)
         calling = event.assoc.requestor.ae_title
+        received = getattr(request, "_dataset_file", None)
         try:
+            if isinstance(received, ReceiveFile) and received.error is not None:
+                raise received.error  # refused before it was written, or the disk filled
             if early is not None:  # begun by _on_dimse_recv
                 outcome = early.result()
             elif self._previous_receive is not None:  # chunked: already a file in spool/tmp
@@ -335,23 +501,40 @@ class StorageSCP:
                 sop=outcome.sop_uid, study=outcome.study_uid, duplicate=outcome.duplicate))
         return STATUS_SUCCESS
 
-    def _finish(self, event: Any, how: str) -> set[str]:
+    def _finish(self, assoc: Any, how: str) -> set[str]:
         with self._lock:
-            studies = self._assoc_studies.pop(id(event.assoc), set())
-            counts = self._assoc_counts.pop(id(event.assoc), Counter())
-            dropped = [k for k, (a, _) in self._early.items() if a == id(event.assoc)]
-            futures = [self._early.pop(name)[1] for name in dropped]
-        for future in futures:   # begun, never answered: the sender was not told success
-            future.add_done_callback(_log_unanswered)
+            studies = self._assoc_studies.pop(id(assoc), set())
+            counts = self._assoc_counts.pop(id(assoc), Counter())
+            dropped = [k for k, (a, _) in self._early.items() if a == id(assoc)]
+            futures = [(name, self._early.pop(name)[1]) for name in dropped]
+        for name, future in futures:  # begun, never answered: the sender was not told success
+            future.add_done_callback(functools.partial(_log_unanswered, Path(name)))
         if counts or how != "released":
             log.info(f"association.{how}", extra=fields(
-                calling_aet=event.assoc.requestor.ae_title, studies=len(studies),
+                calling_aet=assoc.requestor.ae_title, studies=len(studies),
                 stored=counts["stored"], duplicates=counts["duplicate"],
                 refused=counts["refused"]))
         return studies
 
+    def _on_ended(self, assoc: Any) -> None:
+        """An association's thread has ended: finish it if pynetdicom never said it did,
+        and remove the files of data sets it was receiving or never handed to a store."""
+        key = id(assoc)
+        with self._lock:
+            unfinished = (key in self._assoc_counts or key in self._assoc_studies
+                          or any(a == key for a, _ in self._early.values()))
+        if unfinished:
+            self._finish(assoc, "aborted")
+        dimse = assoc.dimse
+        received = [getattr(dimse.message, "_data_set_file", None)]
+        received += [getattr(primitive, "_dataset_file", None)
+                     for _, primitive in list(dimse.msg_queue.queue)]
+        for file in received:
+            if isinstance(file, ReceiveFile) and not file.begun:
+                file.discard()
+
     def _on_released(self, event: Any) -> None:
-        studies = self._finish(event, "released")
+        studies = self._finish(event.assoc, "released")
         if studies and self.on_released is not None:
             try:
                 self.on_released(studies)
@@ -360,5 +543,5 @@ class StorageSCP:
 
     def _on_aborted(self, event: Any) -> None:
         # An aborted association may have cut a study short: only the quiet period completes it.
-        self._finish(event, "aborted")
+        self._finish(event.assoc, "aborted")
 

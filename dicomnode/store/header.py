@@ -11,7 +11,14 @@ encapsulated pixel data) are walked by :func:`_walk`: element headers only, the
 a tenth of what ``pydicom.dcmread`` costs. Anything it does not expect (big endian,
 deflate, undefined-length UN, a length past the end, a missing UID, a pixel-data
 length that does not match the image) goes to ``pydicom``, which reads it or names
-what is wrong: the fast reader never refuses an instance itself.
+what is wrong: the fast reader refuses nothing itself, except a file that ends inside an
+element header (pydicom drops such a tail silently; a tail of zero bytes, padding, is
+taken).
+
+Beyond what pydicom refuses, a data set is refused when it has no data element at all
+(empty, or zeros), when it carries File Meta elements (group 0002: they would be read as
+the file's own, its transfer syntax included), and when its image attributes describe no
+possible image (Rows or Columns 0, a frame larger than ``MAX_FRAME_BYTES``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from pydicom.uid import UID
 
 _UID = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
 PIXEL_DATA = 0x7FE00010
+#: Largest decoded frame the node takes (256 MiB: 8192 x 8192 at 32 bits); a CT slice is
+#: 0.5 MiB. Rows and Columns go to 65535, so a header alone could ask a reader for 16 GiB.
+MAX_FRAME_BYTES = 2**28
 
 
 class InstanceRejectedError(ValueError):
@@ -42,10 +52,10 @@ class InstanceRejectedError(ValueError):
     reason : str
         Human-readable reason naming the attribute at fault (UIDs, never patient values).
     code : str
-        One of ``undecodable``, ``truncated``, ``missing_uid``, ``sop_mismatch`` (the
-        header), ``series_in_other_study``, ``study_of_other_patient``, ``sop_conflict``
-        (the index: a UID already stored under another study or patient, or with other
-        content).
+        One of ``undecodable``, ``truncated``, ``invalid_image``, ``missing_uid``,
+        ``sop_mismatch`` (the header), ``series_in_other_study``,
+        ``study_of_other_patient``, ``sop_conflict`` (the index: a UID already stored
+        under another study or patient, or with other content).
     comment : str, optional
         What the sender is told (a DIMSE ErrorComment holds 64 characters); ``reason``
         when it fits.
@@ -193,13 +203,30 @@ def parse_header(
         else:
             get, ts = _walk_file(encoded, len(encoded))
         return _header(get, ts, expected_sop_uid, expected_sop_class_uid)
+    except _TruncatedError as exc:
+        raise InstanceRejectedError(
+            f"Dataset is truncated: an element header is cut at byte {exc.position} of "
+            f"{exc.size}", "truncated") from None
     except (_FallbackError, _NeedMoreError, InstanceRejectedError, RecursionError):
         pass  # pydicom reads it again and accepts it or says what is wrong
     if isinstance(encoded, Path):
         # In memory: pydicom asks for the position at every element, a system call on a
         # file object but free on BytesIO; reading 0.5 MB from the page cache costs less.
         encoded = encoded.read_bytes()
+    if _meta_in_dataset(encoded):
+        raise InstanceRejectedError(
+            "Invalid data set - File Meta Information elements (group 0002) follow the "
+            "File Meta group; they would be read as the file's own (its transfer syntax)",
+            "undecodable", "Data set holds File Meta (0002) elements")
     return _parse(io.BytesIO(encoded), len(encoded), expected_sop_uid, expected_sop_class_uid)
+
+
+def _meta_in_dataset(data: bytes | memoryview) -> bool:
+    """Whether a group 0002 element follows the File Meta group its group length bounds."""
+    if len(data) < 146 or bytes(data[132:138]) != b"\x02\x00\x00\x00UL":
+        return False
+    end = 144 + _UNPACK_U32(data, 140)[0]
+    return bytes(data[end:end + 2]) == b"\x02\x00"
 
 
 def _read_fast(path: Path) -> tuple[_Getter, str]:
@@ -233,9 +260,12 @@ def _parse(fp: BinaryIO, size: int, expected_sop_uid: str | None,
         raise InstanceRejectedError(
             f"Dataset is truncated: elements run to byte {fp.tell()} of {size}", "truncated"
         )
+    if not any(tag.group >= 0x0008 for tag in ds._dict):
+        raise InstanceRejectedError("Dataset cannot be decoded: it holds no data element",
+                                    "undecodable")
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
     header = _header(_dataset_text(ds), ts, expected_sop_uid, expected_sop_class_uid)
-    _check_pixel_length(ds, ts)
+    _check_image(ds, ts)
     return header
 
 
@@ -280,18 +310,32 @@ def _header(get: _Getter, ts: str, expected_sop_uid: str | None,
     )
 
 
-def _check_pixel_length(ds: Dataset, ts: str) -> None:
+def _check_image(ds: Dataset, ts: str) -> None:
+    """Refuse pixel data whose image attributes describe no possible image, or that is
+    shorter than they need."""
     raw = ds._dict.get(Tag(PIXEL_DATA))  # the raw element: its length without reading the value
-    if raw is None or not ts:
+    if raw is None:
         return
     try:
-        if UID(ts).is_compressed:
-            return
         rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return
+    if rows <= 0 or cols <= 0:
+        raise InstanceRejectedError(
+            f"Invalid 'Rows' x 'Columns' value {rows} x {cols} - an image has at least one "
+            "row and one column", "invalid_image")
+    try:
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = _int(_dataset_text(ds), "NumberOfFrames") or 1
     except (AttributeError, TypeError, ValueError):
+        return
+    frame = (rows * cols * max(samples, 1) * bits + 7) // 8
+    if frame > MAX_FRAME_BYTES:
+        raise InstanceRejectedError(
+            f"Invalid 'Rows' x 'Columns' value {rows} x {cols} - one frame of {frame} bytes "
+            f"is more than the {MAX_FRAME_BYTES} bytes the node takes", "invalid_image")
+    if not ts or UID(ts).is_compressed:
         return
     expected = (rows * cols * frames * samples * bits + 7) // 8
     length = getattr(raw, "length", None)
@@ -322,6 +366,7 @@ _SLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
 _NATIVE_SYNTAXES = frozenset({_IMPLICIT_LE, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
                               "1.2.840.10008.1.2.1.99"})
 _TRANSFER_SYNTAX = 0x00020010
+_GROUP_LENGTH = 0x00020000
 _ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x00280100
 _TAG_NUMBERS = {kw: int(tag) for kw, tag in _TAGS.items()}
 _WANTED = frozenset(set(_TAG_NUMBERS.values()) | {_ROWS, _COLUMNS, _SAMPLES, _BITS})
@@ -336,6 +381,15 @@ class _FallbackError(Exception):
 
 class _NeedMoreError(Exception):
     """Internal: the header runs past the bytes read so far."""
+
+
+class _TruncatedError(Exception):
+    """Internal: the file ends inside an element header (pydicom would drop the tail)."""
+
+    def __init__(self, position: int, size: int) -> None:
+        super().__init__(position, size)
+        self.position = position
+        self.size = size
 
 
 def _walk_file(buf: bytes | memoryview, size: int) -> tuple[_Getter, str]:
@@ -362,32 +416,40 @@ def _walk_file(buf: bytes | memoryview, size: int) -> tuple[_Getter, str]:
     pos = 132
     while True:
         if pos + 8 > size:
-            raise _FallbackError
+            if pos < size:
+                raise _TruncatedError(pos, size)
+            raise _FallbackError          # no data set at all: pydicom's path refuses it
         if pos + 8 > len(buf):
             raise _NeedMoreError
         if _UNPACK_U16(buf, pos)[0] != 0x0002:
             break
+        if len(meta.get(_GROUP_LENGTH, b"")) == 4 and pos >= 144 + _UNPACK_U32(
+                meta[_GROUP_LENGTH])[0]:
+            raise _FallbackError          # group 0002 inside the data set: refused there
         pos = _walk(buf, pos, size, True, None, meta, stop_group=0x0002)
     ts = bytes(meta.get(_TRANSFER_SYNTAX, b"")).decode("latin-1").strip("\x00 ")
     if not ts or ts in _SLOW_SYNTAXES:
         raise _FallbackError
     values: dict[int, bytes] = {}
     pixel_length = _walk_dataset(buf, pos, size, ts != _IMPLICIT_LE, values)
-    if ts in _NATIVE_SYNTAXES and pixel_length is not None:
+    if pixel_length is not None:  # -1: encapsulated
         if any(len(values.get(tag, b"")) != 2 for tag in (_ROWS, _COLUMNS, _BITS)) or (
                 _SAMPLES in values and len(values[_SAMPLES]) != 2):
             raise _FallbackError
         rows = _UNPACK_U16(values[_ROWS])[0]
         cols = _UNPACK_U16(values[_COLUMNS])[0]
         bits = _UNPACK_U16(values[_BITS])[0]
-        samples = _UNPACK_U16(values[_SAMPLES])[0] if _SAMPLES in values else 1
-        frames_text = values.get(_TAG_NUMBERS["NumberOfFrames"], b"").strip(b"\x00 ")
-        try:
-            frames = (int(frames_text) if frames_text else 1) or 1  # as pydicom's path
-        except ValueError:
-            raise _FallbackError from None
-        if pixel_length < (rows * cols * frames * max(samples, 1) * bits + 7) // 8:
-            raise _FallbackError
+        samples = max(_UNPACK_U16(values[_SAMPLES])[0] if _SAMPLES in values else 1, 1)
+        if not rows or not cols or (rows * cols * samples * bits + 7) // 8 > MAX_FRAME_BYTES:
+            raise _FallbackError          # no possible image: pydicom's path says why
+        if ts in _NATIVE_SYNTAXES:
+            frames_text = values.get(_TAG_NUMBERS["NumberOfFrames"], b"").strip(b"\x00 ")
+            try:
+                frames = (int(frames_text) if frames_text else 1) or 1  # as pydicom's path
+            except ValueError:
+                raise _FallbackError from None
+            if pixel_length < (rows * cols * frames * samples * bits + 7) // 8:
+                raise _FallbackError
     def get(keyword: str) -> str:
         value = values.get(_TAG_NUMBERS[keyword])
         return "" if value is None else value.decode("latin-1")
@@ -397,7 +459,8 @@ def _walk_file(buf: bytes | memoryview, size: int) -> tuple[_Getter, str]:
 
 def _walk_dataset(buf: bytes | memoryview, pos: int, size: int, explicit: bool,
                   values: dict[int, bytes]) -> int | None:
-    """Walk the top-level dataset; returns the native pixel data's length (or None)."""
+    """Walk the top-level dataset; returns the pixel data's length (-1: encapsulated; None:
+    no pixel data)."""
     pixel: list[int] = []
     _walk(buf, pos, size, explicit, None, values, pixel=pixel)
     return pixel[0] if pixel else None
@@ -418,7 +481,13 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
     have = len(buf)
     while pos < end:
         if pos + 8 > end:
-            raise _FallbackError
+            if stop is not None:
+                raise _FallbackError
+            if end > have:
+                raise _NeedMoreError
+            if any(buf[pos:end]):
+                raise _TruncatedError(pos, end)
+            return end                    # zero padding (pydicom skips it too)
         if pos + 8 > have:
             raise _NeedMoreError
         group, element = _UNPACK_TAG(buf, pos)
@@ -433,6 +502,8 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
             if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                 raise _FallbackError      # not a VR: pydicom guesses the encoding
             if vr in _LONG_VRS:
+                if pos + 12 > end and stop is None:
+                    raise _TruncatedError(pos, end)
                 if pos + 12 > have:
                     raise _NeedMoreError
                 length = _UNPACK_U32(buf, pos + 8)[0]
@@ -445,6 +516,8 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
             pos += 8
         if length == 0xFFFFFFFF:
             if tag == PIXEL_DATA:
+                if values is not None and pixel is not None:
+                    pixel.append(-1)
                 pos = _hop_fragments(buf, pos, end)
             elif vr in (b"SQ", b""):
                 pos = _hop_sequence(buf, pos, end, explicit, depth + 1)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -142,6 +145,23 @@ def test_non_dicom_bytes_are_refused(node: Node, tmp_path: Path, chunked_send: N
     assert _count(node) == 0
     assert not list(node.spool.instances_dir.rglob("*.dcm"))
     assert not list(node.spool.tmp_dir.iterdir())
+
+
+@pytest.mark.parametrize("body", [b"", b"\0" * 1000, b"\x08\x00\x18\x00UI"],
+                         ids=["empty", "all_zero", "cut_header"])
+def test_empty_all_zero_or_cut_data_sets_are_refused_as_undecodable(
+        node: Node, tmp_path: Path, chunked_send: None, body: bytes) -> None:
+    assert _send_raw(node, _raw_file(tmp_path, body, generate_uid())) == 0xC210
+    assert _count(node) == 0
+
+
+def test_an_image_of_zero_rows_is_refused_as_undecodable(node: Node) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.Rows, ds.Columns, ds.PixelData = 0, 0, b""
+    status = _send(node, [ds])[0]
+    assert status.Status == 0xC210
+    assert "Rows" in status.ErrorComment
+    assert _count(node) == 0
 
 
 def test_truncated_dataset_is_refused(node: Node, tmp_path: Path, chunked_send: None) -> None:
@@ -353,3 +373,190 @@ def test_a_sop_uid_stored_with_other_content_is_refused_over_the_network_and_aud
         assert s.execute(select(func.count(Study.id))).scalar_one() == 1
     assert not list(node.spool.tmp_dir.iterdir())
     assert len(list(node.spool.instances_dir.rglob("*.dcm"))) == 1
+
+
+# --- association set-up: who may call, under which title ----------------------------
+
+def test_a_wrong_called_ae_title_is_rejected_at_association_time_and_audited(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    out = subprocess.run(["echoscu", "-aet", "SCANNER", "-aec", "NOTTHENODE", "127.0.0.1",
+                          str(node.scp.port)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "Called AE Title Not Recognized" in out.stdout + out.stderr
+    assoc = _assoc(node, calling="SCANNER")      # the node's own title is accepted
+    assert assoc.is_established
+    assoc.release()
+    [row] = _audit(node, "association.rejected")
+    assert row.calling_aet == "SCANNER"
+    assert row.detail is not None
+    assert row.detail["reason"] == "called AE title not recognised"
+    assert row.detail["called_aet"] == "NOTTHENODE"
+    [record] = [r for r in caplog.records if r.getMessage() == "association.rejected"]
+    assert getattr(record, "dn_fields", {})["reason"] == "called AE title not recognised"
+
+
+def test_any_called_ae_title_is_accepted_when_not_required(settings: Settings) -> None:
+    node = Node(settings.model_copy(update={"require_called_aet": False}))
+    node.start()
+    try:
+        out = subprocess.run(["echoscu", "-aec", "ANY-SCP", "127.0.0.1", str(node.scp.port)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        node.stop()
+
+
+# --- a full disk: 0xA700, the association goes on, nothing partial left --------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs (needs root; skipped where mounting is not permitted)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _node_on(settings: Settings, data_dir: Path, tmp_path: Path, **changes: object) -> Node:
+    """A node whose spool is on ``data_dir`` (its database stays elsewhere)."""
+    node = Node(settings.model_copy(update={
+        "data_dir": data_dir, "database_url": f"sqlite:///{tmp_path / 'index.db'}",
+        **changes}))
+    node.start()
+    return node
+
+
+def test_a_full_disk_answers_out_of_resources_and_the_association_goes_on(
+        settings: Settings, small_disk: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    escaped: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: escaped.append(args.exc_type.__name__))
+    node = _node_on(settings, small_disk, tmp_path, disk_reserve_mb=0)
+    try:
+        too_big = ct_slice(generate_uid(), generate_uid(), 0.0, 0, rows=2048, cols=2048)  # 8 MiB
+        small = ct_slice(generate_uid(), generate_uid(), 0.0, 1)
+        assoc = _assoc(node)
+        assert assoc.is_established
+        refused = assoc.send_c_store(too_big)
+        assert refused.get("Status") == 0xA700, refused
+        assert "space" in refused.ErrorComment
+        assert not list(node.spool.tmp_dir.iterdir()), "the partial file was left"
+        assert assoc.is_established
+        assert assoc.send_c_store(small).Status == 0    # room again: the partial file is gone
+        assoc.release()
+        assert _count(node) == 1
+    finally:
+        node.stop()
+    assert not escaped
+    assert not [r for r in caplog.records if r.exc_info]
+    assert not list(node.spool.tmp_dir.iterdir())
+
+
+def test_the_disk_reserve_is_checked_before_a_received_dataset_is_written(
+        settings: Settings, small_disk: Path, tmp_path: Path) -> None:
+    (small_disk / "ballast").write_bytes(b"\0" * 3 * 2**20)     # ~5 MiB free
+    node = _node_on(settings, small_disk, tmp_path, disk_reserve_mb=6)
+    written: list[int] = []
+    sending = threading.Event()
+
+    def watch() -> None:  # how much of the data set ever reaches spool/tmp
+        while sending.is_set():
+            written.append(sum(p.stat().st_size for p in node.spool.tmp_dir.iterdir()
+                               if p.exists()))
+            time.sleep(0.001)
+
+    try:
+        assoc = _assoc(node)
+        sending.set()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        status = assoc.send_c_store(ct_slice(generate_uid(), generate_uid(), 0.0, 0,
+                                             rows=1024, cols=1024))   # 2 MiB: it would fit
+        sending.clear()
+        watcher.join()
+        assert status.Status == 0xA700
+        assert "reserve" in status.ErrorComment
+        assert max(written, default=0) == 0, f"{max(written)} bytes written below the reserve"
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        sending.clear()
+        node.stop()
+
+
+def test_received_data_sets_go_through_the_node_s_file_only_while_it_listens(
+        settings: Settings) -> None:
+    from pynetdicom import dimse_messages
+
+    from dicomnode.net.scp import ReceiveFile
+
+    original = dimse_messages.NamedTemporaryFile
+    node = Node(settings)
+    node.start()
+    try:
+        made = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        assert isinstance(made, ReceiveFile)
+        assert Path(made.name).parent == node.spool.tmp_dir
+        made.discard()
+        assert not Path(made.name).exists()
+    finally:
+        node.stop()
+    assert dimse_messages.NamedTemporaryFile is original
+
+
+# --- stores cut short leave nothing behind, while the node runs -----------------------
+
+def _tmp_bytes(node: Node) -> int:
+    return sum(p.stat().st_size for p in node.spool.tmp_dir.iterdir() if p.exists())
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("ending", ["a_abort", "connection_closed", "node_stopped"])
+def test_the_partial_file_of_a_store_cut_short_is_removed_at_once(node: Node,
+                                                                  ending: str) -> None:
+    from tests.net.rawpeer import A_ABORT_RQ, STORE_RQ, p_data, raw_association
+
+    sock = raw_association(node)
+    sock.sendall(p_data(1, 3, STORE_RQ))
+    for _ in range(4):
+        sock.sendall(p_data(1, 0, b"\0" * 60_000))   # data set fragments, not the last
+    assert _eventually(lambda: _tmp_bytes(node) >= 240_000), "the data set never arrived"
+    if ending == "a_abort":
+        sock.sendall(A_ABORT_RQ)
+    elif ending == "connection_closed":
+        sock.close()
+    else:
+        node.stop()
+    assert _eventually(lambda: not list(node.spool.tmp_dir.iterdir()), 2), (
+        f"left in spool/tmp: {list(node.spool.tmp_dir.iterdir())}")
+    sock.close()
+
+
+def test_stores_refused_after_their_association_ended_leave_nothing(node: Node) -> None:
+    from tests.net.rawpeer import A_ABORT_RQ, STORE_RQ, p_data, raw_association
+
+    for _ in range(10):   # the abort lands before or after the store begins: both ways
+        sock = raw_association(node)
+        sock.sendall(p_data(1, 3, STORE_RQ) + p_data(1, 2, b"\x08\x00\x60\x00CS\x02\x00CT")
+                     + A_ABORT_RQ)                     # a whole data set without UIDs
+        sock.close()
+    assert _eventually(lambda: not list(node.spool.tmp_dir.iterdir()), 3), (
+        f"left in spool/tmp: {list(node.spool.tmp_dir.iterdir())}")
+    assert _count(node) == 0

@@ -195,3 +195,102 @@ def test_fast_reader_falls_back_on_bytes_that_are_not_a_vr() -> None:
     data[at + 4:at + 6] = b"\x00\x01"
     with pytest.raises(_FallbackError):
         _walk_file(bytes(data), len(data))
+
+
+# --- what cannot be a stored instance: refused as undecodable (0xC210) ----------------
+
+def _meta_then(body: bytes) -> bytes:
+    """A Part 10 file whose File Meta Information (explicit VR LE) is followed by ``body``."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    buf = BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    buf.write(body)
+    return buf.getvalue()
+
+
+def _refusal(data: bytes, tmp_path: Path) -> list[InstanceRejectedError]:
+    """The refusal of ``data`` read from bytes and from a file (the two readers)."""
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    errors = []
+    for source in (data, path):
+        with pytest.raises(InstanceRejectedError) as err:
+            parse_header(source)
+        errors.append(err.value)
+    return errors
+
+
+@pytest.mark.parametrize("body", [b"", b"\0" * 1000, b"\x08\x00\x18\x00UI"],
+                         ids=["empty", "all_zero", "cut_inside_the_first_header"])
+def test_empty_all_zero_or_cut_data_sets_cannot_be_decoded(body: bytes, tmp_path: Path) -> None:
+    for error in _refusal(_meta_then(body), tmp_path):
+        assert error.code in ("undecodable", "truncated"), error.reason
+
+
+@pytest.mark.parametrize("tail", [b"\x10\x00\x10", b"\x10\x00\x10\x00PN\x04"])
+def test_a_data_set_that_ends_inside_an_element_header_is_truncated(tail: bytes,
+                                                                    tmp_path: Path) -> None:
+    whole = _encode(ct_slice(generate_uid(), generate_uid(), 0.0, 0))
+    for error in _refusal(whole + tail, tmp_path):
+        assert error.code == "truncated"
+    assert parse_header(whole + b"\0" * len(tail)) == parse_header(whole)  # zero padding
+
+
+@pytest.mark.parametrize("pixels", [b"", b"\0" * 2048])
+def test_an_image_without_rows_or_columns_is_refused(pixels: bytes, tmp_path: Path) -> None:
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.Rows, ds.Columns, ds.PixelData = 0, 0, pixels
+    for error in _refusal(_encode(ds), tmp_path):
+        assert error.code == "invalid_image"
+        assert "Rows" in error.reason and "Columns" in error.reason
+
+
+def test_an_image_too_large_to_decode_is_refused_whatever_its_encoding(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.Rows = ds.Columns = 65535
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])    # a 4-byte fragment for 8 GiB
+    ds["PixelData"].VR = "OB"
+    for error in _refusal(_encode(ds), tmp_path):
+        assert error.code == "invalid_image"
+    native = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    native.Rows = native.Columns = 65535
+    for error in _refusal(_encode(native), tmp_path):
+        assert error.code == "invalid_image"
+
+
+def test_file_meta_elements_inside_the_data_set_are_refused(tmp_path: Path) -> None:
+    data = _encode(ct_slice(generate_uid(), generate_uid(), 0.0, 0))
+    end = 144 + int.from_bytes(data[140:144], "little")       # after the group length's group
+    claim = b"\x02\x00\x10\x00UI\x12\x00" + b"1.2.840.10008.1.2\x00"   # "implicit VR"
+    for error in _refusal(data[:end] + claim + data[end:], tmp_path):
+        assert error.code == "undecodable"
+        assert "0002" in error.reason
+
+
+def test_images_at_the_limits_are_still_taken_by_the_fast_reader() -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    from dicomnode.store.header import _walk_file
+
+    one = ct_slice(generate_uid(), generate_uid(), 0.0, 0, rows=1, cols=1)
+    enc = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    enc.file_meta.TransferSyntaxUID = JPEGLSLossless
+    enc.Rows = enc.Columns = 8192                          # 128 MiB a frame: allowed
+    enc.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 100 + b"\xff\xd9"])
+    enc["PixelData"].VR = "OB"
+    for ds in (one, enc):
+        data = _encode(ds)
+        _walk_file(data, len(data))
+        assert parse_header(data).sop_uid == ds.SOPInstanceUID
