@@ -16,6 +16,7 @@ import SimpleITK as sitk  # noqa: N813 - the usual alias
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
+from dicomnode.results.codes import STRUCTURE_TABLES
 from dicomnode.results.encode import encode_label_map, series_reference_image
 from dicomnode.results.source import check_source_images
 from tests.results.conftest import (
@@ -155,7 +156,7 @@ def test_phantom_ground_truth_encodes(region: str, tmp_path: Path) -> None:
     for name, voxels in result.structures.items():
         if voxels * geometry.voxel_volume_mm3 / 1000 <= 1.0:
             continue
-        label = next(k for k, v in phantoms.SPECS[region].labels.items() if v == name)
+        label = next(s.label for s in STRUCTURE_TABLES[region] if s.name == name)
         image = sitk.ReadImage(str(masks_dir / f"{name}.nrrd"))
         back_mask = sitk.GetArrayFromImage(sitk.Resample(
             image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
