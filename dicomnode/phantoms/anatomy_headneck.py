@@ -142,13 +142,16 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
     for s, side in ((1, "L"), (-1, "R")):
         pr = np.array([u(11, 15), u(13, 18), u(18, 25)])
         par = Blob((s * 47, 17, -44), pr, (s * u(10, 30), 0, 0), random_harmonics(rng, 4, 0.1))
-        c.paint(par, parotid, _L[f"Parotid_{side}"], within=[muscle, fat])
-        # deep lobe reaching medially behind the ramus
-        c.paint(Blob((s * 38, 10, -48), pr * (0.5, 0.5, 0.6)), parotid, _L[f"Parotid_{side}"],
-                within=[muscle, fat])
         gr = np.array([u(8, 12), u(11, 16), u(8, 12)])
         sub = Blob((s * 31, -22, -97), gr, (s * u(-20, 10), 0, 0), random_harmonics(rng, 3, 0.08))
-        c.paint(sub, submand, _L[f"Glnd_Submand_{side}"], within=[muscle, fat])
+        # a resected gland leaves the fat and muscle of its bed (drawn the same either way)
+        if f"Parotid_{side}" not in c.resected:
+            c.paint(par, parotid, _L[f"Parotid_{side}"], within=[muscle, fat])
+            # deep lobe reaching medially behind the ramus
+            c.paint(Blob((s * 38, 10, -48), pr * (0.5, 0.5, 0.6)), parotid,
+                    _L[f"Parotid_{side}"], within=[muscle, fat])
+        if f"Glnd_Submand_{side}" not in c.resected:
+            c.paint(sub, submand, _L[f"Glnd_Submand_{side}"], within=[muscle, fat])
 
     # --- airway, hyoid, larynx, vessels -------------------------------------------------
     airway = smooth_curve([(0, -38, -30), (0, -20, -40), (0, -10, -58), (0, -8, -80),

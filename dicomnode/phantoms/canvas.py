@@ -66,6 +66,8 @@ class Canvas:
         self.tissues: list[Tissue] = [Tissue("air", -1000.0, 0.0)]
         #: Optional per-instance map (e.g. one value per liver tumour), ``[z, y, x]``.
         self.instances: np.ndarray | None = None
+        #: Organs the region leaves out (a resected gland), by label name.
+        self.resected: frozenset[str] = frozenset()
         self._ids: dict[str, int] = {"air": 0}
         self._x = grid.axis("x")
         self._y = grid.axis("y")

@@ -171,7 +171,7 @@ def make_grid(region: str, pose_z: float, *, slices: int | None, matrix: int,
 
 def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matrix: int = 512,
                  spacing: float | Sequence[float] | None = None,
-                 noise: float | None = None) -> Phantom:
+                 noise: float | None = None, resected: Sequence[str] = ()) -> Phantom:
     """Generate one synthetic CT case.
 
     Parameters
@@ -194,6 +194,10 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
     noise
         Quantum noise standard deviation in HU; the default is the region's usual
         level scaled by ``sqrt(reference thickness / dz)``.
+    resected
+        Head and neck only: glands left out, as after their surgery (``Parotid_L``,
+        ``Parotid_R``, ``Glnd_Submand_L``, ``Glnd_Submand_R``); their bed keeps its fat
+        and muscle and everything else is drawn as without the option.
 
     Returns
     -------
@@ -210,6 +214,10 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
         raise ValueError(f"Invalid 'slices' value '{slices}' - must be 1 to 2000")
     if noise is not None and (not np.isfinite(noise) or noise < 0):
         raise ValueError(f"Invalid 'noise' value '{noise}' - must be >= 0 HU")
+    glands = {"Parotid_L", "Parotid_R", "Glnd_Submand_L", "Glnd_Submand_R"}
+    if set(resected) - (glands if region == "headneck" else set()):
+        raise ValueError(f"Invalid 'resected' value '{sorted(resected)}' - must name "
+                         f"head-and-neck glands: {sorted(glands)}")
     started = time.perf_counter()
     spec = SPECS[region]
     rng = np.random.default_rng([int(seed), REGIONS.index(region)])
@@ -219,6 +227,7 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
     grid = make_grid(region, pose_z, slices=slices, matrix=int(matrix), spacing=spacing,
                      scale=pose.scale)
     canvas = Canvas(grid, pose)
+    canvas.resected = frozenset(resected)
     info = spec.build(canvas, rng)
     _paint_table(canvas, spec)
     if noise is None:

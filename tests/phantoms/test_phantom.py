@@ -47,6 +47,17 @@ def test_headneck_has_all_nine_organs_at_risk() -> None:
     assert zs["Mandible"] < zs["Chiasm"]
 
 
+def test_a_resected_gland_is_gone_and_nothing_else_changes() -> None:
+    whole = make_phantom("headneck", 4, matrix=96, slices=48)
+    operated = make_phantom("headneck", 4, matrix=96, slices=48, resected=("Parotid_L",))
+    assert (whole.labels == 6).any() and not (operated.labels == 6).any()
+    bed = whole.labels == 6
+    assert np.array_equal(whole.labels[~bed], operated.labels[~bed])
+    near = ndimage.binary_dilation(bed, iterations=4)     # the kernel blurs its edge
+    assert np.array_equal(whole.hu[~near], operated.hu[~near])
+    assert not np.array_equal(whole.hu[bed], operated.hu[bed])   # its bed: fat and muscle
+
+
 def test_abdomen_tumours_lie_inside_the_liver_with_instances() -> None:
     p = make_phantom("abdomen", 0, matrix=96, slices=50)
     assert p.label_names[1] == "Liver" and p.label_names[2] == "Lesion_Liver"
@@ -140,6 +151,8 @@ def test_grid_options() -> None:
     ({"spacing": (0, 1)}, "spacing"),
     ({"spacing": 30.0}, "spacing"),
     ({"noise": -2.0}, "noise"),
+    ({"resected": ("Parotid_L",)}, "resected"),
+    ({"region": "headneck", "resected": ("BrainStem",)}, "resected"),
 ])
 def test_invalid_arguments_name_the_keyword(kwargs: dict, word: str) -> None:
     args = {"region": "head", "matrix": 32, "slices": 4, **kwargs}
