@@ -335,6 +335,15 @@ def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) ->
                      algorithm)
 
 
+def test_a_report_with_nothing_to_draw_is_refused(axial: CtSeries,
+                                                 algorithm: AlgorithmInfo) -> None:
+    """Every structure empty: no group could be drawn, so there is no measurement report."""
+    empty = np.zeros_like(axial.labels)
+    seg = build_seg(axial.images, axial.labels, HEADNECK, algorithm)
+    with pytest.raises(ValueError, match="'masks'"):
+        build_segmentation_sr(axial.images, seg, empty, HEADNECK, algorithm)
+
+
 def test_no_result_report_is_readable_text_with_its_evidence(
         axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
     sr = build_no_result_sr(axial.images, "AI liver", "no liver found: segmented liver 3 ml",
