@@ -77,7 +77,7 @@ class LiverTumorPipeline(ModelPipeline):
         crop = labels[box]
         measurements = measure_liver(crop == 1, crop == 2, VoxelGrid(
             tuple(float(s) for s in volume.spacing)),  # type: ignore[arg-type]
-            z_offset=box[0].start).to_dict()
+            z_offset=box[0].start, yx_offset=(box[1].start, box[2].start)).to_dict()
         timings["measure"] = time.perf_counter() - t
         if measurements["liver_volume_ml"] < MIN_LIVER_ML:
             return self.no_result(

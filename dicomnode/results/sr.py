@@ -1,11 +1,37 @@
 """TID 1500 Measurement Reports (Comprehensive 3D SR) via highdicom.sr.
 
-Two reports: ``build_segmentation_sr`` gives one volumetric measurement group per
-structure, referencing its SEG segment (and for the liver pipeline: lesions with
-volume and longest axial diameter, lesion count, total tumour burden and tumour-to-liver
-ratio); ``build_ich_sr`` gives one group per haemorrhage finding with its probability,
-a present/absent evaluation and the flagged slices as source images. Both carry the
-algorithm identification and a device observer context naming the model.
+Three reports: ``build_segmentation_sr`` gives one group per structure (its volume, drawn
+as the outline of its largest axial section; for the liver pipeline also one group per
+lesion with its longest axial diameter drawn as the measured two-point line, and the
+lesion count, total tumour burden and tumour-to-liver ratio); ``build_ich_sr`` gives
+one group per haemorrhage finding and flagged slice with its probability and a
+present/absent evaluation. Both carry the algorithm identification and a device
+observer context naming the model; ``build_no_result_sr`` is the text report for "no
+result".
+
+What a viewer needs (OHIF's ``cornerstone-dicom-sr`` extension, read for issue #18):
+
+- It reads only the "Imaging Measurements" container of a TID 1500 report, merges its
+  measurement groups by Tracking Unique Identifier, and makes one measurement of each.
+  A group with a SCOORD at its top level is drawn (POINT, MULTIPOINT, POLYLINE,
+  CIRCLE, ELLIPSE; a two-point POLYLINE as a line) on the image its single
+  ``SELECTED FROM`` IMAGE item names; the NUMs of the group become its labels. A group
+  without one becomes a measurement without coordinates that never loads: the viewport
+  then dereferences its missing ``ReferencedSOPSequence`` and goes black. Some
+  versions look only for SCOORD (not SCOORD3D) at the top level, so every group here
+  has a 2D SCOORD on a source CT image.
+- It reads the "Image Library" to find the referenced images; some versions fail
+  without one, so the images drawn on are listed there.
+- Editing ("rehydration") needs cornerstone's own tracking identifiers; ours are
+  structure names, so OHIF shows the report read-only, drawn on its slices.
+
+So nothing without a place goes into a measurement group: structures looked for and
+not found are listed as Absent in TID 1500's report-level "Qualitative Evaluations"
+container, which OHIF ignores and text renderers show. Containers are written with
+separate items (not continuous), so that dcmtk's ``dsr2html`` names every measurement.
+SCOORD image coordinates count from the top left corner of the first pixel
+(PS3.3 C.18.6.1.2): the pixel-centre indices of :mod:`dicomnode.results.contours` plus
+0.5.
 """
 
 from __future__ import annotations
@@ -31,7 +57,13 @@ from dicomnode.results.codes import (
     TUMOR_TO_LIVER_RATIO,
     Structure,
 )
-from dicomnode.results.measure import LiverMeasurements, measure_liver, volume_cm3
+from dicomnode.results.contours import mask_to_polygons, signed_area
+from dicomnode.results.measure import (
+    VOLUME_DECIMALS,
+    LiverMeasurements,
+    measure_liver,
+    volume_cm3,
+)
 from dicomnode.results.source import (
     MANUFACTURER,
     check_source_images,
@@ -49,6 +81,8 @@ MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
 PERCENT = CodedConcept("%", "UCUM", "percent")
 LESIONS = CodedConcept("{lesions}", "UCUM", "lesions")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
+#: TID 1500 row 12: the report-level container for evaluations outside any group.
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 def _sr_algorithm(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
@@ -84,6 +118,7 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
         is_verified=False,
     )
     sr.SeriesDescription = series_description
+    _separate(sr)
     if local_codes:
         scheme = Dataset()
         scheme.CodingSchemeDesignator = LOCAL_SCHEME
@@ -93,6 +128,19 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
     sr.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
     copy_patient_study(source_images[0], sr)
     return sr
+
+
+def _separate(item: Dataset) -> None:
+    """Mark every container's items as separate statements (ContinuityOfContent).
+
+    highdicom writes CONTINUOUS, which text renderers (dcmtk's dsr2html) read as one
+    running sentence and so drop the concept names: "38.2 cm3" instead of "Volume:
+    38.2 cm3". A measurement group's items are separate statements.
+    """
+    if getattr(item, "ValueType", "CONTAINER") == "CONTAINER" and "ContinuityOfContent" in item:
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
 
 
 def _segment_numbers(seg: Dataset) -> dict[str, int]:
@@ -125,6 +173,78 @@ def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite]:
                               laterality=structure.laterality)]
 
 
+def scoord_points(points: np.ndarray) -> np.ndarray:
+    """``(row, column)`` pixel indices to SCOORD image coordinates ``(column, row)``.
+
+    The contours and diameters count from the centre of the first pixel; DICOM image
+    coordinates (PS3.3 C.18.6.1.2) from its top left corner, so the centre is
+    ``(0.5, 0.5)``.
+    """
+    return np.asarray(points, float)[:, ::-1] + 0.5
+
+
+def _source_segment(seg: Dataset, number: int) -> hd.sr.SourceImageForMeasurement:
+    """The SEG segment a measurement was computed from (INFERRED FROM its IMAGE)."""
+    item = hd.sr.SourceImageForMeasurement(str(seg.SOPClassUID), str(seg.SOPInstanceUID))
+    item.ReferencedSOPSequence[0].ReferencedSegmentNumber = number
+    return item
+
+
+def _region(image: Dataset, points_rc: np.ndarray) -> hd.sr.ImageRegion:
+    """A POLYLINE on one source image from ``(row, column)`` pixel indices."""
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=scoord_points(points_rc),
+        source_image=hd.sr.SourceImageForRegion(str(image.SOPClassUID),
+                                                str(image.SOPInstanceUID)))
+
+
+def largest_section_outline(mask: np.ndarray, box: tuple[slice, slice, slice],
+                            spacing: tuple[float, float]) -> tuple[int, np.ndarray]:
+    """The outer boundary of a structure on the slice where its section is largest.
+
+    Parameters
+    ----------
+    mask
+        The structure's crop ``[z, y, x]`` (non-empty).
+    box
+        Where the crop lies in the full grid.
+    spacing
+        ``(row spacing, column spacing)`` in mm.
+
+    Returns
+    -------
+    (int, numpy.ndarray)
+        The slice index in the full grid and a closed polygon (first vertex repeated at
+        the end) of ``(row, column)`` pixel indices: the largest outer boundary on that
+        slice, traced as the RTSTRUCT contours are (holes and smaller islands left out).
+    """
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    polygons = mask_to_polygons(mask[z], spacing)
+    outer = [p for p in polygons if signed_area(p) < 0] or polygons
+    biggest = max(outer, key=lambda p: abs(signed_area(p)))
+    points = biggest + np.array([box[1].start, box[2].start], float)
+    return box[0].start + z, np.vstack([points, points[:1]])
+
+
+def _qualitative_evaluations(absent: Sequence[Structure]) -> hd.sr.ContainerContentItem:
+    """TID 1500's report-level "Qualitative Evaluations": each structure Absent."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    items = []
+    for structure in absent:
+        item = hd.sr.CodeContentItem(
+            name=structure.type, value=codes.SCT.Absent,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        if structure.laterality is not None:
+            item.ContentSequence = hd.sr.ContentSequence([hd.sr.CodeContentItem(
+                name=codes.SCT.Laterality, value=structure.laterality,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)])
+        items.append(item)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
 def build_segmentation_sr(
     source_images: Sequence[Dataset],
     seg: Dataset,
@@ -138,20 +258,25 @@ def build_segmentation_sr(
     sop_instance_uid: str | None = None,
     absent: Sequence[Structure] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """Build a TID 1500 report of per-structure volumes referencing the SEG segments.
+    """Build a TID 1500 report of per-structure volumes, each drawn on one slice.
 
-    When the table has a ``Liver`` and a lesion structure, the report adds one group
-    per lesion (volume, longest axial diameter), the lesion count, the total tumour
-    burden and the tumour-to-liver ratio. Each structure of ``absent`` (looked for, not
-    found: a resected gland, an organ outside the field) gets a group of its own that
-    says so (qualitative evaluation Absent), so a reader knows it was not forgotten.
+    Every measurement group is a planar ROI group (TID 1410) whose region a viewer draws:
+    a structure's volume comes with the outline of its largest axial section, on that
+    slice. When the table has a ``Liver`` and a lesion structure, the report adds one
+    group per lesion (longest axial diameter drawn as its two-point line on the slice
+    where it was measured, and the lesion's volume), and the tumour structure's group
+    carries the lesion count, total tumour burden and tumour-to-liver ratio. Structures
+    of ``absent`` (looked for, not found: a resected gland, an organ outside the field)
+    and structures of the table with no voxel have nothing to draw: they are listed as
+    Absent in the report's Qualitative Evaluations, outside the measurement groups.
 
     Parameters
     ----------
     source_images
         CT slices sorted in the order of the masks' axis 0.
     seg
-        The DICOM-SEG built from the same masks (segments matched by label).
+        The DICOM-SEG built from the same masks (segments matched by label): each
+        volume and diameter refers to the segment it was computed from.
     masks
         Label map ``[z, y, x]`` or mapping from structure name to boolean mask.
     structures
@@ -171,23 +296,20 @@ def build_segmentation_sr(
     """
     geometry = check_source_images(source_images)
     crops = structure_crops(masks, structures, geometry)
-    pairs = [(s, m) for s, _, m in crops]
-    boxes = {s.name: box for s, box, _ in crops}
     numbers = _segment_numbers(seg)
-    missing = [s.name for s, _ in pairs if s.name not in numbers]
+    missing = [s.name for s, _, m in crops if m.any() and s.name not in numbers]
     if missing:
         raise ValueError(f"Invalid 'seg' value - no segment labelled '{missing[0]}'")
-    source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
+    found = [(s, box, m) for s, box, m in crops if m.any()]
+    if not found:
+        raise ValueError("Invalid 'masks' value - no structure has a voxel; a report "
+                         "without a region cannot be shown (send the no-result report)")
+    not_found = [*absent, *(s for s, _, m in crops if not m.any())]
     algorithm_id = _sr_algorithm(algorithm)
-
-    def referenced(structure: Structure) -> hd.sr.ReferencedSegment:
-        return hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=numbers[structure.name], source_series=source_series)
-
-    by_name = {s.name: m for s, m in pairs}
-    liver = next((s for s, _ in pairs if s.name == "Liver"), None)
-    tumour = next((s for s, _ in pairs if s.is_lesion), None)
+    boxes = {s.name: box for s, box, _ in found}
+    by_name = {s.name: m for s, _, m in found}
+    liver = next((s for s, _, _ in found if s.name == "Liver"), None)
+    tumour = next((s for s, _, _ in found if s.is_lesion), None)
     liver_stats: LiverMeasurements | None = None
     if liver is not None and tumour is not None:
         # Measured on the box around both (counts and lesions do not depend on the
@@ -196,29 +318,37 @@ def build_segmentation_sr(
         liver_stats = measure_liver(
             _uncrop(by_name[liver.name], boxes[liver.name], frame),
             _uncrop(by_name[tumour.name], boxes[tumour.name], frame), geometry,
-            z_offset=frame[0].start)
+            z_offset=frame[0].start, yx_offset=(frame[1].start, frame[2].start))
 
-    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
-    for structure, mask in pairs:
+    drawn: set[int] = set()
+
+    def region(z: int, points: np.ndarray) -> hd.sr.ImageRegion:
+        drawn.add(z)
+        return _region(source_images[z], points)
+
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    for structure, box, mask in found:
         measurements = [hd.sr.Measurement(
-            name=codes.SCT.Volume, value=round(volume_cm3(mask, geometry), 3),
-            unit=CUBIC_CM, algorithm_id=algorithm_id)]
+            name=codes.SCT.Volume, value=round(volume_cm3(mask, geometry), VOLUME_DECIMALS),
+            unit=CUBIC_CM, algorithm_id=algorithm_id,
+            referenced_images=[_source_segment(seg, numbers[structure.name])])]
         if liver_stats is not None and structure is tumour:
             measurements += [
                 hd.sr.Measurement(name=codes.SCT.NumberOfLesions,
                                   value=len(liver_stats.lesions), unit=LESIONS,
                                   algorithm_id=algorithm_id),
                 hd.sr.Measurement(name=TUMOR_BURDEN,
-                                  value=round(liver_stats.tumour_burden_cm3, 3),
+                                  value=round(liver_stats.tumour_burden_cm3, VOLUME_DECIMALS),
                                   unit=CUBIC_CM, algorithm_id=algorithm_id),
                 hd.sr.Measurement(name=TUMOR_TO_LIVER_RATIO,
                                   value=round(liver_stats.tumour_to_liver_percent, 3),
                                   unit=PERCENT, algorithm_id=algorithm_id),
             ]
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        z, outline = largest_section_outline(mask, box, geometry.spacing)
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(),
                                                          identifier=structure.name),
-            referenced_segment=referenced(structure),
+            referenced_region=region(z, outline),
             finding_type=structure.type,
             finding_category=structure.category,
             finding_sites=_finding_sites(structure) or None,
@@ -226,45 +356,42 @@ def build_segmentation_sr(
             measurements=measurements,
         ))
     if liver_stats is not None and tumour is not None:
+        tumour_segment = _source_segment(seg, numbers[tumour.name])
         for lesion in liver_stats.lesions:
-            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            assert lesion.diameter is not None  # a lesion has at least one voxel
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=new_uid(), identifier=f"Lesion {lesion.number}"),
-                referenced_segment=referenced(tumour),
+                referenced_region=region(lesion.diameter.slice_index,
+                                         np.array(lesion.diameter.ends)),
                 finding_type=tumour.type,
                 finding_category=tumour.category,
                 finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Liver)],
                 algorithm_id=algorithm_id,
                 measurements=[
+                    hd.sr.Measurement(name=codes.SCT.LongAxis, value=lesion.diameter_mm,
+                                      unit=MILLIMETER, algorithm_id=algorithm_id,
+                                      referenced_images=[tumour_segment]),
                     hd.sr.Measurement(name=codes.SCT.Volume,
-                                      value=round(lesion.volume_cm3, 3), unit=CUBIC_CM,
-                                      algorithm_id=algorithm_id),
-                    hd.sr.Measurement(name=codes.SCT.LongAxis,
-                                      value=round(lesion.longest_axial_diameter_mm, 2),
-                                      unit=MILLIMETER, algorithm_id=algorithm_id),
+                                      value=lesion.reported_volume_cm3, unit=CUBIC_CM,
+                                      algorithm_id=algorithm_id,
+                                      referenced_images=[tumour_segment]),
                 ],
             ))
-    for structure in absent:
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(  # type: ignore[arg-type]
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=new_uid(), identifier=f"{structure.name} not found"),
-            finding_type=structure.type,
-            finding_category=structure.category,
-            finding_sites=_finding_sites(structure) or None,
-            algorithm_id=algorithm_id,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                name=structure.type, value=codes.SCT.Absent)],
-        ))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=[source_images[z] for z in sorted(drawn)],
     )
+    if not_found:
+        report[0].ContentSequence.append(_qualitative_evaluations(not_found))
     sr = _document(source_images, [*source_images, seg], report, algorithm,
                    series_description, series_number, series_instance_uid, sop_instance_uid,
                    local_codes=liver_stats is not None)
-    log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups)))
+    log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups),
+                                      absent=len(not_found)))
     return sr
 
 
@@ -283,12 +410,17 @@ class IchResult:
         The decision (probability at or above the pipeline's threshold).
     slice_indices
         Indices of the source slices flagged for this finding.
+    peak_slice
+        Index of the slice the model rated most likely for this finding, if the
+        pipeline gives it: the slice the report shows the finding on when no slice is
+        flagged (else the middle slice of the series), and first among flagged ones.
     """
 
     key: str
     probability: float
     present: bool
     slice_indices: tuple[int, ...] = field(default_factory=tuple)
+    peak_slice: int | None = None
 
     def __post_init__(self) -> None:
         keys = [f.key for f in ICH_FINDINGS]
@@ -311,8 +443,11 @@ def build_ich_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of the six ICH findings.
 
-    Each finding is a measurement group with its probability (DCM 122157), a
-    qualitative evaluation Present/Absent, and the flagged slices as source images.
+    Each finding is a planar ROI group (TID 1410) with its probability (DCM 122157) and
+    a qualitative evaluation Present/Absent, whose region is the whole of a slice (a
+    slice classifier does not localise): one group per flagged slice, all with the
+    finding's tracking identifier, the first carrying the probability; a finding with
+    no flagged slice is shown on its peak slice, else the middle slice of the series.
 
     Parameters
     ----------
@@ -340,37 +475,66 @@ def build_ich_sr(
     findings = {f.key: f for f in ICH_FINDINGS}
     algorithm_id = _sr_algorithm(algorithm)
     groups = []
+    shown: set[int] = set()
     for result in results:
-        bad = [i for i in result.slice_indices if not 0 <= i < len(source_images)]
+        wanted = [*result.slice_indices,
+                  *(() if result.peak_slice is None else (result.peak_slice,))]
+        bad = [i for i in wanted if not 0 <= i < len(source_images)]
         if bad:
             raise ValueError(f"Invalid 'slice_indices' value '{bad[0]}' for '{result.key}' - "
                              f"the series has {len(source_images)} slices")
-        flagged = [source_images[i] for i in sorted(set(result.slice_indices))]
+        slices = _ich_slices(result, len(source_images))
+        shown.update(slices)
         code = findings[result.key].code
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(),
-                                                         identifier=result.key),
-            finding_type=code,
-            algorithm_id=algorithm_id,
-            measurements=[hd.sr.Measurement(
-                name=codes.DCM.Probability, value=round(result.probability, 4),
-                unit=NO_UNITS, algorithm_id=algorithm_id)],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                name=code,
-                value=codes.SCT.Present if result.present else codes.SCT.Absent)],
-            source_images=[hd.sr.SourceImageForMeasurementGroup(
-                im.SOPClassUID, im.SOPInstanceUID) for im in flagged] or None,
-        ))
+        decision = hd.sr.QualitativeEvaluation(
+            name=code, value=codes.SCT.Present if result.present else codes.SCT.Absent)
+        tracking = hd.sr.TrackingIdentifier(uid=new_uid(), identifier=result.key)
+        for n, z in enumerate(slices):
+            # One group per slice, all under the finding's tracking identifier (a viewer
+            # shows them as one finding); the first carries the probability.
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=_whole_slice(source_images[z]),
+                finding_type=code,
+                algorithm_id=algorithm_id,
+                measurements=None if n else [hd.sr.Measurement(
+                    name=codes.DCM.Probability, value=round(result.probability, 4),
+                    unit=NO_UNITS, algorithm_id=algorithm_id)],
+                qualitative_evaluations=[decision],
+            ))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=[source_images[z] for z in sorted(shown)],
     )
     sr = _document(source_images, source_images, report, algorithm, series_description,
                    series_number, series_instance_uid, sop_instance_uid, local_codes=True)
     log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups)))
     return sr
+
+
+def _ich_slices(result: IchResult, n_slices: int) -> list[int]:
+    """The slices a finding is shown on, the one to open first at the head.
+
+    The flagged slices, led by the peak slice (or the middle flagged one); with none
+    flagged, the peak slice, else the middle slice of the series: a slice classifier
+    finds slices, not places, and a viewer needs one image to show each finding on.
+    """
+    flagged = sorted(set(result.slice_indices))
+    if not flagged:
+        return [n_slices // 2 if result.peak_slice is None else result.peak_slice]
+    first = (result.peak_slice if result.peak_slice in flagged
+             else flagged[len(flagged) // 2])
+    return [first, *(z for z in flagged if z != first)]
+
+
+def _whole_slice(image: Dataset) -> hd.sr.ImageRegion:
+    """A closed POLYLINE along the edges of the image: the whole slice is the region."""
+    rows, cols = int(image.Rows), int(image.Columns)
+    corners = np.array([[0, 0], [0, cols], [rows, cols], [rows, 0], [0, 0]], float) - 0.5
+    return _region(image, corners)
 
 
 def build_no_result_sr(

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicomnode.results.measure import find_lesions, longest_axial_diameter_mm, measure_liver
+from dicomnode.results.measure import (
+    find_lesions,
+    longest_axial_diameter,
+    longest_axial_diameter_mm,
+    measure_liver,
+)
 from dicomnode.results.source import SliceGeometry
 
 
@@ -56,5 +61,33 @@ def test_measurements_of_a_crop_with_its_offset_equal_the_full_grid() -> None:
     liver[3:18, 15:55, 12:50] = True
     geometry = _geometry(shape)
     box = (slice(3, 18), slice(15, 55), slice(12, 50))
-    assert measure_liver(liver[box], tumour[box], geometry, z_offset=3) == \
+    assert measure_liver(liver[box], tumour[box], geometry, z_offset=3, yx_offset=(15, 12)) == \
         measure_liver(liver, tumour, geometry)
+
+
+def test_the_diameter_keeps_its_slice_and_end_points_on_the_full_grid() -> None:
+    mask = np.zeros((6, 40, 50), bool)
+    mask[2, 10:13, 5:25] = True      # 20 columns wide on slice 2
+    mask[4, 10:25, 30:33] = True     # 15 rows tall on slice 4
+    spacing = (0.5, 0.8)
+    found = longest_axial_diameter(mask[1:, 8:, 3:], spacing, offset=(1, 8, 3))
+    assert found is not None and found.slice_index == 2
+    (r0, c0), (r1, c1) = found.ends
+    length = float(np.hypot((r1 - r0) * spacing[0], (c1 - c0) * spacing[1]))
+    assert length == pytest.approx(found.length_mm, abs=1e-9)
+    assert found.length_mm == longest_axial_diameter_mm(mask, spacing)
+    # the end points lie on the outline of the measured section: column edges 4.5 and 24.5
+    assert sorted((c0, c1)) == pytest.approx([4.5, 24.5], abs=0.5)
+    assert all(9.5 <= r <= 12.5 for r in (r0, r1))
+    assert longest_axial_diameter(np.zeros((2, 4, 4), bool), spacing) is None
+
+
+def test_a_lesion_reports_its_diameter_rounded_once() -> None:
+    shape = (8, 40, 40)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    tumour = ((z - 4) / 2.5) ** 2 + ((y - 20) / 7.3) ** 2 + ((x - 18) / 5.1) ** 2 < 1
+    stats = measure_liver(np.ones(shape, bool), tumour, _geometry(shape))
+    (lesion,) = stats.lesions
+    assert lesion.diameter_mm == round(lesion.longest_axial_diameter_mm, 1)
+    assert stats.to_dict()["lesions"][0]["longest_axial_diameter_mm"] == lesion.diameter_mm
+    assert stats.to_dict()["lesions"][0]["diameter_slice_index"] == lesion.diameter.slice_index

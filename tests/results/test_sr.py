@@ -1,17 +1,27 @@
-"""Tests for dicomnode.results.sr: TID 1500 reports, dciodvfy, measurements read back."""
+"""Tests for dicomnode.results.sr: TID 1500 reports a viewer can draw, checked with dcmtk."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from scipy import ndimage
 
+from dicomnode.imaging.series import load_series
+from dicomnode.nn.liver25d import Segmentation
+from dicomnode.pipelines.liver_tumor import LiverTumorPipeline
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import ABDOMEN, HEADNECK, ICH_FINDINGS
+from dicomnode.results.contours import fill_polygons
+from dicomnode.results.measure import LiverMeasurements, measure_liver
 from dicomnode.results.seg import build_seg
 from dicomnode.results.source import check_source_images, write
 from dicomnode.results.sr import (
@@ -21,6 +31,8 @@ from dicomnode.results.sr import (
     build_segmentation_sr,
 )
 from tests.results.conftest import CtSeries, assert_awkward_values_kept, dciodvfy_errors
+
+DSR2HTML = shutil.which("dsr2html")
 
 
 def _report(sr: hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR
@@ -38,8 +50,63 @@ def _abdomen_labels(series: CtSeries) -> np.ndarray:
     return labels
 
 
-def test_headneck_volumes_reference_segments(any_series: CtSeries, algorithm: AlgorithmInfo,
-                                             tmp_path: Path) -> None:
+def _groups(sr: Dataset) -> list[Dataset]:
+    """The measurement groups of a TID 1500 report, as written (pydicom items)."""
+    (container,) = [item for item in sr.ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return [g for g in container.ContentSequence
+            if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
+
+
+def _drawn(group: Dataset) -> tuple[Dataset, str]:
+    """The group's one SCOORD (at the group's top level, as OHIF reads it) and its image."""
+    (scoord,) = [item for item in group.ContentSequence if item.ValueType == "SCOORD"]
+    (image,) = scoord.ContentSequence
+    assert image.ValueType == "IMAGE" and image.RelationshipType == "SELECTED FROM"
+    return scoord, str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
+def _tracking(group: Dataset) -> tuple[str, str]:
+    text = next(i.TextValue for i in group.ContentSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == "112039")
+    uid = next(i.UID for i in group.ContentSequence
+               if i.ConceptNameCodeSequence[0].CodeValue == "112040")
+    return str(text), str(uid)
+
+
+def _rows_cols(scoord: Dataset) -> np.ndarray:
+    """SCOORD (column, row) image coordinates back to (row, column) pixel indices."""
+    return np.asarray(scoord.GraphicData, float).reshape(-1, 2)[:, ::-1] - 0.5
+
+
+def assert_every_group_is_drawn_on_the_source_series(sr: Dataset,
+                                                     images: list[Dataset]) -> None:
+    """What OHIF needs of every group, and of the image library it loads them from."""
+    uids = {str(im.SOPInstanceUID) for im in images}
+    drawn = set()
+    for group in _groups(sr):
+        scoord, uid = _drawn(group)
+        assert scoord.GraphicType in ("POLYLINE", "POINT")
+        assert uid in uids
+        drawn.add(uid)
+    (library,) = [item for item in sr.ContentSequence
+                  if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    (library_group,) = library.ContentSequence
+    listed = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+              for i in library_group.ContentSequence}
+    assert listed == drawn
+
+
+def dsr2html_text(path: Path) -> str:
+    """dcmtk's dsr2html rendering of an SR, as plain text (exit status 0 asserted)."""
+    assert DSR2HTML, "dsr2html (dcmtk) is required for these tests"
+    proc = subprocess.run([DSR2HTML, str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return re.sub(r"<[^>]+>", " ", proc.stdout)
+
+
+def test_headneck_volumes_are_drawn_on_their_largest_section(
+        any_series: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
     seg = build_seg(any_series.images, any_series.labels, HEADNECK, algorithm)
     sr = build_segmentation_sr(any_series.images, seg, any_series.labels, HEADNECK, algorithm,
                                series_description="AI OAR volumes")
@@ -54,17 +121,66 @@ def test_headneck_volumes_reference_segments(any_series: CtSeries, algorithm: Al
     assert back.SeriesInstanceUID not in (any_series.images[0].SeriesInstanceUID,
                                           seg.SeriesInstanceUID)
     assert back.PatientID == any_series.images[0].PatientID
-    groups = _report(back).get_volumetric_roi_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == [s.name for s in HEADNECK]
-    voxel = check_source_images(any_series.images).voxel_volume_mm3
-    for structure, group in zip(HEADNECK, groups, strict=True):
-        assert group.referenced_segment is not None
-        ref = group.referenced_segment[0].ReferencedSOPSequence[0]
-        assert ref.ReferencedSegmentNumber == structure.label
-        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert_every_group_is_drawn_on_the_source_series(back, any_series.images)
+    present = [s for s in HEADNECK if (any_series.labels == s.label).any()]
+    groups = _report(back).get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [s.name for s in present]
+    geometry = check_source_images(any_series.images)
+    index = {str(im.SOPInstanceUID): k for k, im in enumerate(any_series.images)}
+    for structure, group, raw in zip(present, groups, _groups(back), strict=True):
         volume = group.get_measurements(name=codes.SCT.Volume)[0]
-        expected = (any_series.labels == structure.label).sum() * voxel / 1000
-        assert volume.value == pytest.approx(expected, abs=1e-3)
+        expected = (any_series.labels == structure.label).sum() * geometry.voxel_volume_mm3
+        assert volume.value == pytest.approx(expected / 1000, abs=1e-3)
+        # the volume names the SEG segment it was computed from
+        (source,) = [i for i in volume[0].ContentSequence if i.ValueType == "IMAGE"]
+        ref = source.ReferencedSOPSequence[0]
+        assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSegmentNumber) == (
+            seg.SOPInstanceUID, structure.label)
+        # the outline lies inside the organ on the slice of its largest section (its
+        # outer boundary: a hole, such as the mandible's, is inside the outline)
+        scoord, uid = _drawn(raw)
+        assert scoord.GraphicType == "POLYLINE"
+        points = _rows_cols(scoord)
+        assert np.allclose(points[0], points[-1])  # closed
+        mask = any_series.labels == structure.label
+        z = index[uid]
+        assert mask[z].sum() == mask.sum(axis=(1, 2)).max()
+        inside = fill_polygons([points[:-1]], mask[z].shape)
+        assert inside.any() and not (inside & ~ndimage.binary_fill_holes(mask[z])).any()
+        assert (inside & mask[z]).sum() >= 0.5 * mask[z].sum()
+
+
+def test_organs_looked_for_and_not_found_are_listed_absent_outside_the_groups(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    """An absent organ has nothing to draw: a group without a region breaks OHIF."""
+    found = [s for s in HEADNECK if s.name != "Parotid_L"]
+    labels = np.where(axial.labels == 6, 0, axial.labels)
+    seg = build_seg(axial.images, labels, found, algorithm)
+    sr = build_segmentation_sr(axial.images, seg, labels, found, algorithm,
+                               absent=[s for s in HEADNECK if s.name == "Parotid_L"])
+    path = write(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    back = hd.sr.srread(path)
+    assert_every_group_is_drawn_on_the_source_series(back, axial.images)
+    names = [_tracking(g)[0] for g in _groups(back)]
+    assert names == [s.name for s in found if (labels == s.label).any()]
+    (evaluations,) = [item for item in back.ContentSequence
+                      if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    listed = {(item.ConceptNameCodeSequence[0].CodeMeaning,
+               item.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning
+               if "ContentSequence" in item else None,
+               item.ConceptCodeSequence[0].CodeValue)
+              for item in evaluations.ContentSequence}
+    absent = {s for s in HEADNECK if not (labels == s.label).any()}
+    assert ("Parotid gland", "Left", codes.SCT.Absent.value) in listed
+    assert len(listed) == len(absent)
+    text = dsr2html_text(path)
+    assert "Qualitative Evaluations" in text and "Absent" in text
+
+
+def _lesions(series: CtSeries, labels: np.ndarray) -> LiverMeasurements:
+    geometry = check_source_images(series.images)
+    return measure_liver(labels == 1, labels == 2, geometry)
 
 
 def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: AlgorithmInfo,
@@ -74,9 +190,11 @@ def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: Algorithm
     sr = build_segmentation_sr(axial.images, seg, labels, ABDOMEN, algorithm)
     path = write(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
-    groups = _report(hd.sr.srread(path)).get_volumetric_roi_measurement_groups()
+    back = hd.sr.srread(path)
+    assert_every_group_is_drawn_on_the_source_series(back, axial.images)
+    groups = _report(back).get_planar_roi_measurement_groups()
     by_id = {g.tracking_identifier: g for g in groups}
-    assert set(by_id) == {"Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"}
+    assert list(by_id) == ["Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"]
     tumour = by_id["Lesion_Liver"]
     assert tumour.get_measurements(name=codes.SCT.NumberOfLesions)[0].value == 3
     voxel = check_source_images(axial.images).voxel_volume_mm3
@@ -91,33 +209,116 @@ def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: Algorithm
     lesion_volumes = [by_id[f"Lesion {i}"].get_measurements(name=codes.SCT.Volume)[0].value
                       for i in (1, 2, 3)]
     assert sum(lesion_volumes) == pytest.approx(burden, abs=1e-2)
+    text = dsr2html_text(path)
+    for name in ("Volume", "Long axis", "Number of lesions", "Total tumor volume",
+                 "Tumor to liver volume ratio", "Lesion 1", "Liver"):
+        assert f"{name}" in text, name
 
 
-def test_ich_report(axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+def test_each_lesion_diameter_is_drawn_as_the_line_that_was_measured(
+        any_series: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    labels = _abdomen_labels(any_series)
+    seg = build_seg(any_series.images, labels, ABDOMEN, algorithm)
+    path = write(build_segmentation_sr(any_series.images, seg, labels, ABDOMEN, algorithm),
+                 tmp_path / "sr.dcm")
+    back = pydicom.dcmread(path)
+    images = {str(im.SOPInstanceUID): (k, im) for k, im in enumerate(any_series.images)}
+    stats = _lesions(any_series, labels)
+    lesion_groups = [g for g in _groups(back) if _tracking(g)[0].startswith("Lesion ")]
+    assert len(lesion_groups) == len(stats.lesions) == 3
+    for lesion, group in zip(stats.lesions, lesion_groups, strict=True):
+        assert _tracking(group)[0] == f"Lesion {lesion.number}"
+        scoord, uid = _drawn(group)
+        assert scoord.GraphicType == "POLYLINE" and len(scoord.GraphicData) == 4
+        z, image = images[uid]
+        assert lesion.diameter is not None and z == lesion.diameter.slice_index
+        (x0, y0), (x1, y1) = np.asarray(scoord.GraphicData, float).reshape(2, 2)
+        row_mm, col_mm = (float(v) for v in image.PixelSpacing)
+        length = float(np.hypot((x1 - x0) * col_mm, (y1 - y0) * row_mm))
+        assert length == pytest.approx(lesion.longest_axial_diameter_mm, abs=1e-3)
+        (reported,) = [item for item in group.ContentSequence if item.ValueType == "NUM"
+                       and item.ConceptNameCodeSequence[0].CodeValue
+                       == codes.SCT.LongAxis.value]
+        value = float(reported.MeasuredValueSequence[0].NumericValue)
+        assert value == lesion.diameter_mm == round(length, 1)
+        # both ends lie on the lesion's outline on that slice: within half a pixel of it
+        mask = labels[z] == 2
+        for r, c in _rows_cols(scoord):
+            near = mask[max(int(np.floor(r)), 0):int(np.ceil(r)) + 1,
+                        max(int(np.floor(c)), 0):int(np.ceil(c)) + 1]
+            assert near.any()
+
+
+def test_sr_and_pipeline_json_give_the_same_lesion_figures(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    """The figures of ``dicomnode process``'s JSON and of the SR are the same numbers."""
+    volume = load_series(sorted(axial.directory.glob("*.dcm")))
+    labels = _abdomen_labels(axial)  # axial: sending order is slice order
+    assert [str(u) for u in volume.sop_instance_uids] == [
+        str(im.SOPInstanceUID) for im in axial.images]
+    box = (slice(2, 22), slice(5, 90), slice(4, 92))
+    result = LiverTumorPipeline().report(Segmentation(labels, liver_box=box), volume, {},
+                                         {"name": "t"})
+    assert result.ok, result.reason
+    report = result.measurements
+    seg = build_seg(volume.datasets, labels, ABDOMEN, algorithm)
+    sr = write(build_segmentation_sr(volume.datasets, seg, labels, ABDOMEN, algorithm),
+               tmp_path / "sr.dcm")
+    groups = {g.tracking_identifier: g
+              for g in _report(hd.sr.srread(sr)).get_planar_roi_measurement_groups()}
+    assert len(report["lesions"]) == 3
+    for lesion in report["lesions"]:
+        group = groups[f"Lesion {lesion['id']}"]
+        assert group.get_measurements(name=codes.SCT.LongAxis)[0].value == \
+            lesion["longest_axial_diameter_mm"]
+        assert group.get_measurements(name=codes.SCT.Volume)[0].value == lesion["volume_ml"]
+    values = {m.name.meaning: m.value for m in groups["Lesion_Liver"].get_measurements()}
+    assert values["Total tumor volume"] == report["total_tumour_volume_ml"]
+    assert values[codes.SCT.NumberOfLesions.meaning] == report["lesion_count"]
+
+
+def test_ich_report_shows_every_finding_on_a_whole_slice(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
     results = [IchResult("any", 0.91, True, (10, 11, 12)),
                IchResult("epidural", 0.02, False),
-               IchResult("intraparenchymal", 0.07, False),
+               IchResult("intraparenchymal", 0.07, False, peak_slice=3),
                IchResult("intraventricular", 0.04, False),
                IchResult("subarachnoid", 0.12, False),
-               IchResult("subdural", 0.88, True, (11, 12))]
+               IchResult("subdural", 0.88, True, (11, 12), peak_slice=12)]
     sr = build_ich_sr(axial.images, results, algorithm)
     path = write(sr, tmp_path / "ich.dcm")
     assert dciodvfy_errors(path) == []
+    back = hd.sr.srread(path)
+    assert_every_group_is_drawn_on_the_source_series(back, axial.images)
+    index = {str(im.SOPInstanceUID): k for k, im in enumerate(axial.images)}
+    shown: dict[str, list[int]] = {}
+    uids: dict[str, set[str]] = {}
+    for group in _groups(back):
+        key, uid = _tracking(group)
+        scoord, image = _drawn(group)
+        shown.setdefault(key, []).append(index[image])
+        uids.setdefault(key, set()).add(uid)
+        # the region is the whole slice: a slice classifier does not localise
+        assert np.asarray(scoord.GraphicData, float).reshape(-1, 2).tolist() == [
+            [0, 0], [96, 0], [96, 96], [0, 96], [0, 0]]
+    middle = len(axial.images) // 2
+    assert shown == {"any": [11, 10, 12], "epidural": [middle], "intraparenchymal": [3],
+                     "intraventricular": [middle], "subarachnoid": [middle],
+                     "subdural": [12, 11]}
+    assert all(len(u) == 1 for u in uids.values())  # one finding, one tracking UID
     findings = {f.key: f.code for f in ICH_FINDINGS}
-    groups = _report(hd.sr.srread(path)).get_image_measurement_groups()
-    by_id = {g.tracking_identifier: g for g in groups}
-    assert list(by_id) == [r.key for r in results]
+    groups = _report(back).get_planar_roi_measurement_groups()
     for result in results:
-        group = by_id[result.key]
-        assert group.finding_type == findings[result.key]
-        probability = group.get_measurements(name=codes.DCM.Probability)[0]
+        mine = [g for g in groups if g.tracking_identifier == result.key]
+        assert all(g.finding_type == findings[result.key] for g in mine)
+        (probability,) = [m for g in mine for m in g.get_measurements(
+            name=codes.DCM.Probability)]
         assert probability.value == pytest.approx(result.probability)
-        decision = group.get_qualitative_evaluations()[0].value
-        assert decision == (codes.SCT.Present if result.present else codes.SCT.Absent)
-    subdural = by_id["subdural"]
-    refs = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            for item in subdural[0].ContentSequence if item.ValueType == "IMAGE"]
-    assert refs == [axial.images[i].SOPInstanceUID for i in (11, 12)]
+        assert mine[0].get_measurements(name=codes.DCM.Probability)  # the first group
+        decision = {g.get_qualitative_evaluations()[0].value for g in mine}
+        assert decision == {codes.SCT.Present if result.present else codes.SCT.Absent}
+    text = dsr2html_text(path)
+    assert "Probability" in text and "Subdural hemorrhage" in text
 
 
 def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) -> None:
@@ -127,9 +328,20 @@ def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) ->
         IchResult("any", 1.5, True)
     with pytest.raises(ValueError, match="'slice_indices'"):
         build_ich_sr(axial.images, [IchResult("any", 0.9, True, (999,))], algorithm)
+    with pytest.raises(ValueError, match="'slice_indices'"):
+        build_ich_sr(axial.images, [IchResult("any", 0.9, True, peak_slice=-1)], algorithm)
     with pytest.raises(ValueError, match="repeated"):
         build_ich_sr(axial.images, [IchResult("any", 0.9, True), IchResult("any", 0.9, True)],
                      algorithm)
+
+
+def test_a_report_with_nothing_to_draw_is_refused(axial: CtSeries,
+                                                 algorithm: AlgorithmInfo) -> None:
+    """Every structure empty: no group could be drawn, so there is no measurement report."""
+    empty = np.zeros_like(axial.labels)
+    seg = build_seg(axial.images, axial.labels, HEADNECK, algorithm)
+    with pytest.raises(ValueError, match="'masks'"):
+        build_segmentation_sr(axial.images, seg, empty, HEADNECK, algorithm)
 
 
 def test_no_result_report_is_readable_text_with_its_evidence(
@@ -162,24 +374,3 @@ def test_ich_and_no_result_reports_carry_a_multi_valued_patient_name_as_sent(
     none = build_no_result_sr(awkward.images, "AI liver", "No liver was found.", algorithm)
     for name, sr in (("ich", ich), ("none", none)):
         assert_awkward_values_kept(pydicom.dcmread(write(sr, tmp_path / f"{name}.dcm")))
-
-
-def test_organs_looked_for_and_not_found_are_reported_absent(
-        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
-    found = [s for s in HEADNECK if s.name != "Parotid_L"]
-    labels = np.where(axial.labels == 6, 0, axial.labels)
-    seg = build_seg(axial.images, labels, found, algorithm)
-    sr = build_segmentation_sr(axial.images, seg, labels, found, algorithm,
-                               absent=[s for s in HEADNECK if s.name == "Parotid_L"])
-    path = write(sr, tmp_path / "sr.dcm")
-    assert dciodvfy_errors(path) == []
-    report = _report(hd.sr.srread(path))
-    assert [g.tracking_identifier for g in report.get_volumetric_roi_measurement_groups()
-            ] == [s.name for s in found]
-    absent = report.get_planar_roi_measurement_groups() + list(
-        report.get_image_measurement_groups())
-    assert [g.tracking_identifier for g in absent] == ["Parotid_L not found"]
-    evaluation = next(e for e in absent[0].get_qualitative_evaluations()
-                      if e.name.value == codes.SCT.ParotidGland.value)
-    assert (evaluation.value.value, evaluation.value.meaning) == (codes.SCT.Absent.value,
-                                                                  "Absent")
