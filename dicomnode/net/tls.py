@@ -163,6 +163,8 @@ def server_handshake(context: ssl.SSLContext, sock: socket.socket,
         _wait(sock, select.POLLIN, deadline)
         try:
             first = sock.recv(1, socket.MSG_PEEK)
+        except ConnectionError:
+            first = b""
         except OSError as exc:
             raise HandshakeError(f"connection error: {_reason(exc)}") from None
         if not first:
@@ -170,10 +172,13 @@ def server_handshake(context: ssl.SSLContext, sock: socket.socket,
         if first[0] != _TLS_HANDSHAKE:
             raise HandshakeError("plain DICOM on the TLS port" if first[0] == _ASSOCIATE_RQ
                                  else "not a TLS handshake")
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except OSError as exc:    # the peer reset the connection after its first byte
+        sock.close()
+        raise HandshakeError(_reason(exc)) from None
     except HandshakeError:
         sock.close()
         raise
-    tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
         while True:
             try:

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 MAX_CONTROL_PDU = 256 * 1024
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
+#: A TLS handshake record's first byte: a TLS client on the plain port.
+_TLS_HANDSHAKE_RECORD = 0x16
 _HEADER = struct.Struct(">BBL")
 # A-ABORT PDU from the service provider (PS3.8 9.3.8): reason 0 "not specified",
 # 6 "invalid PDU parameter value" (the length).
@@ -164,13 +166,16 @@ class _PduReader:
         limits = self._connection.limits
         now = time.monotonic()
         deadline = now + limits.pdu_timeout_s
-        if self._first:  # the A-ASSOCIATE-RQ: ARTIM runs from the connection on
-            self._first = False
+        first, self._first = self._first, False
+        if first:  # the A-ASSOCIATE-RQ: ARTIM runs from the connection on
             deadline = min(deadline, self._connection.accepted_at + limits.association_timeout_s)
         try:
             header = self._read(_HEADER.size, deadline)
             pdu_type, _, length = _HEADER.unpack(header)
             if pdu_type not in _PDU_TYPES:
+                if first and pdu_type == _TLS_HANDSHAKE_RECORD:
+                    log.warning("association.tls_on_plain_port", extra=fields(
+                        address=self._connection.ip, port=self._connection.port))
                 return header  # pynetdicom refuses it (event 19) without reading on
             limit = limits.max_pdu if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
             if length > limit:
@@ -224,6 +229,7 @@ class _Connection:
         self.server = server
         self.limits = server.limits
         self.ip = ip
+        self.port = int(server.server_address[1])
         self.accepted_at = time.monotonic()
         self.phase = "pending"     # -> "associated" -> "over"; "pending" -> "over"
         self.assoc: Any = None

@@ -385,3 +385,15 @@ def test_the_outbox_sends_to_a_peer_configured_with_tls(
         assert (row.state, row.last_error) == ("done", None)
     assert len(list(received.iterdir())) == 2
     db.dispose()
+
+
+def test_a_tls_client_on_the_plain_port_is_refused_with_a_hint(
+        tls_node: Callable[..., Node], pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicomnode")
+    node = tls_node()
+    started = time.monotonic()
+    echo = dcmtk("echoscu", node, *with_key(pki.client, pki.ca), port=node.scp.port)
+    assert echo.returncode != 0
+    assert time.monotonic() - started < 5
+    assert wait_for(lambda: idle(node))
+    assert [r.getMessage() for r in node_lines(caplog)] == ["association.tls_on_plain_port"]
