@@ -23,6 +23,7 @@ class Pki:
 
     ca: Path                  # the CA both sides trust
     server: KeyPair           # issued by ``ca`` for 127.0.0.1 / localhost
+    expired_server: KeyPair   # the same, expired a day ago
     client: KeyPair           # issued by ``ca``
     expired_client: KeyPair   # issued by ``ca``, expired a day ago
     other_ca: Path            # a CA nobody trusts
@@ -75,6 +76,7 @@ def make_pki(folder: Path) -> Pki:
     return Pki(
         ca=ca.certificate,
         server=_issue(folder, ca, "server", 2, server_ext),
+        expired_server=_issue(folder, ca, "expired_server", -1, server_ext),
         client=_issue(folder, ca, "client", 2, client_ext),
         expired_client=_issue(folder, ca, "expired", -1, client_ext),
         other_ca=other.certificate,

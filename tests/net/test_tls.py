@@ -319,13 +319,16 @@ def test_both_ports_share_the_association_limit(
 # --- results sent over TLS -------------------------------------------------------------
 
 @pytest.fixture
-def storescp_tls(tmp_path: Path, pki: Pki) -> Iterator[tuple[int, Path]]:
-    """dcmtk's storescp on a TLS port, requiring a client certificate from the test CA."""
+def storescp_tls(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest,
+                 ) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp on a TLS port, requiring a client certificate from the test CA
+    (its own certificate: ``pki.server``, or the one an indirect parameter names)."""
     port, out = free_port(), tmp_path / "received"
     out.mkdir()
+    own: KeyPair = getattr(pki, getattr(request, "param", "server"))
     proc = subprocess.Popen(
         ["storescp", "--aetitle", "TLSSCP", "--output-directory", str(out), "+tls",
-         str(pki.server.private_key), str(pki.server.certificate), "-pw", "+cf", str(pki.ca),
+         str(own.private_key), str(own.certificate), "-pw", "+cf", str(pki.ca),
          "-rc", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -348,10 +351,12 @@ def test_results_are_sent_over_tls_with_the_nodes_client_certificate(
     assert got == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
 
 
-@pytest.mark.parametrize(("tls", "reason"), [
-    ({"ca_certificates": "other_ca"}, "TLS: certificate verify failed"),
-    ({"ca_certificates": "ca"}, "TLS: "),          # no client certificate: storescp refuses
-])
+@pytest.mark.parametrize(("storescp_tls", "tls", "reason"), [
+    ("server", {"ca_certificates": "other_ca"}, "TLS: certificate verify failed"),
+    ("expired_server", {"ca_certificates": "ca"},
+     "TLS: certificate verify failed: certificate has expired"),
+    ("server", {"ca_certificates": "ca"}, "TLS: .*alert"),   # no client certificate sent
+], indirect=["storescp_tls"])
 def test_a_tls_delivery_that_cannot_be_made_says_why(
         storescp_tls: tuple[int, Path], pki: Pki, tmp_path: Path, tls: dict[str, str],
         reason: str) -> None:
