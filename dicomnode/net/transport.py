@@ -431,6 +431,9 @@ class ListenerServer(ThreadedAssociationServer):
         with self.slots.lock:
             self._handshaking.add(sock)
         try:
+            if self._closing:   # shutdown() has woken the handshakes it knew of already
+                sock.close()
+                return None
             tls = server_handshake(self.tls_context, sock, deadline)
         except HandshakeError as exc:
             if self._closing:
