@@ -70,12 +70,14 @@ def serve(
     signal.signal(signal.SIGINT, _stop)
     try:
         node.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:   # a port in use; a TLS file that cannot be loaded
         typer.echo(f"dicomnode: cannot start: {exc}", err=True)
         node.stop()
         raise typer.Exit(1) from exc
-    typer.echo(f"dicomnode: {settings.ae_title} listening on {settings.bind_address}:"
-               f"{node.scp.port}, data in {settings.data_dir}", err=True)
+    ports = [f"{settings.bind_address}:{port}{tls}" for port, tls in (
+        (node.scp.port, ""), (node.scp.tls_port, " (TLS)")) if port is not None]
+    typer.echo(f"dicomnode: {settings.ae_title} listening on {', '.join(ports)}, "
+               f"data in {settings.data_dir}", err=True)
     node.wait()
 
 

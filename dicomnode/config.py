@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -32,6 +39,84 @@ def _check_ae_title(value: str, name: str) -> str:
     return stripped
 
 
+#: The port IANA registered for DICOM over TLS (PS3.15 B.1: "dicom-tls").
+DICOM_TLS_PORT = 2762
+
+
+def _check_file(value: Path | None, name: str) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError(f"Invalid '{name}' value '{value}' - no such file")
+    return value
+
+
+class ListenerTls(BaseModel):
+    """DICOM TLS (PS3.15 Annex B) on a second listening port (``tls`` in the config).
+
+    The node's certificate and key identify it to senders; ``ca_certificates`` is the
+    CA bundle that senders' certificates must chain to (mutual authentication).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    port: int = Field(default=DICOM_TLS_PORT, ge=0, le=65535, description=(
+        "Listening port for DICOM over TLS (2762, IANA's dicom-tls); beside `port`, or "
+        "alone when `port` is null."))
+    certificate: Path = Field(description="The node's certificate chain (PEM), leaf first.")
+    private_key: Path = Field(description="The certificate's private key (PEM, unencrypted).")
+    ca_certificates: Path | None = Field(default=None, description=(
+        "CA certificates (PEM) that senders' certificates must chain to; a sender that "
+        "presents a certificate not issued by them is refused."))
+    require_client_certificate: bool = Field(
+        default=False, alias="require_client_cert", description=(
+            "Refuse a sender that presents no certificate (mutual authentication); needs "
+            "ca_certificates."))
+
+    @field_validator("certificate", "private_key", "ca_certificates")
+    @classmethod
+    def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _check_file(v, f"tls.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _mutual(self) -> ListenerTls:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "Invalid 'tls.require_client_certificate' value 'True' - senders' "
+                "certificates can only be checked against tls.ca_certificates; set it")
+        return self
+
+
+class PeerTls(BaseModel):
+    """DICOM TLS for sending results to one peer (``peers.X.tls``, ``destinations.X.tls``).
+
+    The peer's certificate must chain to ``ca_certificates`` (the system's CAs when
+    unset) and, with ``check_hostname``, name ``host``. ``certificate`` and
+    ``private_key`` are the node's own, for a peer that requires client certificates.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_certificates: Path | None = Field(default=None, description=(
+        "CA certificates (PEM) the peer's certificate must chain to; None: the system's."))
+    certificate: Path | None = Field(default=None, description=(
+        "The node's certificate (PEM), sent when the peer asks for one."))
+    private_key: Path | None = Field(default=None, description="Its private key (PEM).")
+    check_hostname: bool = Field(default=True, description=(
+        "The peer's certificate must name `host` (DNS name or IP address)."))
+
+    @field_validator("certificate", "private_key", "ca_certificates")
+    @classmethod
+    def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _check_file(v, f"tls.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _pair(self) -> PeerTls:
+        if (self.certificate is None) != (self.private_key is None):
+            missing = "private_key" if self.private_key is None else "certificate"
+            raise ValueError(f"Invalid 'tls.{missing}' value 'None' - a client certificate "
+                             "needs both certificate and private_key")
+        return self
+
+
 class Peer(BaseModel):
     """A DICOM peer that results can be sent to."""
 
@@ -40,6 +125,7 @@ class Peer(BaseModel):
     ae_title: str | None = Field(
         default=None, description="Called AE title; defaults to the peer table key."
     )
+    tls: PeerTls | None = Field(default=None, description="Send over DICOM TLS.")
 
 
 class Destination(BaseModel):
@@ -51,6 +137,7 @@ class Destination(BaseModel):
     pipelines: list[str] | None = Field(
         default=None, description="Only results of these pipelines; None means all."
     )
+    tls: PeerTls | None = Field(default=None, description="Send over DICOM TLS.")
 
     @field_validator("ae_title")
     @classmethod
@@ -96,7 +183,10 @@ class Settings(BaseSettings):
     )
 
     ae_title: str = "DICOMNODE"
-    port: int = Field(default=11112, ge=0, le=65535)
+    port: int | None = Field(default=11112, ge=0, le=65535, description=(
+        "Listening port for plain DICOM; null: none (TLS only, see `tls`)."))
+    tls: ListenerTls | None = Field(default=None, description=(
+        "DICOM TLS on a second port; None: no TLS listener."))
     bind_address: str = "0.0.0.0"
     data_dir: Path = Path("./var")
     database_url: str | None = Field(
@@ -197,6 +287,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_db(self) -> Settings:
+        if self.port is None and self.tls is None:
+            raise ValueError("Invalid 'port' value 'None' - with no plain port the node "
+                             "needs a TLS listener (tls); it would listen nowhere")
+        if self.tls is not None and self.port is not None and self.port != 0 \
+                and self.tls.port == self.port:
+            raise ValueError(f"Invalid 'tls.port' value '{self.tls.port}' - the plain "
+                             "listener has that port already")
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'dicomnode.db'}"
         for key in self.peers:

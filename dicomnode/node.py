@@ -54,6 +54,7 @@ class Node:
         self.scp.start()
         log.info("node.started", extra=fields(ae_title=self.settings.ae_title,
                                               port=self.scp.port,
+                                              tls_port=self.scp.tls_port,
                                               data_dir=str(self.settings.data_dir)))
 
     def stop(self) -> None:

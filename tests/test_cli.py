@@ -71,6 +71,27 @@ def test_bad_config_exits_with_message(tmp_path: Path) -> None:
     assert res.returncode == 2 and "port" in res.stderr
 
 
+def test_serve_with_a_tls_key_that_does_not_match_its_certificate_exits_with_the_key_named(
+        tmp_path: Path) -> None:
+    import yaml
+
+    from tests.net.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "port": None, "bind_address": "127.0.0.1", "warm_up": False, "workers": 0,
+        "tls": {"port": free_port(), "certificate": str(pki.server.certificate),
+                "private_key": str(pki.client.private_key)}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    # this checkout's package, whichever one the venv's install points at
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    res = _cli("serve", "--config", str(cfg), cwd=tmp_path, env=env)
+    assert res.returncode == 1, res.stderr
+    assert "cannot start: Invalid 'tls.certificate'" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+
+
 def test_node_with_broken_weights_says_so_and_keeps_receiving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import shutil

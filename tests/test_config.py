@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,4 +65,50 @@ def test_missing_or_malformed_file(tmp_path: Path) -> None:
     cfg = tmp_path / "list.yaml"
     cfg.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
+        load_settings(cfg)
+
+
+def _pem_files(folder: Path) -> dict[str, str]:
+    """Paths for the TLS settings (existence is what the settings check; tls.py loads)."""
+    names = {"certificate": "node.pem", "private_key": "node.key", "ca_certificates": "ca.pem"}
+    for name in names.values():
+        (folder / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    return {key: str(folder / name) for key, name in names.items()}
+
+
+def test_tls_listener_settings_with_either_spelling_of_require_client_cert(
+        tmp_path: Path) -> None:
+    files = _pem_files(tmp_path)
+    for key in ("require_client_certificate", "require_client_cert"):
+        cfg = tmp_path / f"{key}.yaml"
+        cfg.write_text(yaml.safe_dump({"port": None, "tls": {**files, key: True}}))
+        s = load_settings(cfg)
+        assert s.port is None and s.tls is not None
+        assert (s.tls.port, s.tls.require_client_certificate) == (2762, True)
+    s = load_settings(None, peers={"PACS": {"host": "pacs", "port": 2762, "tls": {
+        "ca_certificates": files["ca_certificates"]}}})
+    assert s.peers["PACS"].tls is not None and s.peers["PACS"].tls.check_hostname
+
+
+def _listener(files: dict[str, str], **changes: object) -> dict[str, object]:
+    return {"tls": {"certificate": files["certificate"], "private_key": files["private_key"],
+                    **changes}}
+
+
+_BAD_TLS: dict[str, Callable[[dict[str, str]], dict[str, object]]] = {
+    "port": lambda f: {"port": None},
+    "tls.certificate": lambda f: _listener(f, certificate=f["certificate"] + ".missing"),
+    "tls.require_client_certificate": lambda f: _listener(f, require_client_certificate=True),
+    "tls.port": lambda f: {"port": 2762, **_listener(f)},
+    "unknown": lambda f: _listener(f, unknown=1),
+    "tls.private_key": lambda f: {"peers": {"PACS": {"host": "pacs", "port": 104, "tls": {
+        "certificate": f["certificate"]}}}},
+}
+
+
+@pytest.mark.parametrize("named", sorted(_BAD_TLS))
+def test_invalid_tls_settings_are_named(tmp_path: Path, named: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(_BAD_TLS[named](_pem_files(tmp_path))))
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         load_settings(cfg)

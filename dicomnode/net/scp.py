@@ -38,7 +38,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomnode.config import Settings
 from dicomnode.logs import fields
 from dicomnode.net import direct_encoding
-from dicomnode.net.transport import ConnectionLimits, ListenerServer, start_listener
+from dicomnode.net.tls import server_context
+from dicomnode.net.transport import (
+    AssociationSlots,
+    ConnectionLimits,
+    ListenerServer,
+    start_listener,
+)
 from dicomnode.store.header import InstanceRejectedError
 from dicomnode.store.instances import InstanceStore, StoreOutcome
 from dicomnode.store.models import AuditEvent
@@ -244,7 +250,7 @@ class StorageSCP:
     Parameters
     ----------
     settings : Settings
-        AE title, port, bind address, limits, allow-list.
+        AE title, ports (plain and TLS), bind address, limits, allow-list.
     store : InstanceStore
         Where received instances go.
     on_released : callable, optional
@@ -267,7 +273,8 @@ class StorageSCP:
         self._assoc_studies: dict[int, set[str]] = {}
         self._assoc_counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
-        self._server: ListenerServer | None = None
+        self._server: ListenerServer | None = None       # plain DICOM
+        self._tls_server: ListenerServer | None = None   # DICOM TLS
         self._previous_receive: tuple[bool, Callable[[], None]] | None = None
         self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
@@ -307,8 +314,15 @@ class StorageSCP:
              else [])
 
     def start(self) -> None:
-        """Listen in background threads."""
+        """Listen in background threads: the plain port, the TLS port, or both.
+
+        Raises
+        ------
+        ValueError
+            A TLS certificate, key or CA file that cannot be loaded.
+        """
         s = self.settings
+        tls_context = server_context(s.tls) if s.tls is not None else None
         if s.chunked_receive:
             # pynetdicom then writes each dataset into a file as its fragments arrive; made
             # in the spool's tmp/ (ReceiveFile), it is renamed into place without a copy.
@@ -317,33 +331,58 @@ class StorageSCP:
                                       install_receive_files(self.store.spool))
             _config.STORE_RECV_CHUNKED_DATASET = True
             self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
-        self._server = start_listener(
-            self.ae, (s.bind_address, s.port), self.handlers, ConnectionLimits.from_settings(s),
-            on_rejected=self.audit_rejection, on_ended=self._on_ended)
-        log.info("scp.listening", extra=fields(ae_title=s.ae_title, address=s.bind_address,
-                                               port=self.port))
+        limits = ConnectionLimits.from_settings(s)
+        slots = AssociationSlots()   # one count of associations over both ports
+        try:
+            if s.port is not None:
+                self._server = start_listener(
+                    self.ae, (s.bind_address, s.port), self.handlers, limits,
+                    on_rejected=self.audit_rejection, on_ended=self._on_ended, slots=slots)
+                log.info("scp.listening", extra=fields(
+                    ae_title=s.ae_title, address=s.bind_address, port=self.port))
+            if s.tls is not None:
+                self._tls_server = start_listener(
+                    self.ae, (s.bind_address, s.tls.port), self.handlers, limits,
+                    on_rejected=self.audit_rejection, on_ended=self._on_ended, slots=slots,
+                    ssl_context=tls_context, on_handshake_failed=self.audit_handshake_failure)
+                log.info("scp.listening_tls", extra=fields(
+                    ae_title=s.ae_title, address=s.bind_address, port=self.tls_port,
+                    client_certificate="required" if s.tls.require_client_certificate
+                    else "checked if sent" if s.tls.ca_certificates else "not asked"))
+        except BaseException:
+            self.stop()
+            raise
 
     @property
-    def port(self) -> int:
-        """The port actually bound (useful with port 0)."""
+    def port(self) -> int | None:
+        """The plain DICOM port actually bound (useful with port 0); None without one."""
         if self._server is None:
             return self.settings.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port actually bound; None without TLS."""
+        if self._tls_server is None:
+            return self.settings.tls.port if self.settings.tls is not None else None
+        return int(self._tls_server.server_address[1])
+
     def stop(self) -> None:
         """Stop listening and close open associations."""
-        if self._server is not None:
-            server, self._server = self._server, None
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        self._server = self._tls_server = None
+        for server in servers:
             server.shutdown()        # no new associations
-            established = []
+        established = []
+        for server in servers:
             for assoc in server.active_associations:
                 if assoc.is_established:
                     assoc.abort()    # nothing in flight is acknowledged after this
                     established.append(assoc)
                 else:                # never associated, or already ending: no data in flight
                     server.close_connection(assoc)
-            for assoc in established:
-                assoc.join(timeout=10)   # its partial file is removed as its thread ends
+        for assoc in established:
+            assoc.join(timeout=10)   # its partial file is removed as its thread ends
         if self._previous_receive is not None:
             _config.STORE_RECV_CHUNKED_DATASET, uninstall = self._previous_receive
             uninstall()
@@ -396,6 +435,25 @@ class StorageSCP:
                 session.add(AuditEvent(event="association.rejected", calling_aet=calling[:16],
                                        detail={"address": address, "reason": reason,
                                                "called_aet": called[:16]}))
+        except SQLAlchemyError:
+            log.exception("audit.failed")
+
+    def audit_handshake_failure(self, address: str, reason: str) -> None:
+        """Log and audit a connection to the TLS port whose handshake failed.
+
+        Parameters
+        ----------
+        address : str
+            The peer's IP address.
+        reason : str
+            Why, in OpenSSL's words (a certificate not trusted, no certificate, not TLS,
+            no handshake in time).
+        """
+        log.warning("tls.handshake_failed", extra=fields(address=address, reason=reason))
+        try:
+            with self.store.db.transaction() as session:
+                session.add(AuditEvent(event="tls.handshake_failed", calling_aet="",
+                                       detail={"address": address, "reason": reason}))
         except SQLAlchemyError:
             log.exception("audit.failed")
 

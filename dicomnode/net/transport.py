@@ -22,7 +22,14 @@ per-connection replacements where it has none (each says why):
   association as soon as its header is read, before any of it is buffered;
 - an exception in pynetdicom's state machine (a malformed P-DATA, an event its state does
   not expect) aborts the association with an A-ABORT and one log line instead of
-  killing its network thread with a traceback.
+  killing its network thread with a traceback;
+- on a TLS listener the handshake runs on the connection's own thread, not in the
+  accept loop as pynetdicom's server does it, within the association request's deadline
+  (``tls.py``), so that a peer that never completes it holds neither the accept loop
+  nor, past the deadline, its thread or its place among the pending connections.
+
+A node with a plain and a TLS listener shares one ``AssociationSlots`` between them:
+the limits count the node's associations, whichever port they came in on.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -45,6 +54,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.net.tls import HandshakeError, server_handshake
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,8 @@ log = logging.getLogger(__name__)
 MAX_CONTROL_PDU = 256 * 1024
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
+#: A TLS handshake record's first byte: a TLS client on the plain port.
+_TLS_HANDSHAKE_RECORD = 0x16
 _HEADER = struct.Struct(">BBL")
 # A-ABORT PDU from the service provider (PS3.8 9.3.8): reason 0 "not specified",
 # 6 "invalid PDU parameter value" (the length).
@@ -94,6 +106,20 @@ class ConnectionLimits:
 RejectionCallback = Callable[[str, str, str, str], object]
 #: Called with the association once its thread has ended, whatever the way.
 EndCallback = Callable[[Any], object]
+#: Called as ``(address, reason)`` for a connection whose TLS handshake failed.
+HandshakeFailedCallback = Callable[[str, str], object]
+
+
+class AssociationSlots:
+    """The association slots and pending connections of one node, across its listeners."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.accepted: dict[Any, _Connection] = {}
+        self.pending: Counter[str] = Counter()
+        self.associated: Counter[str] = Counter()
+        self.refusals: dict[str, tuple[float, int]] = {}
+        self.associations = 0
 
 
 class _PduCutError(Exception):
@@ -140,13 +166,16 @@ class _PduReader:
         limits = self._connection.limits
         now = time.monotonic()
         deadline = now + limits.pdu_timeout_s
-        if self._first:  # the A-ASSOCIATE-RQ: ARTIM runs from the connection on
-            self._first = False
+        first, self._first = self._first, False
+        if first:  # the A-ASSOCIATE-RQ: ARTIM runs from the connection on
             deadline = min(deadline, self._connection.accepted_at + limits.association_timeout_s)
         try:
             header = self._read(_HEADER.size, deadline)
             pdu_type, _, length = _HEADER.unpack(header)
             if pdu_type not in _PDU_TYPES:
+                if first and pdu_type == _TLS_HANDSHAKE_RECORD:
+                    log.warning("association.tls_on_plain_port", extra=fields(
+                        address=self._connection.ip, port=self._connection.port))
                 return header  # pynetdicom refuses it (event 19) without reading on
             limit = limits.max_pdu if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
             if length > limit:
@@ -200,6 +229,7 @@ class _Connection:
         self.server = server
         self.limits = server.limits
         self.ip = ip
+        self.port = int(server.server_address[1])
         self.accepted_at = time.monotonic()
         self.phase = "pending"     # -> "associated" -> "over"; "pending" -> "over"
         self.assoc: Any = None
@@ -319,6 +349,12 @@ class _RequestHandler(RequestHandler):
         """Create the association, attach its connection, start its thread."""
         connection = self.server.take_connection(self.request, self.client_address)
         try:
+            if self.server.tls_context is not None:
+                tls = self.server.handshake(connection, self.request)
+                if tls is None:
+                    connection.end()
+                    return
+                self.request = tls
             assoc = self._create_association()
             connection.attach(assoc)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -333,14 +369,22 @@ class ListenerServer(ThreadedAssociationServer):
 
     Parameters
     ----------
-    ae, address, ae_title, contexts, ssl_context, evt_handlers
+    ae, address, ae_title, contexts, evt_handlers
         As for ``pynetdicom.transport.AssociationServer``.
+    ssl_context : ssl.SSLContext or None
+        A TLS listener's context (``tls.server_context``): each connection's handshake
+        runs on its own thread, within ``limits.association_timeout_s``.
     limits : ConnectionLimits
         What each connection is allowed.
     on_rejected : callable
         Told about each association request rejected for a limit.
     on_ended : callable, optional
         Called with each association once its thread has ended.
+    on_handshake_failed : callable, optional
+        Told about each connection whose TLS handshake failed (not about one closed
+        before sending anything); without it, the listener logs it.
+    slots : AssociationSlots, optional
+        Shared with the node's other listener; a new one when not given.
     """
 
     # No join of connection threads at shutdown (their associations are aborted instead).
@@ -349,33 +393,103 @@ class ListenerServer(ThreadedAssociationServer):
     def __init__(self, ae: Any, address: Any, ae_title: str, contexts: Any, ssl_context: Any,
                  evt_handlers: Any = None, *, limits: ConnectionLimits,
                  on_rejected: RejectionCallback,
-                 on_ended: EndCallback | None = None, **kwargs: Any) -> None:
+                 on_ended: EndCallback | None = None,
+                 on_handshake_failed: HandshakeFailedCallback | None = None,
+                 slots: AssociationSlots | None = None, **kwargs: Any) -> None:
         self.limits = limits
         self.on_rejected = on_rejected
         self._on_ended = on_ended
-        self._lock = threading.Lock()
-        self._accepted: dict[Any, _Connection] = {}
-        self._pending: Counter[str] = Counter()
-        self._associated: Counter[str] = Counter()
-        self._refusals: dict[str, tuple[float, int]] = {}
-        self.associations = 0
-        super().__init__(ae, address, ae_title, contexts, ssl_context,
+        self._on_handshake_failed = on_handshake_failed
+        self.slots = slots if slots is not None else AssociationSlots()
+        #: TLS handshakes that failed, by reason (a TLS listener only).
+        self.handshake_failures: Counter[str] = Counter()
+        self._handshaking: set[socket.socket] = set()
+        self._closing = False
+        # pynetdicom's server would run the handshake in its accept loop (get_request);
+        # this one keeps the context and runs it on each connection's thread.
+        self.tls_context: ssl.SSLContext | None = ssl_context
+        super().__init__(ae, address, ae_title, contexts, None,
                          evt_handlers=evt_handlers, request_handler=_RequestHandler, **kwargs)
+
+    def handshake(self, connection: _Connection, sock: socket.socket) -> ssl.SSLSocket | None:
+        """Run ``sock``'s TLS handshake by the association request's deadline.
+
+        Parameters
+        ----------
+        connection : _Connection
+            The connection ``sock`` was accepted as (its start sets the deadline).
+        sock : socket.socket
+            The accepted TCP connection (closed when the handshake fails).
+
+        Returns
+        -------
+        ssl.SSLSocket or None
+            None when the handshake failed, timed out or the listener is stopping.
+        """
+        assert self.tls_context is not None
+        deadline = connection.accepted_at + self.limits.association_timeout_s
+        with self.slots.lock:
+            self._handshaking.add(sock)
+        try:
+            if self._closing:   # shutdown() has woken the handshakes it knew of already
+                sock.close()
+                return None
+            tls = server_handshake(self.tls_context, sock, deadline)
+        except HandshakeError as exc:
+            if self._closing:
+                return None
+            if exc.quiet:
+                log.debug("tls.closed_before_handshake", extra=fields(address=connection.ip))
+                return None
+            with self.slots.lock:
+                self.handshake_failures[exc.reason] += 1
+            if self._on_handshake_failed is not None:
+                self._on_handshake_failed(connection.ip, exc.reason)
+            else:
+                log.warning("tls.handshake_failed", extra=fields(address=connection.ip,
+                                                                  reason=exc.reason))
+            return None
+        finally:
+            with self.slots.lock:
+                self._handshaking.discard(sock)
+        if self._closing:
+            tls.close()
+            return None
+        log.debug("tls.established", extra=fields(address=connection.ip,
+                                                   version=tls.version() or "",
+                                                   cipher=(tls.cipher() or ("",))[0]))
+        return tls
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection (a TLS listener's handshake comes later, on its thread)."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def shutdown(self) -> None:
+        """Stop accepting, and end the TLS handshakes still under way at once."""
+        self._closing = True
+        super().shutdown()
+        with self.slots.lock:
+            waiting = list(self._handshaking)
+        for sock in waiting:    # wakes the handshake's poll; its thread closes the socket
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Accept a connection unless its address has too many awaiting association."""
         ip = str(client_address[0])
-        with self._lock:
-            if self._pending[ip] < self.limits.max_associations_per_ip:
-                self._pending[ip] += 1
-                self._accepted[request] = _Connection(self, ip)
+        with self.slots.lock:
+            if self.slots.pending[ip] < self.limits.max_associations_per_ip:
+                self.slots.pending[ip] += 1
+                self.slots.accepted[request] = _Connection(self, ip)
                 return True
             now = time.monotonic()
-            if len(self._refusals) > 1024:
-                self._refusals.clear()
-            last, count = self._refusals.get(ip, (0.0, 0))
+            if len(self.slots.refusals) > 1024:
+                self.slots.refusals.clear()
+            last, count = self.slots.refusals.get(ip, (0.0, 0))
             due = now - last >= _REFUSAL_LOG_INTERVAL_S
-            self._refusals[ip] = (now, 0) if due else (last, count + 1)
+            self.slots.refusals[ip] = (now, 0) if due else (last, count + 1)
         if due:
             log.warning("association.connection_refused", extra=fields(
                 address=ip, reason="too many connections from this address awaiting "
@@ -384,32 +498,32 @@ class ListenerServer(ThreadedAssociationServer):
 
     def take_connection(self, request: Any, client_address: Any) -> _Connection:
         """The connection ``verify_request`` accepted for ``request``."""
-        with self._lock:
-            connection = self._accepted.pop(request, None)
+        with self.slots.lock:
+            connection = self.slots.accepted.pop(request, None)
         if connection is None:  # not through verify_request (a subclass, a test)
             ip = str(client_address[0])
-            with self._lock:
-                self._pending[ip] += 1
+            with self.slots.lock:
+                self.slots.pending[ip] += 1
             connection = _Connection(self, ip)
         return connection
 
     def admit(self, connection: _Connection) -> str | None:
         """Take an association slot for ``connection``; the reason when none is free."""
         ip = connection.ip
-        with self._lock:
+        with self.slots.lock:
             if connection.phase != "pending":
                 return None
-            self._pending[ip] -= 1
-            _drop_zero(self._pending, ip)
-            if self.associations >= self.limits.max_associations:
-                reason = (f"local limit exceeded: {self.associations} associations open "
+            self.slots.pending[ip] -= 1
+            _drop_zero(self.slots.pending, ip)
+            if self.slots.associations >= self.limits.max_associations:
+                reason = (f"local limit exceeded: {self.slots.associations} associations open "
                           "(max_associations)")
-            elif self._associated[ip] >= self.limits.max_associations_per_ip:
-                reason = (f"local limit exceeded: {self._associated[ip]} associations from "
+            elif self.slots.associated[ip] >= self.limits.max_associations_per_ip:
+                reason = (f"local limit exceeded: {self.slots.associated[ip]} associations from "
                           "this address (max_associations_per_ip)")
             else:
-                self.associations += 1
-                self._associated[ip] += 1
+                self.slots.associations += 1
+                self.slots.associated[ip] += 1
                 connection.phase = "associated"
                 return None
             connection.phase = "over"
@@ -418,14 +532,14 @@ class ListenerServer(ThreadedAssociationServer):
     def release(self, connection: _Connection) -> None:
         """Give back what ``connection`` holds (idempotent)."""
         ip = connection.ip
-        with self._lock:
+        with self.slots.lock:
             if connection.phase == "pending":
-                self._pending[ip] -= 1
-                _drop_zero(self._pending, ip)
+                self.slots.pending[ip] -= 1
+                _drop_zero(self.slots.pending, ip)
             elif connection.phase == "associated":
-                self.associations -= 1
-                self._associated[ip] -= 1
-                _drop_zero(self._associated, ip)
+                self.slots.associations -= 1
+                self.slots.associated[ip] -= 1
+                _drop_zero(self.slots.associated, ip)
             connection.phase = "over"
 
     @staticmethod
@@ -447,9 +561,10 @@ class ListenerServer(ThreadedAssociationServer):
     @property
     def counts(self) -> dict[str, Any]:
         """Associations held and connections awaiting association, per address."""
-        with self._lock:
-            return {"associations": self.associations, "associated": dict(self._associated),
-                    "pending": dict(self._pending)}
+        with self.slots.lock:
+            slots = self.slots
+            return {"associations": slots.associations, "associated": dict(slots.associated),
+                    "pending": dict(slots.pending)}
 
 
 def _drop_zero(counter: Counter[str], key: str) -> None:
@@ -459,7 +574,10 @@ def _drop_zero(counter: Counter[str], key: str) -> None:
 
 def start_listener(ae: Any, address: tuple[str, int], evt_handlers: list[Any],
                    limits: ConnectionLimits, on_rejected: RejectionCallback,
-                   on_ended: EndCallback | None = None) -> ListenerServer:
+                   on_ended: EndCallback | None = None, *,
+                   ssl_context: ssl.SSLContext | None = None,
+                   on_handshake_failed: HandshakeFailedCallback | None = None,
+                   slots: AssociationSlots | None = None) -> ListenerServer:
     """Start a ``ListenerServer`` in a background thread, as ``AE.start_server`` would.
 
     Parameters
@@ -471,15 +589,21 @@ def start_listener(ae: Any, address: tuple[str, int], evt_handlers: list[Any],
     evt_handlers : list
         ``(event, handler)`` pairs bound to every association.
     limits : ConnectionLimits
-    on_rejected, on_ended : callable
+    on_rejected, on_ended, on_handshake_failed : callable
         See ``ListenerServer``.
+    ssl_context : ssl.SSLContext, optional
+        Makes it a TLS listener (``tls.server_context``).
+    slots : AssociationSlots, optional
+        Shared with another listener of the same node.
 
     Returns
     -------
     ListenerServer
     """
     server = ae.make_server(address, evt_handlers=evt_handlers, server_class=ListenerServer,
-                            limits=limits, on_rejected=on_rejected, on_ended=on_ended)
+                            ssl_context=ssl_context, limits=limits, on_rejected=on_rejected,
+                            on_ended=on_ended, on_handshake_failed=on_handshake_failed,
+                            slots=slots)
     # pynetdicom's own non-blocking start_server, with our class: its shutdown() takes the
     # server off the AE's list of servers
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")

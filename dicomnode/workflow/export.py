@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dicomnode.config import Settings
+from dicomnode.config import PeerTls, Settings
 from dicomnode.logs import fields
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Database
@@ -80,6 +80,32 @@ def resolve_targets(settings: Settings, calling_aet: str, pipeline: str | None,
     return targets
 
 
+def tls_for(settings: Settings, ae_title: str, host: str, port: int) -> PeerTls | None:
+    """The TLS settings of the configured peer or destination at this address, if any.
+
+    A delivery row keeps the called AE title, host and port, not how they were
+    configured; the configuration in force when it is sent decides whether TLS is used.
+
+    Parameters
+    ----------
+    settings : Settings
+    ae_title, host, port : str, str, int
+        The delivery's destination.
+
+    Returns
+    -------
+    PeerTls or None
+        None for plain DICOM.
+    """
+    for key, peer in settings.peers.items():
+        if (peer.ae_title or key, peer.host, peer.port) == (ae_title, host, port) and peer.tls:
+            return peer.tls
+    for dest in settings.destinations.values():
+        if (dest.ae_title, dest.host, dest.port) == (ae_title, host, port) and dest.tls:
+            return dest.tls
+    return None
+
+
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Delay before the next attempt after ``attempts`` failed ones."""
     return float(min(maximum, initial * 2 ** max(0, attempts - 1)))
@@ -95,7 +121,8 @@ class Outbox:
     settings : Settings
         Our AE title and the export settings.
     sender : callable, optional
-        Replaces ``net.scu.send_files`` (keyword arguments as there).
+        Replaces ``net.scu.send_files`` (keyword arguments as there; ``tls`` only for a
+        TLS destination).
     """
 
     def __init__(self, db: Database, settings: Settings, sender: Sender | None = None) -> None:
@@ -159,16 +186,18 @@ class Outbox:
             final = True
         else:
             final = False
+            tls = tls_for(self.settings, delivery.destination_ae, delivery.host, delivery.port)
             try:
                 result = self.sender(
                     files, host=delivery.host, port=delivery.port,
                     called_aet=delivery.destination_ae, calling_aet=self.settings.ae_title,
                     timeout_s=self.settings.export.connect_timeout_s,
+                    **({"tls": tls} if tls is not None else {}),
                 )
                 if not result.ok:
                     error = f"{len(result.failed)} of {len(files)} refused: " + "; ".join(
                         sorted(set(result.failed.values()))[:3])
-            except (SendError, OSError) as exc:
+            except (SendError, OSError, ValueError) as exc:   # ValueError: a TLS file
                 error = str(exc)
             except Exception as exc:  # never let one delivery stop the outbox
                 log.exception("export.unexpected_error")
