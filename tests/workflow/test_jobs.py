@@ -150,6 +150,16 @@ class _LongJobStandIn:
         return PipelineResult(LONG_JOB, ok=False, reason="stand-in for a long job")
 
 
+def _route_to(settings: Settings, path: Path, replace: dict[str, str]) -> None:
+    """The embedded routing rules with some actions' pipelines replaced (same priority)."""
+    rules = copy.deepcopy(DEFAULT_RULES)
+    for rule in rules["rules"]:
+        for action in rule["actions"]:
+            action["pipeline"] = replace.get(action["pipeline"], action["pipeline"])
+    path.write_text(yaml.safe_dump(rules, allow_unicode=True), encoding="utf-8")
+    settings.routing_rules = path
+
+
 @pytest.fixture
 def long_jobs(settings: Settings, tmp_path: Path,
               monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -157,14 +167,7 @@ def long_jobs(settings: Settings, tmp_path: Path,
     keep the embedded rules (``brain_ich``, urgent)."""
     stand_in = _LongJobStandIn()
     monkeypatch.setitem(base._REGISTRY, LONG_JOB, lambda context: stand_in)
-    rules = copy.deepcopy(DEFAULT_RULES)
-    for rule in rules["rules"]:
-        for action in rule["actions"]:
-            if action["pipeline"] == "liver_tumor":
-                action["pipeline"] = LONG_JOB
-    path = tmp_path / "routing.yaml"
-    path.write_text(yaml.safe_dump(rules, allow_unicode=True), encoding="utf-8")
-    settings.routing_rules = path
+    _route_to(settings, tmp_path / "routing.yaml", {"liver_tumor": LONG_JOB})
     yield stand_in
     stand_in.release.set()
 
@@ -185,7 +188,7 @@ def _send(node: Node, files: list[Path]) -> None:
 def _jobs(node: Node) -> list[dict[str, Any]]:
     with node.db.session() as session:
         return [{"id": j.id, "pipeline": j.pipeline, "priority": j.priority, "state": j.state,
-                 "worker": j.worker or "", "started_at": j.started_at,
+                 "reason": j.reason, "worker": j.worker or "", "started_at": j.started_at,
                  "finished_at": j.finished_at}
                 for j in session.execute(select(Job).order_by(Job.id)).scalars()]
 
@@ -269,3 +272,59 @@ def test_an_urgent_study_takes_the_next_free_worker_ahead_of_five_queued_studies
     order = [r["pipeline"] or "routing"
              for r in sorted(rows, key=lambda r: r["started_at"])][-7:]
     assert order == ["routing", "brain_ich"] + [LONG_JOB] * 5
+
+
+class _ShortOfMemoryBesideAnotherJob:
+    """Test-only urgent pipeline: its first run ends as a pipeline does when the device
+    had no memory left for it (``ModelPipeline.run``), its later runs end normally."""
+
+    name = "short_of_memory_stand_in"
+    region = "head"
+    emits = (ResultObject.SR,)
+
+    def __init__(self) -> None:
+        self.runs: list[float] = []
+
+    def check(self) -> None:
+        pass
+
+    def warm_up(self) -> None:
+        pass
+
+    def run(self, volume: Any) -> PipelineResult:
+        self.runs.append(time.monotonic())
+        if len(self.runs) == 1:
+            return PipelineResult(self.name, ok=False, reason="out of memory while "
+                                  "segmenting: CUDA out of memory (stand-in)")
+        return PipelineResult(self.name, ok=False, reason="ran alone")
+
+
+def test_an_urgent_job_short_of_memory_beside_a_running_job_runs_again_once_alone(
+        settings: Settings, tmp_path: Path, long_jobs: _LongJobStandIn,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # both lanes share the device: running out of memory there must cost the urgent
+    # study time, not its result
+    urgent = _ShortOfMemoryBesideAnotherJob()
+    monkeypatch.setitem(base._REGISTRY, urgent.name, lambda context: urgent)
+    _route_to(settings, tmp_path / "routing.yaml",
+              {"liver_tumor": LONG_JOB, "brain_ich": urgent.name})
+    settings.workers, settings.urgent_workers = 1, 1
+    abdomen = _study(tmp_path / "abdomen", "abdomen", 0)
+    head = _study(tmp_path / "head", "head", 11)
+    node = Node(settings)
+    node.start()
+    try:
+        _send(node, abdomen)
+        _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "running")) == 1)
+        _send(node, head)
+        _wait_for(node, lambda rows: len(urgent.runs) == 1)
+        time.sleep(1.0)
+        assert len(urgent.runs) == 1  # waiting for the long job, not ending "no result"
+        assert len(_in_state(_jobs(node), urgent.name, "running")) == 1
+        released = time.monotonic()
+        long_jobs.release.set()
+        rows = _wait_for(node, lambda rows: bool(_in_state(rows, urgent.name, "no_result")))
+    finally:
+        node.stop()
+    assert len(urgent.runs) == 2 and urgent.runs[1] >= released
+    assert [r["reason"] for r in rows if r["pipeline"] == urgent.name] == ["ran alone"]
