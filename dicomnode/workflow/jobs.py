@@ -24,8 +24,8 @@ Both lanes share one process, so one copy of each pipeline's weights and one dev
 two networks may run on it at once. Each pipeline checks host memory before it starts
 (``ModelPipeline.unusable``) and turns an out-of-memory error into "no result"; a job
 that ran short of memory while another job was running here is run once more when no
-other job is running (see :meth:`JobRunner.run_one`), so sharing the device costs an
-urgent study time, never its result.
+other job is running (see :meth:`JobRunner.run_one`), so sharing the device alone does
+not cost a study its result, only time.
 
 ``process_study`` does both in one call without a database, for ``dicomnode process``.
 """
@@ -65,8 +65,15 @@ if TYPE_CHECKING:  # highdicom is imported off the start path
 
 log = logging.getLogger(__name__)
 
-#: Queue order of job rows; routing itself is quick and goes first.
+#: Queue order of job rows: routing is quick and goes before every pipeline job but an
+#: urgent one.
 PRIORITY = {"routing": ROUTING_PRIORITY, "urgent": 100, "high": 70, "normal": 50, "low": 10}
+
+
+def priority_name(value: int) -> str:
+    """The name of a job priority (``"urgent"``), or the number when it has none."""
+    return next((name for name, v in PRIORITY.items() if v == value), str(value))
+
 
 #: The lowest priority the urgent lane takes: routing jobs (a study is not known to be
 #: urgent before it is routed, and routing takes about a second) and urgent jobs.

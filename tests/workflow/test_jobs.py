@@ -220,6 +220,9 @@ def test_an_urgent_study_starts_at_once_while_every_normal_worker_runs_a_long_jo
         _send(node, abdomen)
         _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "running")) == 2
                   and len(_in_state(rows, LONG_JOB, "queued")) == 1)
+        # dicomnode status shows the queue depth per priority
+        assert {"priority": jobs.PRIORITY["normal"], "queued": 1,
+                "running": 2} in node_status(node.db)["queue"]
         _send(node, head)
         rows = _wait_for(node, lambda rows: any(
             r["priority"] == jobs.PRIORITY["urgent"] and r["started_at"] for r in rows))
