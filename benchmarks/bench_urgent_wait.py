@@ -15,12 +15,13 @@ Where ``brain_ich`` is not installed its job ends at once as "not installed"; th
 wait to its start is the same either way, and the line says which it was.
 
 Run: ``.venv/bin/python benchmarks/bench_urgent_wait.py [--matrix 256] [--slices 120]
-[--studies 3] [--delay 1.0]``.
+[--studies 3] [--delay 1.0] [--rounds 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def _jobs(node: Node) -> list[dict[str, Any]]:
     with node.db.session() as session:
         return [{"study_uid": study_uid, "pipeline": job.pipeline, "priority": job.priority,
                  "state": job.state, "reason": job.reason, "worker": job.worker or "",
+                 "timings": job.timings or {},
                  "started_at": _utc(job.started_at), "finished_at": _utc(job.finished_at)}
                 for job, study_uid in session.execute(
                     select(Job, Study.study_uid).join(Study, Job.study_pk == Study.id)
@@ -114,6 +116,7 @@ def one_run(work: Path, abdomen: list[list[Path]], head: list[Path], urgent_work
         "finished_s": (urgent["finished_at"] - acked).total_seconds(),
         "urgent": urgent,
         "liver_s": (running["finished_at"] - running["started_at"]).total_seconds(),
+        "liver_stages": running["timings"],
         "liver_left_s": (running["finished_at"] - acked).total_seconds(),
         "ahead_of_queue": all(urgent["started_at"] < t for t in queued_started),
     }
@@ -124,6 +127,8 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=256, help="Abdomen in-plane matrix.")
     parser.add_argument("--slices", type=int, default=120, help="Abdomen slices.")
     parser.add_argument("--studies", type=int, default=3, help="Abdomen studies queued.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Runs of each, alternating which goes first.")
     parser.add_argument("--delay", type=float, default=1.0,
                         help="Seconds into the running liver job when the head study is sent.")
     args = parser.parse_args()
@@ -136,28 +141,38 @@ def main() -> None:
                              for k in range(1, args.studies)]
         head = sorted(p for p in write_phantom(make_phantom("head", seed=5, matrix=256),
                                                work / "head") if p.suffix == ".dcm")
-        runs = {}
-        for lane in (1, 0):
-            # the same images under new UIDs each run: a fresh node, a fresh study
-            runs[lane] = one_run(work, [_copy_as_new_study(s, work / f"lane{lane}" / str(n))
-                                        for n, s in enumerate(abdomen)],
-                                 _copy_as_new_study(head, work / f"lane{lane}" / "head"),
-                                 lane, args.delay)
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 0: []}
+        for n in range(args.rounds):
+            # alternate which goes first (this machine's load drifts); the same images
+            # under new UIDs each run: a fresh node, a fresh study
+            for lane in (1, 0) if n % 2 == 0 else (0, 1):
+                where = work / f"round{n}-lane{lane}"
+                runs[lane].append(one_run(
+                    where, [_copy_as_new_study(s, where / str(k))
+                            for k, s in enumerate(abdomen)],
+                    _copy_as_new_study(head, where / "head"), lane, args.delay))
     print(f"urgent wait: {args.studies} abdomen phantoms {args.matrix}x{args.matrix}x"
           f"{len(first)} (liver_tumor, workers 1), head phantom {len(head)} slices sent "
-          f"{args.delay:.1f} s into the first liver job")
+          f"{args.delay:.1f} s into the first liver job, {args.rounds} round(s)")
     for lane, label in ((1, "with the urgent lane (urgent_workers 1)"),
                         (0, "without (urgent_workers 0), the peer")):
-        r = runs[lane]
-        u = r["urgent"]
         print(f"  {label}:")
-        print(f"    last ack -> urgent job started {r['wait_s']:7.2f} s  "
-              f"(routed {r['routed_s']:.2f} s, ended {r['finished_s']:.2f} s: {u['state']}"
-              f"{', ' + u['reason'] if u['reason'] else ''}; worker {u['worker']})")
-        print(f"    running liver job: {r['liver_s']:.2f} s in all, {r['liver_left_s']:.2f} s "
-              f"left at the ack; urgent ahead of every queued liver study: "
-              f"{r['ahead_of_queue']}")
-    print(f"  ratio wait without / with the lane {runs[0]['wait_s'] / runs[1]['wait_s']:7.1f}x")
+        for r in runs[lane]:
+            u = r["urgent"]
+            print(f"    last ack -> urgent job started {r['wait_s']:7.2f} s  "
+                  f"(routed {r['routed_s']:.2f} s, ended {r['finished_s']:.2f} s: "
+                  f"{u['state']}{', ' + u['reason'] if u['reason'] else ''}; "
+                  f"worker {u['worker']})")
+            print(f"      running liver job: {r['liver_s']:.2f} s in all, "
+                  f"{r['liver_left_s']:.2f} s left at the ack; urgent ahead of every "
+                  f"queued liver study: {r['ahead_of_queue']}")
+            print("      its stages: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r["liver_stages"].items()
+                if isinstance(v, int | float) and not k.startswith("pipeline.")))
+    with_lane = statistics.median(r["wait_s"] for r in runs[1])
+    without = statistics.median(r["wait_s"] for r in runs[0])
+    print(f"  median wait: with the lane {with_lane:.2f} s, without {without:.2f} s; "
+          f"ratio without / with {without / with_lane:.1f}x")
 
 
 if __name__ == "__main__":
