@@ -87,7 +87,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many of each.")] = 100,
 ) -> None:
-    """Print studies, jobs and deliveries with their states."""
+    """Print studies, jobs and deliveries with their states, and the queue per priority."""
     from dicomnode.store.db import Database
     from dicomnode.store.status import node_status
 
@@ -96,6 +96,10 @@ def status(
     db.upgrade()
     report = node_status(db, limit)
     db.dispose()
+    from dicomnode.workflow.jobs import priority_name
+
+    for level in report["queue"]:
+        level["name"] = priority_name(level["priority"])
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -104,6 +108,9 @@ def status(
     if report["pipelines"]:
         for name, state in sorted(report["pipelines"]["states"].items()):
             typer.echo(f"  pipeline {name:<14} {state}")
+    if report["queue"]:
+        typer.echo("  queue " + ", ".join(f"{q['name']} {q['queued']} queued {q['running']} "
+                                          "running" for q in report["queue"]))
     for st in report["studies"]:
         typer.echo(f"  study {st['study_uid']}  {st['state']:<9} v{st['version']} "
                    f"{st['instances']:>5} instances  trigger={st['completion_trigger']}  "
@@ -112,7 +119,8 @@ def status(
 
     for job in report["jobs"]:
         typer.echo(f"  job {job['id']:>4} {job['state']:<10} {job['pipeline'] or 'routing':<14} "
-                   f"{job['study_uid']} v{job['version']}  {job['reason'] or ''}")
+                   f"{priority_name(job['priority']):<7} {job['study_uid']} v{job['version']}  "
+                   f"{job['reason'] or ''}")
         if job["pipeline"] is None and job["routing"]:
             for line in explain(job["routing"]).splitlines():
                 typer.echo(f"         {line}")

@@ -243,7 +243,14 @@ class Settings(BaseSettings):
     routing_rules: Path | None = Field(
         default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
     )
-    workers: int = Field(default=1, ge=0, description="Embedded job worker threads.")
+    workers: int = Field(default=1, ge=0, description=(
+        "Embedded job worker threads, taking any job, highest priority first; 0: no "
+        "embedded execution at all (the urgent lane does not start either)."))
+    urgent_workers: int = Field(default=1, ge=0, description=(
+        "Further worker threads kept for urgent work: they take only routing jobs (quick, "
+        "and a study is not known to be urgent before it is routed) and urgent pipeline "
+        "jobs, so an urgent study starts at once even while every other worker runs a "
+        "long job. They share the device with the other workers. 0: no lane."))
     warm_up: bool = Field(default=True, description=(
         "At start, off the receiving path, load and run each available pipeline once and "
         "encode a small SEG/RTSTRUCT/SR, so the first study pays no start-up."))

@@ -48,10 +48,18 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (s.ae_title, s.db_url) == ("ENVAE", "sqlite:///x.db")
 
 
+def test_urgent_lane_is_on_by_default_and_can_be_turned_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(None)
+    assert (s.workers, s.urgent_workers) == (1, 1)
+    monkeypatch.setenv("DICOMNODE_URGENT_WORKERS", "0")
+    assert load_settings(None).urgent_workers == 0
+
+
 @pytest.mark.parametrize("bad", [{"ae_title": "WAY_TOO_LONG_AE_TITLE"}, {"port": 70000},
                                  {"unknown_key": 1}, {"ae_title": "BACK\\SLASH"},
                                  {"max_associations_per_ip": 0}, {"association_timeout_s": 0},
-                                 {"max_pdu": 0}, {"max_pdu": 2**30}])
+                                 {"max_pdu": 0}, {"max_pdu": 2**30}, {"urgent_workers": -1}])
 def test_invalid_values_are_named(tmp_path: Path, bad: dict[str, object]) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(bad))

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicomnode.store.db import Database
-from dicomnode.store.models import AuditEvent, Delivery, Job, Series, Study
+from dicomnode.store.models import AuditEvent, Delivery, Job, JobState, Series, Study
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -28,7 +28,9 @@ def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
     Returns
     -------
     dict
-        JSON-serialisable; no patient-identifying values.
+        JSON-serialisable; no patient-identifying values. ``queue`` lists, highest
+        priority first, how many jobs are queued and running at each priority that has
+        any (``workflow.jobs.PRIORITY`` names the levels).
     """
     with db.session() as session:
         studies = []
@@ -73,10 +75,18 @@ def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
             .order_by(AuditEvent.id.desc()).limit(1)).scalar_one_or_none()
         pipelines = ({"checked_at": _ts(checked.ts), "states": checked.detail or {}}
                      if checked is not None else None)
+        # queue depth per priority: what waits, and what runs, at each level
+        queue: dict[int, dict[str, int]] = {}
+        for priority, state, count in session.execute(
+                select(Job.priority, Job.state, func.count(Job.id))
+                .where(Job.state.in_((JobState.QUEUED.value, JobState.RUNNING.value)))
+                .group_by(Job.priority, Job.state)):
+            queue.setdefault(priority, {"queued": 0, "running": 0})[state] = count
         totals = {
             "studies": session.execute(select(func.count(Study.id))).scalar_one(),
             "jobs": session.execute(select(func.count(Job.id))).scalar_one(),
             "deliveries": session.execute(select(func.count(Delivery.id))).scalar_one(),
         }
-    return {"totals": totals, "pipelines": pipelines, "studies": studies, "jobs": jobs,
-            "deliveries": deliveries}
+    return {"totals": totals, "pipelines": pipelines,
+            "queue": [{"priority": p, **queue[p]} for p in sorted(queue, reverse=True)],
+            "studies": studies, "jobs": jobs, "deliveries": deliveries}

@@ -9,6 +9,24 @@ Two kinds of job rows, both claimed by the same workers, highest priority first:
 - a *pipeline* job: loads the chosen series, runs the pipeline, writes the result
   objects and queues them in the outbox for each destination.
 
+Two lanes of worker threads (:class:`JobRunner`):
+
+- ``workers`` threads take any job, highest priority first, so a queued urgent study
+  is the next one any of them starts;
+- ``urgent_workers`` threads (the urgent lane) take only jobs of at least
+  :data:`URGENT_LANE_MIN_PRIORITY`: routing jobs and urgent pipeline jobs. While every
+  other worker runs a long job, an urgent study is routed and started at once instead
+  of waiting for one of them to finish. A running job is never interrupted: stopping a
+  model half-way through a volume on the GPU throws away its work and leaves the device
+  in an uncertain state, and an idle thread costs nothing.
+
+Both lanes share one process, so one copy of each pipeline's weights and one device:
+two networks may run on it at once. Each pipeline checks host memory before it starts
+(``ModelPipeline.unusable``) and turns an out-of-memory error into "no result"; a job
+that ran short of memory while another job was running here is run once more when no
+other job is running (see :meth:`JobRunner.run_one`), so sharing the device alone does
+not cost a study its result, only time.
+
 ``process_study`` does both in one call without a database, for ``dicomnode process``.
 """
 
@@ -47,8 +65,23 @@ if TYPE_CHECKING:  # highdicom is imported off the start path
 
 log = logging.getLogger(__name__)
 
-#: Queue order of job rows; routing itself is quick and goes first.
+#: Queue order of job rows: routing is quick and goes before every pipeline job but an
+#: urgent one.
 PRIORITY = {"routing": ROUTING_PRIORITY, "urgent": 100, "high": 70, "normal": 50, "low": 10}
+
+
+def priority_name(value: int) -> str:
+    """The name of a job priority (``"urgent"``), or the number when it has none."""
+    return next((name for name, v in PRIORITY.items() if v == value), str(value))
+
+
+#: The lowest priority the urgent lane takes: routing jobs (a study is not known to be
+#: urgent before it is routed, and routing takes about a second) and urgent jobs.
+URGENT_LANE_MIN_PRIORITY = min(PRIORITY["routing"], PRIORITY["urgent"])
+
+#: Reasons of a run that lacked memory (``ModelPipeline.run`` and ``unusable``); one
+#: such run while another job was running is tried again alone.
+_SHORT_OF_MEMORY = ("out of memory", "volume too large")
 
 
 #: Routed volumes kept in memory for the pipeline jobs that follow (each ~2 bytes/voxel).
@@ -244,8 +277,14 @@ class JobRunner:
         #: The models folder and device the node's settings give its pipelines.
         self.context = PipelineContext.from_settings(settings)
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        # one wake-up per worker thread: a thread that clears its own cannot swallow
+        # another's (the urgent lane must not sleep through an urgent job's arrival)
+        self._wakes: list[threading.Event] = []
         self._threads: list[threading.Thread] = []
+        # jobs running in this process, and how many have started, for memory retries
+        self._running = 0
+        self._started = 0
+        self._running_changed = threading.Condition()
         #: Set once the start-up check and warm-up are over (done, skipped or failed).
         self.warmed = threading.Event()
         # the volume routing just built, for the pipeline jobs of the same series and
@@ -274,13 +313,16 @@ class JobRunner:
 
     def wake(self) -> None:
         """Look for work now (called when a study completes)."""
-        self._wake.set()
+        for event in self._wakes:
+            event.set()
 
-    def _claim(self, worker: str) -> dict[str, Any] | None:
+    def _claim(self, worker: str, min_priority: int | None = None) -> dict[str, Any] | None:
+        query = select(Job).where(Job.state == JobState.QUEUED.value)
+        if min_priority is not None:
+            query = query.where(Job.priority >= min_priority)
         with self.db.transaction() as session:
             job = session.execute(
-                select(Job).where(Job.state == JobState.QUEUED.value)
-                .order_by(Job.priority.desc(), Job.created_at, Job.id).limit(1)
+                query.order_by(Job.priority.desc(), Job.created_at, Job.id).limit(1)
             ).scalar_one_or_none()
             if job is None:
                 return None
@@ -291,24 +333,68 @@ class JobRunner:
             study = job.study
             return {"id": job.id, "study_uid": study.study_uid, "version": job.study_version,
                     "calling_aet": study.calling_aet, "pipeline": job.pipeline,
-                    "routing": job.routing or {}}
+                    "priority": job.priority, "routing": job.routing or {}}
 
-    def run_one(self, worker: str = "inline") -> bool:
-        """Claim and run one queued job; returns False when none was queued."""
-        job = self._claim(worker)
+    def run_one(self, worker: str = "inline", min_priority: int | None = None) -> bool:
+        """Claim and run one queued job; returns False when none was queued.
+
+        Parameters
+        ----------
+        worker : str
+            Recorded in the job row as the worker that ran it.
+        min_priority : int, optional
+            Take only jobs of at least this priority (the urgent lane:
+            :data:`URGENT_LANE_MIN_PRIORITY`); default any job.
+
+        Returns
+        -------
+        bool
+            Whether a job was claimed (and run).
+
+        Notes
+        -----
+        A pipeline job that ends short of memory ("out of memory", "volume too large")
+        while another job was running in this process waits until none is, then runs
+        once more: both lanes share the host memory and the GPU, and each pipeline's
+        memory check sees only what is free when it starts.
+        """
+        job = self._claim(worker, min_priority)
         if job is None:
             return False
         log.info("job.started", extra=fields(job=job["id"], study=job["study_uid"],
                                              version=job["version"],
-                                             pipeline=job["pipeline"] or "routing"))
+                                             pipeline=job["pipeline"] or "routing",
+                                             priority=job["priority"], worker=worker))
+        with self._running_changed:
+            self._running += 1
+            self._started += 1
         try:
             run = self._route(job) if job["pipeline"] is None else self._pipeline(job)
         except Exception as exc:  # a bug must not stop the worker; the reason is recorded
             log.exception("job.crashed", extra=fields(job=job["id"]))
             run = StudyRun(JobState.FAILED, reason=f"{type(exc).__name__}: {exc}",
                            pipeline=job["pipeline"], routing=job["routing"])
+        finally:
+            with self._running_changed:
+                self._running -= 1
+                self._running_changed.notify_all()
         self._finish(job, run)
         return True
+
+    def _shared(self, started_before: int) -> bool:
+        """Whether another job ran beside this one since ``started_before`` was read."""
+        with self._running_changed:
+            return self._running > 1 or self._started != started_before
+
+    def _wait_alone(self, timeout: float = 3600.0) -> None:
+        """Wait until no other job runs in this process (this one not counted)."""
+        with self._running_changed:
+            self._running -= 1
+            try:
+                self._running_changed.wait_for(
+                    lambda: self._running == 0 or self._stop.is_set(), timeout)
+            finally:
+                self._running += 1
 
     def _files(self, study_uid: str, version: int, series_uid: str | None = None) -> list[Path]:
         with self.db.session() as session:
@@ -363,10 +449,20 @@ class JobRunner:
             volume, source = load_series(files), "loaded"
         load_s = round(time.perf_counter() - started, 3)
         out_dir = self.settings.results_dir / f"job-{job['id']}"
+        with self._running_changed:
+            started_before = self._started
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                            seg_writer=self.seg_writer,
                            no_result_report=self.settings.no_result_report,
                            context=self.context)
+        if (run.state == JobState.NO_RESULT and run.reason.startswith(_SHORT_OF_MEMORY)
+                and self._shared(started_before)):
+            log.info("job.retry_alone", extra=fields(job=job["id"], reason=run.reason))
+            self._wait_alone()
+            run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
+                               seg_writer=self.seg_writer,
+                               no_result_report=self.settings.no_result_report,
+                               context=self.context)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
@@ -501,11 +597,21 @@ class JobRunner:
         log.info("results.warm", extra=fields(seconds=round(seconds, 3)))
 
     def start(self) -> None:
-        """Start ``settings.workers`` worker threads (and check the pipelines they run)."""
+        """Start the worker threads (and check the pipelines they run).
+
+        ``settings.workers`` threads named ``worker-<pid>-<n>`` take any job;
+        ``settings.urgent_workers`` threads named ``worker-<pid>-urgent-<n>`` take only
+        routing and urgent jobs. With ``workers`` 0 no thread starts (jobs stay queued).
+        """
         self._stop.clear()
         self._checked.clear()
         self.warmed.clear()
+        lanes: list[tuple[str, int | None]] = []
         if self.settings.workers > 0:
+            lanes = [(f"worker-{os.getpid()}-{n}", None) for n in range(self.settings.workers)]
+            lanes += [(f"worker-{os.getpid()}-urgent-{n}", URGENT_LANE_MIN_PRIORITY)
+                      for n in range(self.settings.urgent_workers)]
+        if lanes:
             # weights are hashed, loaded and run once off the start-up path: the node
             # listens at once, says which pipeline is unavailable when it knows, and the
             # first study does not pay for loading weights or starting the GPU
@@ -513,18 +619,21 @@ class JobRunner:
                                       name="pipeline-check", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._workers_warm = [threading.Event() for _ in range(self.settings.workers)]
-        for n, warm in enumerate(self._workers_warm):
-            name = f"worker-{os.getpid()}-{n}"
-            thread = threading.Thread(target=self._run, args=(name, warm), name=name,
-                                      daemon=True)
+        self._workers_warm = [threading.Event() for _ in lanes]
+        self._wakes = [threading.Event() for _ in lanes]
+        for (name, min_priority), warm, wake in zip(lanes, self._workers_warm, self._wakes,
+                                                     strict=True):
+            thread = threading.Thread(target=self._run, args=(name, warm, wake, min_priority),
+                                      name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
         """Stop the workers; a running job finishes first."""
         self._stop.set()
-        self._wake.set()
+        self.wake()
+        with self._running_changed:
+            self._running_changed.notify_all()
         for thread in self._threads:
             thread.join(timeout=300)
         self._threads.clear()
@@ -551,18 +660,19 @@ class JobRunner:
                 pipeline=name, seconds=round(time.perf_counter() - started, 3),
                 thread=threading.current_thread().name))
 
-    def _run(self, name: str, warm: threading.Event) -> None:
+    def _run(self, name: str, warm: threading.Event, wake: threading.Event,
+             min_priority: int | None) -> None:
         try:
             if self.settings.warm_up:
                 self._warm_pipelines()
         finally:
             warm.set()
         while not self._stop.is_set():
+            wake.clear()  # before looking: a job queued after the look sets it again
             try:
-                worked = self.run_one(name)
+                worked = self.run_one(name, min_priority)
             except Exception:
                 log.exception("jobs.poll_failed")
                 worked = False
             if not worked:
-                self._wake.wait(1.0)
-                self._wake.clear()
+                wake.wait(1.0)

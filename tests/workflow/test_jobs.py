@@ -1,22 +1,33 @@
-"""The job runner: warm-up on the threads that run studies; reporting that there is no result."""
+"""The job runner: warm-up on the threads that run studies; reporting that there is no result;
+urgent studies ahead of queued ones and beside running ones (the urgent lane)."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+import yaml
+from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicomnode.config import Peer, Settings
 from dicomnode.node import Node
 from dicomnode.phantoms import make_phantom, write_phantom
-from dicomnode.pipelines import liver_tumor
+from dicomnode.pipelines import base, liver_tumor
+from dicomnode.pipelines.base import PipelineResult, ResultObject
+from dicomnode.store.models import Job
 from dicomnode.store.status import node_status
 from dicomnode.workflow import jobs
+from dicomnode.workflow.routing import DEFAULT_RULES
+from tests.imaging.conftest import anatomy, write_series
 from tests.peers import storescp
 
 
@@ -40,13 +51,15 @@ def test_each_worker_thread_warms_the_pipelines_before_warmed_is_set(
     monkeypatch.setattr(jobs, "get_pipeline", lambda name, context=None: pipeline)
     settings.warm_up = True
     settings.workers = 2
+    settings.urgent_workers = 1
     node = Node(settings)
     node.start()
     try:
         assert node.runner.warmed.wait(60)
         workers = {t.name for t in node.runner._threads if t.name.startswith("worker-")}
-        assert len(workers) == 2
-        assert sorted(pipeline.threads) == sorted(workers)  # once per worker, not "broken"
+        assert len(workers) == 3 and len([w for w in workers if "-urgent-" in w]) == 1
+        # once per worker, the urgent lane's included (it runs studies), not "broken"
+        assert sorted(pipeline.threads) == sorted(workers)
         # what start-up loaded is left out of full garbage collections while it runs
         assert gc.get_freeze_count() > 0
     finally:
@@ -107,3 +120,214 @@ def test_no_result_is_reported_to_the_sender_when_the_site_wants_it(
     assert report.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
     text = report.ContentSequence[-1].ContentSequence[0].TextValue
     assert text.startswith("AI liver: no result. No liver found")
+
+
+# --- urgent work: ahead of the queue, and beside running jobs ---------------------------
+
+#: A test-only pipeline that stands in for a long normal job (a liver study on a busy
+#: CPU takes minutes): it holds its worker until the test releases it.
+LONG_JOB = "long_job_stand_in"
+
+
+class _LongJobStandIn:
+    """Stand-in for a long job: blocks until ``release`` is set (at most 120 s)."""
+
+    name = LONG_JOB
+    region = "abdomen"
+    emits = (ResultObject.SR,)
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def check(self) -> None:
+        pass
+
+    def warm_up(self) -> None:
+        pass
+
+    def run(self, volume: Any) -> PipelineResult:
+        self.release.wait(120)
+        return PipelineResult(LONG_JOB, ok=False, reason="stand-in for a long job")
+
+
+def _route_to(settings: Settings, path: Path, replace: dict[str, str]) -> None:
+    """The embedded routing rules with some actions' pipelines replaced (same priority)."""
+    rules = copy.deepcopy(DEFAULT_RULES)
+    for rule in rules["rules"]:
+        for action in rule["actions"]:
+            action["pipeline"] = replace.get(action["pipeline"], action["pipeline"])
+    path.write_text(yaml.safe_dump(rules, allow_unicode=True), encoding="utf-8")
+    settings.routing_rules = path
+
+
+@pytest.fixture
+def long_jobs(settings: Settings, tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Abdomen studies routed (normal priority) to the long-job stand-in; head studies
+    keep the embedded rules (``brain_ich``, urgent)."""
+    stand_in = _LongJobStandIn()
+    monkeypatch.setitem(base._REGISTRY, LONG_JOB, lambda context: stand_in)
+    _route_to(settings, tmp_path / "routing.yaml", {"liver_tumor": LONG_JOB})
+    yield stand_in
+    stand_in.release.set()
+
+
+def _study(out_dir: Path, region: str, seed: int) -> list[Path]:
+    hu = anatomy(region, slices=40, matrix=96, seed=seed)
+    return write_series(out_dir, hu, spacing=(3.0, 400 / 96, 400 / 96),
+                        study_uid=generate_uid())
+
+
+def _send(node: Node, files: list[Path]) -> None:
+    sent = subprocess.run(["storescu", "-aec", node.settings.ae_title, "127.0.0.1",
+                           str(node.scp.port), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+
+
+def _jobs(node: Node) -> list[dict[str, Any]]:
+    with node.db.session() as session:
+        return [{"id": j.id, "pipeline": j.pipeline, "priority": j.priority, "state": j.state,
+                 "reason": j.reason, "worker": j.worker or "", "started_at": j.started_at,
+                 "finished_at": j.finished_at}
+                for j in session.execute(select(Job).order_by(Job.id)).scalars()]
+
+
+def _wait_for(node: Node, done: Callable[[list[dict[str, Any]]], bool],
+              timeout: float = 120) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    rows = _jobs(node)
+    while not done(rows):
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.05)
+        rows = _jobs(node)
+    return rows
+
+
+def _in_state(rows: list[dict[str, Any]], pipeline: str, state: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["pipeline"] == pipeline and r["state"] == state]
+
+
+def test_an_urgent_study_starts_at_once_while_every_normal_worker_runs_a_long_job(
+        settings: Settings, tmp_path: Path, long_jobs: _LongJobStandIn) -> None:
+    settings.workers, settings.urgent_workers = 2, 1
+    abdomen = [f for n in range(3) for f in _study(tmp_path / f"abdomen{n}", "abdomen", n)]
+    head = _study(tmp_path / "head", "head", 11)
+    node = Node(settings)
+    node.start()
+    try:
+        # three long normal jobs: two running (every normal worker busy), one queued
+        _send(node, abdomen)
+        _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "running")) == 2
+                  and len(_in_state(rows, LONG_JOB, "queued")) == 1)
+        # dicomnode status shows the queue depth per priority
+        assert {"priority": jobs.PRIORITY["normal"], "queued": 1,
+                "running": 2} in node_status(node.db)["queue"]
+        _send(node, head)
+        rows = _wait_for(node, lambda rows: any(
+            r["priority"] == jobs.PRIORITY["urgent"] and r["started_at"] for r in rows))
+        (urgent,) = [r for r in rows if r["priority"] == jobs.PRIORITY["urgent"]]
+        assert urgent["pipeline"] == "brain_ich"
+        assert "-urgent-" in urgent["worker"]
+        # started without waiting for a running job to finish, and before the queued one
+        assert len(_in_state(rows, LONG_JOB, "running")) == 2
+        assert len(_in_state(rows, LONG_JOB, "queued")) == 1
+        # its routing job ran in the lane too: every normal worker was busy
+        head_routing = [r for r in rows if r["pipeline"] is None][-1]
+        assert "-urgent-" in head_routing["worker"]
+
+        # the lane takes no normal job, even when it has nothing else to do
+        _wait_for(node, lambda rows: any(r["id"] == urgent["id"] and r["finished_at"]
+                                         for r in rows))
+        time.sleep(1.5)  # longer than a worker's idle poll
+        assert len(_in_state(_jobs(node), LONG_JOB, "queued")) == 1
+
+        long_jobs.release.set()
+        rows = _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "no_result")) == 3)
+    finally:
+        node.stop()
+    normal = [r for r in rows if r["pipeline"] == LONG_JOB]
+    assert not [r for r in normal if "-urgent-" in r["worker"]]
+    assert max(r["started_at"] for r in normal) > urgent["started_at"]
+
+
+def test_an_urgent_study_takes_the_next_free_worker_ahead_of_five_queued_studies(
+        settings: Settings, tmp_path: Path, long_jobs: _LongJobStandIn) -> None:
+    # no lane: the urgent study waits for the running job, then goes first
+    settings.workers, settings.urgent_workers = 1, 0
+    abdomen = [f for n in range(6) for f in _study(tmp_path / f"abdomen{n}", "abdomen", n)]
+    head = _study(tmp_path / "head", "head", 11)
+    node = Node(settings)
+    node.start()
+    try:
+        _send(node, abdomen)
+        _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "running")) == 1
+                  and len(_in_state(rows, LONG_JOB, "queued")) == 5)
+        _send(node, head)
+        time.sleep(1.0)
+        rows = _jobs(node)
+        assert [r["state"] for r in rows if r["pipeline"] is None][-1] == "queued"
+        long_jobs.release.set()
+        rows = _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "no_result")) == 6
+                         and all(r["finished_at"] for r in rows))
+    finally:
+        node.stop()
+    order = [r["pipeline"] or "routing"
+             for r in sorted(rows, key=lambda r: r["started_at"])][-7:]
+    assert order == ["routing", "brain_ich"] + [LONG_JOB] * 5
+
+
+class _ShortOfMemoryBesideAnotherJob:
+    """Test-only urgent pipeline: its first run ends as a pipeline does when the device
+    had no memory left for it (``ModelPipeline.run``), its later runs end normally."""
+
+    name = "short_of_memory_stand_in"
+    region = "head"
+    emits = (ResultObject.SR,)
+
+    def __init__(self) -> None:
+        self.runs: list[float] = []
+
+    def check(self) -> None:
+        pass
+
+    def warm_up(self) -> None:
+        pass
+
+    def run(self, volume: Any) -> PipelineResult:
+        self.runs.append(time.monotonic())
+        if len(self.runs) == 1:
+            return PipelineResult(self.name, ok=False, reason="out of memory while "
+                                  "segmenting: CUDA out of memory (stand-in)")
+        return PipelineResult(self.name, ok=False, reason="ran alone")
+
+
+def test_an_urgent_job_short_of_memory_beside_a_running_job_runs_again_once_alone(
+        settings: Settings, tmp_path: Path, long_jobs: _LongJobStandIn,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # both lanes share the device: running out of memory there must cost the urgent
+    # study time, not its result
+    urgent = _ShortOfMemoryBesideAnotherJob()
+    monkeypatch.setitem(base._REGISTRY, urgent.name, lambda context: urgent)
+    _route_to(settings, tmp_path / "routing.yaml",
+              {"liver_tumor": LONG_JOB, "brain_ich": urgent.name})
+    settings.workers, settings.urgent_workers = 1, 1
+    abdomen = _study(tmp_path / "abdomen", "abdomen", 0)
+    head = _study(tmp_path / "head", "head", 11)
+    node = Node(settings)
+    node.start()
+    try:
+        _send(node, abdomen)
+        _wait_for(node, lambda rows: len(_in_state(rows, LONG_JOB, "running")) == 1)
+        _send(node, head)
+        _wait_for(node, lambda rows: len(urgent.runs) == 1)
+        time.sleep(1.0)
+        assert len(urgent.runs) == 1  # waiting for the long job, not ending "no result"
+        assert len(_in_state(_jobs(node), urgent.name, "running")) == 1
+        released = time.monotonic()
+        long_jobs.release.set()
+        rows = _wait_for(node, lambda rows: bool(_in_state(rows, urgent.name, "no_result")))
+    finally:
+        node.stop()
+    assert len(urgent.runs) == 2 and urgent.runs[1] >= released
+    assert [r["reason"] for r in rows if r["pipeline"] == urgent.name] == ["ran alone"]
