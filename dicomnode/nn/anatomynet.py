@@ -59,6 +59,8 @@ COARSE_SPACING: tuple[float, float, float] = (5.0, 4.0, 4.0)
 FINE_SPACING: tuple[float, float, float] = (2.5, 1.0, 1.0)
 #: Margin added around the stage-1 organs' box before stage 2 (mm).
 BOX_MARGIN_MM: float = 12.0
+#: Smallest group of organ voxels on the coarse grid (ml) that the organs' box keeps.
+MIN_GROUP_ML = 2.0
 
 
 def normalise_hu(hu: torch.Tensor | np.ndarray,
@@ -379,8 +381,10 @@ class HeadNeckSegmenter:
                   ) -> tuple[slice, slice, slice] | None:
         """The box of the organs found on the coarse grid, on the input grid, with margin.
 
-        The largest connected group of organ voxels (dilated by one coarse voxel so that
-        neighbouring organs join) decides; stray voxels elsewhere do not widen the box.
+        Organ voxels are grouped (dilated by two coarse voxels so that neighbouring
+        organs join); every group of at least :data:`MIN_GROUP_ML` decides, so that stray
+        voxels do not widen the box while the brainstem and optic pathway, which can
+        form a group apart from the mandible and glands, stay inside it.
         """
         organs = coarse_labels > 0
         if not organs.any():
@@ -388,9 +392,13 @@ class HeadNeckSegmenter:
         joined, count = ndimage.label(ndimage.binary_dilation(organs, iterations=2),
                                       structure=np.ones((3, 3, 3), dtype=bool))
         if count > 1:
-            sizes = np.bincount(joined[organs])
+            sizes = np.bincount(joined[organs], minlength=count + 1)
             sizes[0] = 0
-            organs &= joined == int(np.argmax(sizes))
+            coarse_ml = float(np.prod(COARSE_SPACING)) / 1000.0
+            keep = np.flatnonzero(sizes * coarse_ml >= MIN_GROUP_ML)
+            if not len(keep):
+                keep = np.array([int(np.argmax(sizes))])
+            organs &= np.isin(joined, keep)
         idx = np.nonzero(organs)
         box = []
         for axis in range(3):

@@ -117,3 +117,19 @@ def test_nothing_found_gives_an_empty_map() -> None:
     out = seg.segment(np.zeros((16, 32, 32), dtype=np.int16), (5.0, 4.0, 4.0))
     assert out.labels.max() == 0 and out.box is None
     assert anatomynet.normalise_hu(np.array([-1000, 100, 2000])).tolist() == [-1, 0, 1]
+
+
+def test_the_organs_box_keeps_every_sizeable_group_and_drops_strays() -> None:
+    """The brainstem and optic pathway can form a group apart from the mandible and
+    glands on the coarse grid; the box must hold both, but not a stray voxel."""
+    seg = _toy_segmenter()
+    coarse = np.zeros((40, 60, 60), dtype=np.uint8)
+    coarse[5:15, 10:30, 15:45] = 3           # mandible and glands: 6000 voxels, 480 ml
+    coarse[25:35, 35:42, 27:33] = 1          # brainstem, 8 slices above: 420 voxels, 34 ml
+    coarse[2, 55, 2] = 6                     # one stray voxel (0.08 ml)
+    box = seg.organ_box(coarse, (1.0, 1.0, 1.0), coarse.shape, anatomynet.COARSE_SPACING)
+    assert box is not None
+    margin = [int(np.ceil(anatomynet.BOX_MARGIN_MM / s)) for s in anatomynet.COARSE_SPACING]
+    assert box[0] == slice(5 - margin[0], 35 + margin[0])
+    assert box[1] == slice(10 - margin[1], 42 + margin[1])
+    assert box[2] == slice(15 - margin[2], 45 + margin[2])
