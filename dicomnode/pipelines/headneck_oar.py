@@ -11,8 +11,8 @@ What is reported, and what is not:
 - an organ smaller than its plausible minimum (``MIN_ML``: a resected parotid, an
   optic nerve outside the field) is left out; the others are still returned, and the
   SR says which organ was not found;
-- a series with neither brainstem nor mandible (a chest, an abdomen, a neck below the
-  skull base routed here), too few slices, or a mandible cut by the field of view gives
+- a series with neither mandible nor parotid glands (a head-only scan, a chest or an
+  abdomen routed here), too few slices, or a mandible cut by the field of view gives
   "no result" with the reason, never an empty or made-up structure.
 """
 
@@ -95,10 +95,12 @@ class HeadNeckOarPipeline(ModelPipeline):
             if name in absent:
                 labels[labels == value] = 0
         timings["measure"] = time.perf_counter() - t
-        if "BrainStem" in absent and "Bone_Mandible" in absent:
+        if not {"Bone_Mandible", "Parotid_L", "Parotid_R"} - set(absent):
+            # the spinal cord of a chest or abdomen can pass for a brainstem: the face's
+            # bone and glands are what mark a head-and-neck series
             return self.no_result(
-                "no head-and-neck anatomy found: neither brainstem nor mandible (a head-only, "
-                "neck-only, chest or abdomen series?)", timings, algorithm)
+                "no head-and-neck anatomy found: neither mandible nor parotid glands (a "
+                "head-only, chest or abdomen series?)", timings, algorithm)
         if "Bone_Mandible" not in absent:
             slices = np.flatnonzero((labels == 3).any(axis=(1, 2)))
             if slices[0] == 0 or slices[-1] == labels.shape[0] - 1:
