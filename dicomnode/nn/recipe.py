@@ -278,6 +278,12 @@ class ModelRecipe(ABC):
     def score_case(self, labels: np.ndarray, case: datasets.Case) -> dict[str, Any]:
         """Scores of one predicted label map against its case's truth."""
 
+    def score(self, result: Any, case: datasets.Case) -> dict[str, Any]:
+        """Scores of one segmenter result (a :class:`Segmentation`) against its case's
+        truth: :meth:`score_case` of its labels, unless the model scores more than labels
+        (a classifier's probabilities)."""
+        return self.score_case(result.labels, case)
+
     @abstractmethod
     def summarise(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Scores over cases."""
