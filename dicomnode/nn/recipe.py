@@ -28,7 +28,8 @@ from dicomnode.nn import datasets, weights
 log = logging.getLogger(__name__)
 
 #: Built-in model recipes: name -> module under ``dicomnode.nn``.
-BUILTIN: dict[str, str] = {"headneck_oar": "headneck_oar", "liver_tumor": "liver_tumor"}
+BUILTIN: dict[str, str] = {"brain_ich": "brain_ich", "headneck_oar": "headneck_oar",
+                           "liver_tumor": "liver_tumor"}
 
 #: A case to read: a path, or a pair of paths (image, labels), or a phantom seed.
 Source = Path | tuple[Path, ...] | int
