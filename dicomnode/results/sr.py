@@ -283,12 +283,15 @@ class IchResult:
         The decision (probability at or above the pipeline's threshold).
     slice_indices
         Indices of the source slices flagged for this finding.
+    slice_probabilities
+        The finding's probability on each of those slices (same order), or empty.
     """
 
     key: str
     probability: float
     present: bool
     slice_indices: tuple[int, ...] = field(default_factory=tuple)
+    slice_probabilities: tuple[float, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         keys = [f.key for f in ICH_FINDINGS]
@@ -297,6 +300,11 @@ class IchResult:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(
                 f"Invalid 'probability' value '{self.probability}' - must be in [0, 1]")
+        if self.slice_probabilities and (
+                len(self.slice_probabilities) != len(self.slice_indices)
+                or not all(0.0 <= p <= 1.0 for p in self.slice_probabilities)):
+            raise ValueError(f"Invalid 'slice_probabilities' value for '{self.key}' - one "
+                             "probability in [0, 1] per flagged slice")
 
 
 def build_ich_sr(
@@ -312,7 +320,9 @@ def build_ich_sr(
     """Build a TID 1500 report of the six ICH findings.
 
     Each finding is a measurement group with its probability (DCM 122157), a
-    qualitative evaluation Present/Absent, and the flagged slices as source images.
+    qualitative evaluation Present/Absent, and the flagged slices as source images;
+    where given, each flagged slice's own probability follows the study's as a further
+    Probability measurement referencing that slice.
 
     Parameters
     ----------
@@ -354,7 +364,14 @@ def build_ich_sr(
             algorithm_id=algorithm_id,
             measurements=[hd.sr.Measurement(
                 name=codes.DCM.Probability, value=round(result.probability, 4),
-                unit=NO_UNITS, algorithm_id=algorithm_id)],
+                unit=NO_UNITS, algorithm_id=algorithm_id), *(
+                hd.sr.Measurement(
+                    name=codes.DCM.Probability, value=round(float(p), 4), unit=NO_UNITS,
+                    algorithm_id=algorithm_id,
+                    referenced_images=[hd.sr.SourceImageForMeasurement(
+                        source_images[i].SOPClassUID, source_images[i].SOPInstanceUID)])
+                for i, p in zip(result.slice_indices if result.slice_probabilities else (),
+                                result.slice_probabilities, strict=True))],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 name=code,
                 value=codes.SCT.Present if result.present else codes.SCT.Absent)],

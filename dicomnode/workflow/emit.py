@@ -143,11 +143,14 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                 seg_writer.restart()
                 write(seg_here(), seg_file)
     if result.probabilities:
-        findings = [
-            IchResult(key, float(p), bool(result.decisions.get(key, False)),
-                      tuple(result.measurements.get("slices", {}).get(key, ())))
-            for key, p in result.probabilities.items()
-        ]
+        per_slice = result.measurements.get("slice_probabilities", {})
+        findings = []
+        for key, p in result.probabilities.items():
+            flagged = tuple(result.measurements.get("slices", {}).get(key, ()))
+            values = per_slice.get(key)
+            findings.append(IchResult(
+                key, float(p), bool(result.decisions.get(key, False)), flagged,
+                tuple(float(values[i]) for i in flagged) if values else ()))
         if ResultObject.SR in emits:
             # the conclusion in the series list: a negative study shows it was analysed
             conclusion = ("haemorrhage suspected" if result.decisions.get("any")

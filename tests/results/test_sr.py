@@ -99,7 +99,7 @@ def test_ich_report(axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -
                IchResult("intraparenchymal", 0.07, False),
                IchResult("intraventricular", 0.04, False),
                IchResult("subarachnoid", 0.12, False),
-               IchResult("subdural", 0.88, True, (11, 12))]
+               IchResult("subdural", 0.88, True, (11, 12), (0.81, 0.88))]
     sr = build_ich_sr(axial.images, results, algorithm)
     path = write(sr, tmp_path / "ich.dcm")
     assert dciodvfy_errors(path) == []
@@ -118,6 +118,11 @@ def test_ich_report(axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -
     refs = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             for item in subdural[0].ContentSequence if item.ValueType == "IMAGE"]
     assert refs == [axial.images[i].SOPInstanceUID for i in (11, 12)]
+    # each flagged slice's own probability, referencing that slice
+    per_slice = subdural.get_measurements(name=codes.DCM.Probability)[1:]
+    assert [m.value for m in per_slice] == pytest.approx([0.81, 0.88])
+    assert [m.referenced_images[0].referenced_sop_instance_uid for m in per_slice] == [
+        axial.images[i].SOPInstanceUID for i in (11, 12)]
 
 
 def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) -> None:
@@ -125,6 +130,8 @@ def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) ->
         IchResult("stroke", 0.5, True)
     with pytest.raises(ValueError, match="'probability'"):
         IchResult("any", 1.5, True)
+    with pytest.raises(ValueError, match="'slice_probabilities'"):
+        IchResult("any", 0.9, True, (1, 2), (0.9,))
     with pytest.raises(ValueError, match="'slice_indices'"):
         build_ich_sr(axial.images, [IchResult("any", 0.9, True, (999,))], algorithm)
     with pytest.raises(ValueError, match="repeated"):
