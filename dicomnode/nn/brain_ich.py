@@ -14,8 +14,9 @@ folder with ``stage_2_train.csv`` (``ID,Label`` rows ``ID_<sop>_<finding>,0|1``)
 series are rebuilt from the headers (Series Instance UID, positions). RSNA cases have
 no voxel labels: they teach the classifier only.
 
-Operating point: on validation phantoms, each finding's threshold is the highest at
-which the study-level sensitivity is at least ``target_sensitivity`` (0.95). The blood
+Operating point: on validation phantoms, the threshold of ``any`` is the highest at
+which the study-level sensitivity is at least ``target_sensitivity`` (0.95); each
+subtype's maximises sensitivity + specificity (Youden). The blood
 segmentation ships only where its validation Dice reaches :data:`SEG_MIN_DICE`.
 
 Scores: study-level AUC per finding, the RSNA weighted log loss on studies and on
@@ -82,7 +83,8 @@ class BrainIchOptions(Options):
     seg_weight: float = field(default=0.5, metadata={
         "help": "Weight of the blood segmentation loss (0: no segmentation training)."})
     target_sensitivity: float = field(default=0.95, metadata={
-        "help": "Study-level sensitivity each threshold is chosen for on validation."})
+        "help": "Study-level sensitivity the threshold of 'any' is chosen for on "
+                "validation."})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field whose value is wrong."""
@@ -297,6 +299,22 @@ def threshold_for_sensitivity(scores: Sequence[float], truth: Sequence[int],
     return float(pos[max(need, 1) - 1])
 
 
+def threshold_youden(scores: Sequence[float], truth: Sequence[int]) -> float:
+    """The threshold (``p >= t`` is positive) with the highest sensitivity + specificity
+    (ties: the lower threshold, the more sensitive). Without both classes, 0.5."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(truth, dtype=bool)
+    if not y.any() or y.all():
+        return 0.5
+    best, best_t = -1.0, 0.5
+    for t in np.unique(s):
+        d = s >= t
+        j = float(d[y].mean() + (~d[~y]).mean())
+        if j > best + 1e-12:
+            best, best_t = j, float(t)
+    return best_t
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (1.0 when both are empty)."""
     total = int(a.sum()) + int(b.sum())
@@ -366,8 +384,14 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def choose_operating_point(classifier: IchClassifier, cases: Iterable[datasets.Case],
                            target: float) -> dict[str, Any]:
-    """Each finding's threshold for ``target`` sensitivity on validation cases, and the
-    blood segmentation's validation Dice (which decides whether it ships)."""
+    """The thresholds on validation cases, and the blood segmentation's validation Dice
+    (which decides whether it ships).
+
+    ``any`` (the triage decision) gets the highest threshold with ``target``
+    sensitivity; each subtype the one with the highest sensitivity + specificity: with a
+    dozen positives of a subtype, the sensitivity rule sets its threshold at the one
+    lowest positive and the specificity falls with it.
+    """
     probs: dict[str, list[float]] = {k: [] for k in FINDINGS}
     truth: dict[str, list[int]] = {k: [] for k in FINDINGS}
     dices = []
@@ -380,9 +404,10 @@ def choose_operating_point(classifier: IchClassifier, cases: Iterable[datasets.C
         if has_voxel_labels(case) and study[0]:
             dices.append(dice(result.labels > 0, case.labels > 0))
     # rounded down: a threshold rounded up would drop the lowest positive it was chosen for
-    thresholds = {key: float(np.floor(threshold_for_sensitivity(probs[key], truth[key],
-                                                                target) * 1e5) / 1e5)
-                  for key in FINDINGS}
+    chosen = {key: (threshold_for_sensitivity(probs[key], truth[key], target)
+                    if key == "any" else threshold_youden(probs[key], truth[key]))
+              for key in FINDINGS}
+    thresholds = {key: float(np.floor(value * 1e5) / 1e5) for key, value in chosen.items()}
     seg_dice = float(np.mean(dices)) if dices else 0.0
     measured = {}
     for key in FINDINGS:

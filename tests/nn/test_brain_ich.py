@@ -20,6 +20,7 @@ from dicomnode.nn.brain_ich import (
     read_rsna_labels,
     summarise,
     threshold_for_sensitivity,
+    threshold_youden,
 )
 from dicomnode.nn.ichnet import FINDINGS, IchTarget
 from dicomnode.nn.recipe import get_recipe, make_options
@@ -179,3 +180,12 @@ def test_training_writes_weights_with_an_operating_point_chosen_on_validation(
     assert loaded.sha256 == entry["sha256"]
     assert segmenter.thresholds == pytest.approx(entry["input"]["thresholds"])  # type: ignore[attr-defined]
     assert datasets.format_seeds([0, 1]) in entry["training_data"]
+
+
+def test_a_subtypes_threshold_balances_sensitivity_and_specificity() -> None:
+    scores = [0.9, 0.8, 0.05, 0.6, 0.3, 0.1, 0.2]
+    truth = [1, 1, 1, 0, 0, 0, 0]
+    # the sensitivity rule would go down to 0.05 (every negative positive); Youden's J
+    # stops at 0.8 (sensitivity 2/3, specificity 1)
+    assert threshold_youden(scores, truth) == pytest.approx(0.8)
+    assert threshold_youden(scores, [0] * 7) == 0.5
