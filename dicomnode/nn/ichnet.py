@@ -391,7 +391,8 @@ class IchPrediction:
     slabs : list of range
         The volume's slices in each slab.
     decisions : dict
-        Finding -> study probability at or above its threshold.
+        Finding -> study probability at or above its threshold (a subtype only where
+        ``any`` is too).
     thresholds : dict
         Finding -> the threshold applied.
     timings : dict
@@ -463,6 +464,9 @@ class IchClassifier:
             if mask.any():
                 labels = to_volume_grid(mask, prepared, hu.shape).astype(np.uint8)
         timings["postprocess"] = time.perf_counter() - t
-        decisions = {k: study[k] >= self.thresholds[k] for k in FINDINGS}
+        # "any" is the triage decision (validated for its sensitivity); a subtype is
+        # reported only within a positive study, so the report never contradicts itself
+        positive = study["any"] >= self.thresholds["any"]
+        decisions = {k: positive and study[k] >= self.thresholds[k] for k in FINDINGS}
         return IchPrediction(labels, study, per_slice, prepared.groups, decisions,
                              dict(self.thresholds), timings)

@@ -2,8 +2,9 @@
 
 The recipe on :class:`~dicomnode.pipelines.base.ModelPipeline`: IchNet
 (:mod:`dicomnode.nn.ichnet`, trained by :mod:`dicomnode.nn.brain_ich`) gives each slab
-and the study a probability of the six RSNA findings; each finding is decided at the
-threshold its weights were validated at (sensitivity >= 0.95 on validation phantoms).
+and the study a probability of the six RSNA findings. ``any``, the triage decision, is
+decided at the threshold its weights were validated at (sensitivity >= 0.95 on
+validation phantoms); a subtype at its own threshold, and only in a positive study.
 The result carries the study probabilities and decisions, every slice's probabilities,
 and the flagged slices (the middle slice of each slab at or above a positive finding's
 threshold), for a TID 1500 SR (always, a negative study included: the radiologist sees
@@ -126,9 +127,7 @@ class BrainIchPipeline(ModelPipeline):
         t = time.perf_counter()
         segmenter, _ = self.load()
         thresholds = segmentation.thresholds
-        decisions = dict(segmentation.decisions)
-        # a subtype decided present makes the study positive, whatever "any" says
-        decisions["any"] = any(decisions.values())
+        decisions = dict(segmentation.decisions)  # subtypes only within a positive "any"
         positive = [k for k in FINDINGS if decisions[k]]
         slices = segmentation.slices
         per_finding: dict[str, list[int]] = {}
@@ -139,9 +138,6 @@ class BrainIchPipeline(ModelPipeline):
             for group in segmentation.slabs:
                 if slices[group.start, k] >= thresholds[key]:
                     flagged.append(group.start + (len(group) - 1) // 2)
-            if not flagged:  # "any" made positive by a subtype: that subtype's slabs
-                flagged = sorted({i for name in positive if name != key
-                                  for i in per_finding.get(name, [])})
             per_finding[key] = flagged
         flagged_slices = sorted({i for v in per_finding.values() for i in v})
         conclusion = ("haemorrhage suspected: " + ", ".join(k for k in positive if k != "any")

@@ -137,3 +137,7 @@ def test_the_classifier_gives_study_and_slice_probabilities_on_the_volume_grid()
     assert result.study["any"] == pytest.approx(float(result.slices[:, 0].max()))
     assert result.decisions["any"] is True                # threshold 0: always positive
     assert result.thresholds["epidural"] == 0.5            # not given: 0.5
+    gated = IchClassifier(classifier.net, torch.device("cpu"),
+                          thresholds={"any": 1.1, **{k: 0.0 for k in FINDINGS[1:]}})
+    # a subtype above its threshold is not reported in a study that "any" calls negative
+    assert not any(gated.segment(phantom.hu, phantom.spacing).decisions.values())
