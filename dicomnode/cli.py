@@ -302,6 +302,7 @@ _TRAIN_OPTIONS: list[tuple[str, type, Any, str]] = [
      "bfloat16 autocast on CUDA."),
     ("batch_size", int, None, "Patches per step (default 4)."),
     ("workers", int, 1, "Processes that generate and prepare the cases."),
+    ("threads", int, None, "torch CPU threads while training (default 2)."),
 ]
 
 
@@ -330,6 +331,7 @@ def _train_command(recipe: Any) -> Any:
                 max_minutes_per_stage=values["max_minutes"], stages=values["stages"],
                 init_from=values["init"], lr=values["lr"], device=values["device"],
                 batch_size=values["batch_size"], workers=values["workers"],
+                threads=values["threads"],
                 widths={s.name: values[f"width_{s.name}"] for s in recipe.stages},
                 options={name: values[name] for name, *_ in own})
         except ValueError as exc:

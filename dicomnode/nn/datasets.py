@@ -55,6 +55,9 @@ class Case:
         Label values annotated in this case; ``None``: all of the model's labels. Real
         planning data is incompletely contoured, and a structure nobody drew must not be
         taught as background.
+    truth : dict or None
+        Findings without a label map (a classifier's): per study and per slice, as the
+        model defines them; ``None`` where the labels say it all.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Case:
     instances: np.ndarray | None = None
     lesions: list[dict[str, Any]] = field(default_factory=list)
     present: tuple[int, ...] | None = None
+    truth: dict[str, Any] | None = None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -103,7 +107,8 @@ def format_seeds(values: Any) -> str:
 
 
 def phantom_case(region: str, seed: int, relabel: Relabel, *, matrix: int,
-                 slices: int | None = None, cache_dir: Path | None = None) -> Case:
+                 slices: int | None = None, spacing: float | None = None,
+                 cache_dir: Path | None = None) -> Case:
     """Generate (or read from ``cache_dir``) the phantom of ``region`` and ``seed``.
 
     Parameters
@@ -119,11 +124,13 @@ def phantom_case(region: str, seed: int, relabel: Relabel, *, matrix: int,
         In-plane matrix.
     slices : int, optional
         Number of slices (default: the region's protocol).
+    spacing : float, optional
+        Slice spacing in mm (default: the region's protocol).
     cache_dir : pathlib.Path, optional
         Where generated cases are kept, with the phantom's own labels, as
-        ``phantom-REGION-SEED-mMATRIX[-sSLICES].npz``.
+        ``phantom-REGION-SEED-mMATRIX[-sSLICES][-zSPACING].npz``.
     """
-    suffix = f"-s{slices}" if slices else ""
+    suffix = (f"-s{slices}" if slices else "") + (f"-z{spacing:g}" if spacing else "")
     cached = (cache_dir / f"phantom-{region}-{seed}-m{matrix}{suffix}.npz" if cache_dir
               else None)
     if cached is not None and cached.exists():
@@ -136,7 +143,7 @@ def phantom_case(region: str, seed: int, relabel: Relabel, *, matrix: int,
                         instances, json.loads(str(npz["lesions"])))
     from dicomnode.phantoms import make_phantom
 
-    phantom = make_phantom(region, seed, matrix=matrix, slices=slices)
+    phantom = make_phantom(region, seed, matrix=matrix, slices=slices, spacing=spacing)
     case = Case(f"phantom-{seed}", phantom.hu, relabel(phantom.labels, phantom.label_names),
                 tuple(float(v) for v in phantom.spacing),  # type: ignore[arg-type]
                 phantom.instances, list(phantom.lesions))

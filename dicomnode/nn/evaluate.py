@@ -86,7 +86,7 @@ def evaluate_cases(recipe: ModelRecipe, segmenter: Segmenter,
         for case in cases:
             started = time.perf_counter()
             seg = segmenter.segment(case.hu, case.spacing)
-            row = recipe.score_case(seg.labels, case)
+            row = recipe.score(seg, case)
             row["seconds"] = round(time.perf_counter() - started, 2)
             rows.append(row)
             log.info("evaluate.case", extra={"dn_fields": {

@@ -28,7 +28,8 @@ from dicomnode.nn import datasets, weights
 log = logging.getLogger(__name__)
 
 #: Built-in model recipes: name -> module under ``dicomnode.nn``.
-BUILTIN: dict[str, str] = {"headneck_oar": "headneck_oar", "liver_tumor": "liver_tumor"}
+BUILTIN: dict[str, str] = {"brain_ich": "brain_ich", "headneck_oar": "headneck_oar",
+                           "liver_tumor": "liver_tumor"}
 
 #: A case to read: a path, or a pair of paths (image, labels), or a phantom seed.
 Source = Path | tuple[Path, ...] | int
@@ -277,6 +278,12 @@ class ModelRecipe(ABC):
     @abstractmethod
     def score_case(self, labels: np.ndarray, case: datasets.Case) -> dict[str, Any]:
         """Scores of one predicted label map against its case's truth."""
+
+    def score(self, result: Any, case: datasets.Case) -> dict[str, Any]:
+        """Scores of one segmenter result (a :class:`Segmentation`) against its case's
+        truth: :meth:`score_case` of its labels, unless the model scores more than labels
+        (a classifier's probabilities)."""
+        return self.score_case(result.labels, case)
 
     @abstractmethod
     def summarise(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

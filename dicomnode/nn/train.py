@@ -512,6 +512,7 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
                    max_minutes_per_stage: float | None = None, stages: str | None = None,
                    init_from: Path | None = None, lr: float | None = None,
                    device: str = "auto", batch_size: int | None = None, workers: int = 1,
+                   threads: int | None = None,
                    widths: Mapping[str, int | None] | None = None,
                    options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What ``dicomnode train MODEL`` runs: parse the seed lists and options, train.
@@ -527,7 +528,8 @@ def train_from_cli(model: str, *, data: Path | None, phantom_seeds: str | None,
     opts = make_options(recipe, options)
     asked = {k: v for k, v in (widths or {}).items() if v is not None}
     given: dict[str, Any] = {key: value for key, value in (("lr", lr),
-                                                           ("batch_size", batch_size))
+                                                           ("batch_size", batch_size),
+                                                           ("threads", threads))
                              if value is not None}
     chosen = (None if stages is None else
               tuple(s.strip() for s in stages.split(",") if s.strip() and s.strip() != "none"))

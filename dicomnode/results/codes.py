@@ -104,6 +104,10 @@ CATALOGUE: dict[str, Structure] = {s.name: s for s in (
     _organ("Vertebrae", 7, codes.SCT.Vertebra, (241, 214, 145)),
     _organ("Gallbladder", 8, codes.SCT.Gallbladder, (139, 150, 98)),
     _organ("Pancreas", 9, codes.SCT.Pancreas, (249, 180, 111)),
+    # the blood of an intracranial haemorrhage, any subtype (brain_ich's SEG)
+    Structure("Hemorrhage_Intracranial", 1, ABNORMAL_STRUCTURE,
+              CodedConcept("1386000", "SCT", "Intracranial hemorrhage"), None, (255, 60, 0),
+              "AVOIDANCE"),
 )}
 
 

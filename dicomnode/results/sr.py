@@ -414,6 +414,8 @@ class IchResult:
         Index of the slice the model rated most likely for this finding, if the
         pipeline gives it: the slice the report shows the finding on when no slice is
         flagged (else the middle slice of the series), and first among flagged ones.
+    slice_probabilities
+        The finding's probability on each of those slices (same order), or empty.
     """
 
     key: str
@@ -421,6 +423,7 @@ class IchResult:
     present: bool
     slice_indices: tuple[int, ...] = field(default_factory=tuple)
     peak_slice: int | None = None
+    slice_probabilities: tuple[float, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         keys = [f.key for f in ICH_FINDINGS]
@@ -429,6 +432,11 @@ class IchResult:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(
                 f"Invalid 'probability' value '{self.probability}' - must be in [0, 1]")
+        if self.slice_probabilities and (
+                len(self.slice_probabilities) != len(self.slice_indices)
+                or not all(0.0 <= p <= 1.0 for p in self.slice_probabilities)):
+            raise ValueError(f"Invalid 'slice_probabilities' value for '{self.key}' - one "
+                             "probability in [0, 1] per flagged slice")
 
 
 def build_ich_sr(
@@ -448,6 +456,8 @@ def build_ich_sr(
     slice classifier does not localise): one group per flagged slice, all with the
     finding's tracking identifier, the first carrying the probability; a finding with
     no flagged slice is shown on its peak slice, else the middle slice of the series.
+    Where given, each flagged slice's own probability is a further Probability measurement
+    of that slice's group, referencing the slice.
 
     Parameters
     ----------
@@ -488,6 +498,8 @@ def build_ich_sr(
         code = findings[result.key].code
         decision = hd.sr.QualitativeEvaluation(
             name=code, value=codes.SCT.Present if result.present else codes.SCT.Absent)
+        per_slice = dict(zip(result.slice_indices if result.slice_probabilities else (),
+                             (float(p) for p in result.slice_probabilities), strict=True))
         tracking = hd.sr.TrackingIdentifier(uid=new_uid(), identifier=result.key)
         for n, z in enumerate(slices):
             # One group per slice, all under the finding's tracking identifier (a viewer
@@ -497,9 +509,14 @@ def build_ich_sr(
                 referenced_region=_whole_slice(source_images[z]),
                 finding_type=code,
                 algorithm_id=algorithm_id,
-                measurements=None if n else [hd.sr.Measurement(
+                measurements=[*([] if n else [hd.sr.Measurement(
                     name=codes.DCM.Probability, value=round(result.probability, 4),
-                    unit=NO_UNITS, algorithm_id=algorithm_id)],
+                    unit=NO_UNITS, algorithm_id=algorithm_id)]), *([hd.sr.Measurement(
+                        name=codes.DCM.Probability, value=round(per_slice[z], 4),
+                        unit=NO_UNITS, algorithm_id=algorithm_id,
+                        referenced_images=[hd.sr.SourceImageForMeasurement(
+                            source_images[z].SOPClassUID, source_images[z].SOPInstanceUID)])]
+                        if z in per_slice else [])] or None,
                 qualitative_evaluations=[decision],
             ))
     report = hd.sr.MeasurementReport(

@@ -124,7 +124,7 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
             rt = build_rtstruct(images, labels, table, algorithm,
                                 series_description=_describe(name, "contours", version))
             files.append(write(rt, out_dir / "rtstruct.dcm"))
-        if ResultObject.SR in emits:
+        if ResultObject.SR in emits and not result.probabilities:
             absent = [CATALOGUE[n] for n in result.measurements.get("absent", ())
                       if n in CATALOGUE]
             sr = build_segmentation_sr(images, seg, labels, table, algorithm,
@@ -143,14 +143,22 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                 seg_writer.restart()
                 write(seg_here(), seg_file)
     if result.probabilities:
-        findings = [
-            IchResult(key, float(p), bool(result.decisions.get(key, False)),
-                      tuple(result.measurements.get("slices", {}).get(key, ())))
-            for key, p in result.probabilities.items()
-        ]
+        per_slice = result.measurements.get("slice_probabilities", {})
+        findings = []
+        for key, p in result.probabilities.items():
+            flagged = tuple(result.measurements.get("slices", {}).get(key, ()))
+            values = per_slice.get(key)
+            findings.append(IchResult(
+                key, float(p), bool(result.decisions.get(key, False)), flagged,
+                peak_slice=int(np.argmax(values)) if values else None,
+                slice_probabilities=tuple(float(values[i]) for i in flagged) if values else ()))
         if ResultObject.SR in emits:
+            # the conclusion in the series list: a negative study shows it was analysed
+            conclusion = ("haemorrhage suspected" if result.decisions.get("any")
+                          else "no haemorrhage detected")
             sr = build_ich_sr(images, findings, algorithm,
-                              series_description=_describe(name, "report", version))
+                              series_description=_describe(name, f"report: {conclusion}",
+                                                           version))
             files.append(write(sr, out_dir / "sr.dcm"))
         if ResultObject.KOS in emits and result.flagged_slices:
             kos = build_kos(images, result.flagged_slices, algorithm,

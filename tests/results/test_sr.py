@@ -284,7 +284,8 @@ def test_ich_report_shows_every_finding_on_a_whole_slice(
                IchResult("intraparenchymal", 0.07, False, peak_slice=3),
                IchResult("intraventricular", 0.04, False),
                IchResult("subarachnoid", 0.12, False),
-               IchResult("subdural", 0.88, True, (11, 12), peak_slice=12)]
+               IchResult("subdural", 0.88, True, (11, 12), peak_slice=12,
+                         slice_probabilities=(0.81, 0.88))]
     sr = build_ich_sr(axial.images, results, algorithm)
     path = write(sr, tmp_path / "ich.dcm")
     assert dciodvfy_errors(path) == []
@@ -311,14 +312,21 @@ def test_ich_report_shows_every_finding_on_a_whole_slice(
     for result in results:
         mine = [g for g in groups if g.tracking_identifier == result.key]
         assert all(g.finding_type == findings[result.key] for g in mine)
-        (probability,) = [m for g in mine for m in g.get_measurements(
-            name=codes.DCM.Probability)]
-        assert probability.value == pytest.approx(result.probability)
+        studywide = [m for g in mine for m in g.get_measurements(name=codes.DCM.Probability)
+                     if not m.referenced_images]
+        assert [m.value for m in studywide] == pytest.approx([result.probability])
         assert mine[0].get_measurements(name=codes.DCM.Probability)  # the first group
         decision = {g.get_qualitative_evaluations()[0].value for g in mine}
         assert decision == {codes.SCT.Present if result.present else codes.SCT.Absent}
     text = dsr2html_text(path)
     assert "Probability" in text and "Subdural hemorrhage" in text
+    # each flagged slice's own probability, in that slice's group, referencing it
+    subdural = [g for g in groups if g.tracking_identifier == "subdural"]
+    per_slice = {m.referenced_images[0].referenced_sop_instance_uid: m.value
+                 for g in subdural for m in g.get_measurements(name=codes.DCM.Probability)
+                 if m.referenced_images}
+    assert per_slice == pytest.approx({axial.images[11].SOPInstanceUID: 0.81,
+                                       axial.images[12].SOPInstanceUID: 0.88})
 
 
 def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) -> None:
@@ -326,6 +334,8 @@ def test_ich_results_are_validated(axial: CtSeries, algorithm: AlgorithmInfo) ->
         IchResult("stroke", 0.5, True)
     with pytest.raises(ValueError, match="'probability'"):
         IchResult("any", 1.5, True)
+    with pytest.raises(ValueError, match="'slice_probabilities'"):
+        IchResult("any", 0.9, True, (1, 2), slice_probabilities=(0.9,))
     with pytest.raises(ValueError, match="'slice_indices'"):
         build_ich_sr(axial.images, [IchResult("any", 0.9, True, (999,))], algorithm)
     with pytest.raises(ValueError, match="'slice_indices'"):

@@ -199,3 +199,29 @@ def test_the_liver_results_carry_a_multi_valued_patient_name_as_sent(
         back = pydicom.dcmread(path)
         assert [str(v) for v in back.PatientName] == ["Doe^John", "Roe^Jane"], path.name
         assert "PatientSex" in back and back.PatientSex == ""
+
+
+def test_a_haemorrhage_result_with_blood_gives_its_seg_the_report_sr_and_key_images(
+        tmp_path: Path) -> None:
+    phantom = make_phantom("head", seed=3, matrix=64)
+    volume = load_series([f for f in write_phantom(phantom, tmp_path / "ct")
+                          if f.suffix == ".dcm"])
+    blood = (phantom.labels >= 4).astype(np.uint8)
+    flagged = sorted(int(k) for k in np.flatnonzero(blood.any(axis=(1, 2))))
+    keys = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid",
+            "subdural")
+    result = PipelineResult(
+        "brain_ich", ok=True, label_map=blood, structures={1: "Hemorrhage_Intracranial"},
+        probabilities={k: 0.9 if k in ("any", "intraventricular") else 0.01 for k in keys},
+        decisions={k: k in ("any", "intraventricular") for k in keys},
+        flagged_slices=flagged, measurements={"slices": {"any": flagged}},
+        algorithm={"name": "test", "version": "1", "sha256": "0" * 64})
+    files = write_result_objects(result, volume, tmp_path / "out",
+                                 (ResultObject.SEG, ResultObject.SR, ResultObject.KOS))
+    assert [p.name for p in files] == ["seg.dcm", "sr.dcm", "kos.dcm"]
+    sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")
+    # the haemorrhage report, not the segmentation's measurements, in the one SR
+    assert sr.SeriesDescription == "AI haemorrhage report: haemorrhage suspected"
+    assert "Probability" in str(sr)
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
+    assert seg.SegmentSequence[0].SegmentLabel == "Hemorrhage_Intracranial"
