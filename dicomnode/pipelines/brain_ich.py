@@ -31,7 +31,6 @@ from dicomnode.nn.brain_ich import BrainIchRecipe
 from dicomnode.nn.ichnet import FINDINGS
 from dicomnode.pipelines.base import (
     ModelPipeline,
-    PipelineContext,
     PipelineResult,
     ResultObject,
     register,
@@ -86,9 +85,6 @@ class BrainIchPipeline(ModelPipeline):
     min_slices = 10
     min_extent_z_mm = 60.0
     min_field_mm = 120.0
-
-    def __init__(self, context: PipelineContext | None = None) -> None:
-        super().__init__(context)
 
     def unsuitable(self, volume: Any) -> str | None:
         """Not a non-contrast axial head CT with brain in its field, in words."""

@@ -29,7 +29,6 @@ from dicomnode.nn.anatomynet import ORGANS, canonical_flips
 from dicomnode.nn.headneck_oar import HeadNeckRecipe
 from dicomnode.pipelines.base import (
     ModelPipeline,
-    PipelineContext,
     PipelineResult,
     ResultObject,
     register,
@@ -65,9 +64,6 @@ class HeadNeckOarPipeline(ModelPipeline):
     min_extent_z_mm = 80.0
     min_field_mm = 100.0
     warm_up_region = "headneck"
-
-    def __init__(self, context: PipelineContext | None = None) -> None:
-        super().__init__(context)
 
     def segment(self, segmenter: Any, volume: Any) -> Any:
         """The organs, with the series' orientation (left and right come from it)."""

@@ -11,7 +11,6 @@ SEG's segment at Dice >= 0.95, and each left organ must lie on the patient's lef
 from __future__ import annotations
 
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,10 +30,9 @@ from tests.e2e.test_orthanc_liver import (
     SEG,
     SR,
     _dciodvfy_errors,
-    _fail_on_no_result,
-    node_summary,
+    send_and_collect,
 )
-from tests.peers import orthanc, orthanc_get, orthanc_text
+from tests.peers import orthanc, orthanc_get
 from tests.results.conftest import PLASTIMATCH
 
 pytestmark = pytest.mark.e2e
@@ -58,24 +56,8 @@ def test_headneck_study_comes_back_as_seg_rtstruct_sr_that_agree(
         node = Node(settings)
         node.start()
         try:
-            assert node.runner.warmed.wait(120)
-            sent = subprocess.run(
-                ["storescu", "-aet", "ORTHANC", "-aec", settings.ae_title, "127.0.0.1",
-                 str(node.scp.port), *map(str, files)],
-                capture_output=True, text=True, timeout=300)
-            assert sent.returncode == 0, sent.stderr
             url = str(pacs["url"])
-            deadline = time.monotonic() + 600
-            classes: dict[str, str] = {}
-            while time.monotonic() < deadline and len(classes) < 3:
-                time.sleep(1)
-                _fail_on_no_result(node)
-                for inst in orthanc_get(f"{url}/instances?expand"):  # type: ignore[union-attr]
-                    sop_class = orthanc_text(
-                        f"{url}/instances/{inst['ID']}/metadata/SopClassUid")
-                    if sop_class in (SEG, RTSTRUCT, SR):
-                        classes[str(sop_class)] = inst["ID"]
-            assert set(classes) == {SEG, RTSTRUCT, SR}, node_summary(node)
+            classes = send_and_collect(node, files, url, {SEG, RTSTRUCT, SR})
             assert len(orthanc_get(f"{url}/studies")) == 1  # type: ignore[arg-type]
             paths = {}
             for sop_class, oid in classes.items():

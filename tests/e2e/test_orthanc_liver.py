@@ -47,24 +47,8 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
         node = Node(settings)
         node.start()
         try:
-            assert node.runner.warmed.wait(120)
-            sent = subprocess.run(
-                ["storescu", "-aet", "ORTHANC", "-aec", settings.ae_title, "127.0.0.1",
-                 str(node.scp.port), *map(str, files)],
-                capture_output=True, text=True, timeout=300)
-            assert sent.returncode == 0, sent.stderr
             url = str(pacs["url"])
-            deadline = time.monotonic() + 600
-            classes: dict[str, str] = {}
-            while time.monotonic() < deadline and len(classes) < 3:
-                time.sleep(1)
-                _fail_on_no_result(node)
-                for inst in orthanc_get(f"{url}/instances?expand"):  # type: ignore[union-attr]
-                    sop_class = orthanc_text(
-                        f"{url}/instances/{inst['ID']}/metadata/SopClassUid")
-                    if sop_class in (SEG, RTSTRUCT, SR):
-                        classes[str(sop_class)] = inst["ID"]
-            assert set(classes) == {SEG, RTSTRUCT, SR}, node_summary(node)
+            classes = send_and_collect(node, files, url, {SEG, RTSTRUCT, SR})
             # the pipeline job used the volume routing had built, not a second read
             with node.db.session() as session:
                 volumes = [job.result["volume"] for job in session.execute(
@@ -90,6 +74,30 @@ def test_abdomen_study_comes_back_to_orthanc_as_seg_rtstruct_sr(
             assert str(seg.SOPInstanceUID) in referenced
         finally:
             node.stop()
+
+
+def send_and_collect(node: Node, files: list[Path], url: str, wanted: set[str],
+                     timeout_s: float = 600) -> dict[str, str]:
+    """Send ``files`` with storescu as Orthanc, once the node is warm, and wait until
+    Orthanc holds an instance of each SOP class of ``wanted``: SOP class -> Orthanc id.
+    A job ending without a result or a failed delivery fails the test at once."""
+    assert node.runner.warmed.wait(120)
+    sent = subprocess.run(
+        ["storescu", "-aet", "ORTHANC", "-aec", node.settings.ae_title, "127.0.0.1",
+         str(node.scp.port), *map(str, files)],
+        capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + timeout_s
+    classes: dict[str, str] = {}
+    while time.monotonic() < deadline and len(classes) < len(wanted):
+        time.sleep(1)
+        _fail_on_no_result(node)
+        for inst in orthanc_get(f"{url}/instances?expand"):  # type: ignore[union-attr]
+            sop_class = orthanc_text(f"{url}/instances/{inst['ID']}/metadata/SopClassUid")
+            if sop_class in wanted:
+                classes[str(sop_class)] = inst["ID"]
+    assert set(classes) == wanted, node_summary(node)
+    return classes
 
 
 def _fail_on_no_result(node: Node) -> None:
