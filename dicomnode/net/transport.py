@@ -154,9 +154,12 @@ class _PduReader:
         self._asock = asock
         self._body: bytearray | None = None
         self._first = True
+        self._refused = False
 
     def recv(self, nr_bytes: int) -> bytearray | memoryview:
         """pynetdicom's ``AssociationSocket.recv`` for this connection."""
+        if self._refused:   # after a header that is no PDU, the rest is not DICOM either
+            return bytearray()
         body, self._body = self._body, None
         if body is not None and len(body) == nr_bytes:
             return body
@@ -176,6 +179,7 @@ class _PduReader:
                 if first and pdu_type == _TLS_HANDSHAKE_RECORD:
                     log.warning("association.tls_on_plain_port", extra=fields(
                         address=self._connection.ip, port=self._connection.port))
+                self._refused = True
                 return header  # pynetdicom refuses it (event 19) without reading on
             limit = limits.max_pdu if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
             if length > limit:
