@@ -103,7 +103,7 @@ def test_node_with_broken_weights_says_so_and_keeps_receiving(
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(weights.models_dir() / "manifest.json", models / "manifest.json")
-    entry = weights.read_manifest(models)[0]
+    entry = next(e for e in weights.read_manifest(models) if e["name"] == "liver_tumor")
     (models / entry["file"]).write_bytes(b"not the trained weights")
     monkeypatch.setenv("DICOMNODE_MODELS_DIR", str(models))
     settings = Settings(port=0, bind_address="127.0.0.1", data_dir=tmp_path / "var",

@@ -30,8 +30,8 @@ def test_one_instance_per_pipeline_and_context() -> None:
     assert get_pipeline("liver_tumor", cpu) is get_pipeline("liver_tumor", cpu)
     other = PipelineContext(Path(base.__file__).resolve().parents[2] / "models", "cpu")
     assert get_pipeline("liver_tumor", other) is not get_pipeline("liver_tumor", cpu)
-    with pytest.raises(PipelineUnavailableError, match="'brain_ich' is not installed"):
-        get_pipeline("brain_ich", cpu)
+    with pytest.raises(PipelineUnavailableError, match="'knee_mri' is not installed"):
+        get_pipeline("knee_mri", cpu)
 
 
 def test_a_bad_device_makes_a_pipeline_unavailable_with_the_reason() -> None:

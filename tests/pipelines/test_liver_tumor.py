@@ -64,7 +64,7 @@ def test_one_instance_keeps_its_weights_and_reloads_changed_ones(tmp_path: Path,
     assert pipeline._segmenter is first          # the same weights: not loaded again
     # new weights installed under the same name (an update): the next study uses them
     entry = json.loads((models / "manifest.json").read_text())
-    item = entry["models"][0]
+    item = next(m for m in entry["models"] if m["name"] == "liver_tumor")
     checkpoint = torch.load(models / item["file"], weights_only=True)
     checkpoint["config"]["tumour_threshold"] = 0.77
     torch.save(checkpoint, models / item["file"])
@@ -83,7 +83,8 @@ def test_missing_weights_make_it_unavailable(tmp_path: Path) -> None:
 
 def test_checksum_mismatch_names_the_file(tmp_path: Path) -> None:
     models = _copy_models(tmp_path)
-    entry = json.loads((models / "manifest.json").read_text())["models"][0]
+    entry = next(m for m in json.loads((models / "manifest.json").read_text())["models"]
+                 if m["name"] == "liver_tumor")
     with (models / entry["file"]).open("ab") as fh:
         fh.write(b"\0")
     with pytest.raises(PipelineUnavailableError, match=entry["file"].replace(".", r"\.")
