@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 
 from dicomnode.imaging.series import Volume, load_series
 from dicomnode.phantoms import make_phantom, write_phantom
@@ -24,22 +22,13 @@ from dicomnode.pipelines.base import (
 )
 from dicomnode.pipelines.brain_ich import BrainIchPipeline, brain_extent_mm
 from dicomnode.workflow.emit import write_result_objects
+from tests.pipelines.standin import StandInVolume
 from tests.results.conftest import DCIODVFY, dciodvfy_errors
 
 #: Held-out seeds of the shipped weights (models/brain_ich.md): a subdural haematoma,
 #: and a head without a bleed.
 POSITIVE_SEED = 3003
 NEGATIVE_SEED = 3002
-
-
-@dataclass
-class StandInVolume:
-    """What the pipeline reads of ``imaging.series.Volume``."""
-
-    hu: np.ndarray
-    spacing: tuple[float, float, float]
-    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
-    datasets: list[Dataset] = field(default_factory=list)
 
 
 def _head(tmp_path: Path, seed: int, **kwargs: Any) -> tuple[Volume, dict[str, Any]]:

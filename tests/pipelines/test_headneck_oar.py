@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,7 @@ from dicomnode.pipelines.base import (
 )
 from dicomnode.pipelines.headneck_oar import MIN_ML, HeadNeckOarPipeline
 from dicomnode.results.codes import HEADNECK
-
-
-@dataclass
-class StandInVolume:
-    """What the pipeline reads of ``imaging.series.Volume``."""
-
-    hu: np.ndarray
-    spacing: tuple[float, float, float]
-    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+from tests.pipelines.standin import StandInVolume
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,7 @@ from dicomnode.pipelines.base import (
     registered,
 )
 from dicomnode.pipelines.liver_tumor import LiverTumorPipeline
-
-
-@dataclass
-class StandInVolume:
-    """What the pipeline reads of ``imaging.series.Volume``."""
-
-    hu: np.ndarray
-    spacing: tuple[float, float, float]
+from tests.pipelines.standin import StandInVolume
 
 
 def _copy_models(tmp_path: Path) -> Path:
