@@ -214,6 +214,31 @@ class Delivery(Base):
     __table_args__ = (Index("ix_delivery_state_next", "state", "next_attempt_at"),)
 
 
+class Notification(Base):
+    """One urgent notification (a webhook call) in the notification outbox.
+
+    Kept like a delivery: retried with back-off, surviving a restart, and never in the way
+    of the results going back to the PACS. ``payload`` is the JSON body as sent.
+    """
+
+    __tablename__ = "notification"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("job.id"), nullable=True, index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    channel: Mapped[str] = mapped_column(String(16), default="webhook")
+    target: Mapped[str] = mapped_column(String(1024), doc="Where it goes (the webhook URL).")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (Index("ix_notification_state_next", "state", "next_attempt_at"),)
+
+
 class AuditEvent(Base):
     """Who sent what, what was refused, what was completed and delivered."""
 
