@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.node import Node
+from tests.postgres import TEST_SERVER_ENV, PostgresServer, postgres_bin, postgres_server
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +24,35 @@ def _reset_package_logging() -> Iterator[None]:
         if not isinstance(handler, logging.NullHandler):
             root.removeHandler(handler)
     root.setLevel(logging.NOTSET)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the session: the one ``DICOMNODE_TEST_DATABASE_URL`` names,
+    else Debian's started on a free loopback port (skipped where it is not installed)."""
+    if os.environ.get(TEST_SERVER_ENV):
+        yield PostgresServer(os.environ[TEST_SERVER_ENV])
+        return
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _database_on_postgres(request: pytest.FixtureRequest,
+                          monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """With ``DICOMNODE_TEST_DATABASE_URL`` set, every test's node index is a fresh
+    PostgreSQL database on that server (``DICOMNODE_DATABASE_URL``, which subprocesses
+    inherit) instead of a SQLite file; tests that name a SQLite URL keep it."""
+    if not os.environ.get(TEST_SERVER_ENV):
+        yield
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url = server.create_database()
+    monkeypatch.setenv("DICOMNODE_DATABASE_URL", url)
+    yield
+    server.drop_database(url.rsplit("/", 1)[1])
 
 
 def free_port() -> int:

@@ -4,7 +4,10 @@ SQLite is the embedded default: WAL journal, ``synchronous=NORMAL`` (a committed
 transaction survives a process crash; the spool files, fsynced before the commit,
 let ``InstanceStore.recover`` re-index anything a power loss takes from the WAL),
 foreign keys on, and one writer at a time through ``Database.write_lock``.
-Any other SQLAlchemy URL (PostgreSQL in production) works unchanged.
+PostgreSQL (production, and the index that several listeners and workers share) is
+reached through psycopg 3: a plain ``postgresql://`` URL means ``postgresql+psycopg://``.
+Writers in other processes are kept apart by the database itself (row locks, ``SELECT ...
+FOR UPDATE SKIP LOCKED`` for claims, unique constraints), not by ``write_lock``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def make_engine(url: str) -> Engine:
     sqlalchemy.engine.Engine
     """
     kwargs: dict[str, Any] = {"future": True}
+    url = postgres_driver(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -64,11 +68,22 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def postgres_driver(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` as ``postgresql+psycopg://`` (psycopg 3, the
+    ``scale`` extra; SQLAlchemy would otherwise look for psycopg2); other URLs unchanged."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
 def alembic_config(engine: Engine) -> Config:
     """An Alembic configuration bound to ``engine`` (no alembic.ini needed)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # configparser interpolates "%": a password may hold one
+    cfg.set_main_option("sqlalchemy.url",
+                        engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     cfg.attributes["engine"] = engine
     return cfg
 
@@ -88,10 +103,25 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.write_lock = threading.RLock()
 
-    def upgrade(self) -> None:
-        """Bring the schema to the newest migration."""
-        command.upgrade(alembic_config(self.engine), "head")
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (default the newest migration).
+
+        On PostgreSQL the migration holds an advisory lock, so a node and its workers
+        starting together migrate once, one after the other.
+        """
+        command.upgrade(alembic_config(self.engine), revision)
         log.debug("db.upgraded", extra=fields(url=self.engine.url.render_as_string()))
+
+    def downgrade(self, revision: str) -> None:
+        """Take the schema back to ``revision`` (``"base"``: no tables), e.g. to undo an
+        upgrade before going back to an older release."""
+        command.downgrade(alembic_config(self.engine), revision)
+        log.info("db.downgraded", extra=fields(revision=revision))
+
+    @property
+    def is_postgresql(self) -> bool:
+        """Whether the index is PostgreSQL (shared by several processes)."""
+        return self.engine.dialect.name == "postgresql"
 
     @contextmanager
     def session(self) -> Iterator[Session]:

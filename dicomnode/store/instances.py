@@ -385,7 +385,8 @@ class InstanceStore:
                     outcome = self._index_fast(header, relative, size, calling_aet,
                                                before_commit=flush_and_place)
                 if outcome is None:
-                    outcome = self._index_full(header, calling_aet, tmp, flush_and_place)
+                    outcome = self._index_full_retried(header, calling_aet, tmp,
+                                                       flush_and_place, placed)
         except BaseException:
             for spooled in placed:
                 if spooled.created:
@@ -396,6 +397,29 @@ class InstanceStore:
         if not placed:  # a duplicate: the stored file stays, the received one goes
             _discard_when_flushed(tmp, wait_flushed)
         return outcome
+
+    def _index_full_retried(self, header: InstanceHeader, calling_aet: str, tmp: Path,
+                            place: Callable[[], SpooledFile], placed: list[SpooledFile],
+                            attempts: int = 3) -> StoreOutcome:
+        """``_index_full``, again when another process committed the same new row first.
+
+        Several listeners (or nodes) on one PostgreSQL index may create the same patient,
+        study or series at the same moment: the loser's commit breaks a unique constraint
+        and is rolled back. Run again, it finds the winner's rows and files the instance
+        under them; the file is placed once (the second run compares against it).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                if placed:  # the file is in place already: compare against it
+                    return self._index_full(header, calling_aet, placed[-1].path,
+                                            lambda: placed[-1])
+                return self._index_full(header, calling_aet, tmp, place)
+            except IntegrityError:
+                if attempt == attempts:
+                    raise
+                log.info("instance.index_retried", extra=fields(
+                    study=header.study_uid, sop=header.sop_uid, attempt=attempt))
+        raise AssertionError("unreachable")
 
     def _index(self, header: InstanceHeader, spooled: SpooledFile, calling_aet: str,
                ) -> StoreOutcome:
@@ -703,8 +727,10 @@ def _uid_clash(session: Session, header: InstanceHeader) -> _Refusal | None:
 
 def _study_for(session: Session, header: InstanceHeader, calling_aet: str,
                ) -> tuple[Study, bool]:
+    # PostgreSQL: the row is locked until commit, so two listeners that file into (or
+    # re-open) one study at once count its instances and versions one after the other
     study = session.execute(
-        select(Study).where(Study.study_uid == header.study_uid)
+        select(Study).where(Study.study_uid == header.study_uid).with_for_update()
     ).scalar_one_or_none()
     if study is None:
         patient = session.execute(

@@ -160,6 +160,7 @@ class Outbox:
                        Delivery.next_attempt_at <= utcnow())
                 .order_by(Delivery.next_attempt_at, Delivery.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)  # PostgreSQL: another node's is skipped
             ).scalar_one_or_none()
             if delivery is not None:
                 delivery.state = DeliveryState.SENDING.value

@@ -323,6 +323,9 @@ class JobRunner:
         with self.db.transaction() as session:
             job = session.execute(
                 query.order_by(Job.priority.desc(), Job.created_at, Job.id).limit(1)
+                # PostgreSQL: a row another process is claiming is skipped, not waited
+                # for and claimed twice (SQLite has one writer and ignores this)
+                .with_for_update(skip_locked=True, of=Job)
             ).scalar_one_or_none()
             if job is None:
                 return None
