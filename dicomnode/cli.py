@@ -82,6 +82,29 @@ def serve(
 
 
 @app.command()
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[str | None, typer.Option(
+        help="Queues to take, comma-separated, in order (default: urgent,jobs), e.g. "
+             "urgent,gpu0.")] = None,
+    concurrency: Annotated[int, typer.Option(
+        min=1, help="Jobs at once in this process; run one worker process per GPU.")] = 1,
+) -> None:
+    """Run pipeline jobs from the broker (executor celery) on this machine's GPU."""
+    from dicomnode.logs import configure_logging
+    from dicomnode.workflow.distributed import run_worker
+
+    settings = _settings(config)
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.broker_url:
+        typer.echo("dicomnode: configuration error: a worker needs broker_url "
+                   "(amqp://USER:PASS@HOST:5672/VHOST)", err=True)
+        raise typer.Exit(2)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    run_worker(settings, names, concurrency)
+
+
+@app.command()
 def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

@@ -171,6 +171,23 @@ class ExportSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class CelerySettings(BaseModel):
+    """Jobs on Celery workers (``executor: celery``; see ``workflow/distributed.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str = Field(default="jobs", description=(
+        "The queue of routing and non-urgent pipeline jobs."))
+    urgent_queue: str = Field(default="urgent", description=(
+        "The queue of urgent jobs; every worker takes it first unless told otherwise."))
+    requeue_after_s: float = Field(default=300.0, gt=0, description=(
+        "The node publishes a job again when it is still queued this long after it was "
+        "published (the broker lost it); a second message for a job is harmless."))
+    max_attempts: int = Field(default=3, ge=1, description=(
+        "A job whose worker died this many times (it was delivered again each time) is "
+        "recorded as failed instead of being run again."))
+
+
 class Settings(BaseSettings):
     """All settings of one node.
 
@@ -267,6 +284,12 @@ class Settings(BaseSettings):
         "the CPU), 'cpu' or 'cuda:N'."))
     models_dir: Path | None = Field(default=None, description=(
         "Models folder (manifest.json, weight files); None: the shipped models/."))
+    executor: str = Field(default="threads", pattern="^(threads|celery)$", description=(
+        "Where jobs run: 'threads' in this process (the embedded default), or 'celery' "
+        "on `dicomnode worker` processes fed through `broker_url`."))
+    broker_url: str | None = Field(default=None, description=(
+        "With executor celery: the RabbitMQ broker, amqp://USER:PASS@HOST:5672/VHOST."))
+    celery: CelerySettings = Field(default_factory=CelerySettings)
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 
@@ -301,6 +324,9 @@ class Settings(BaseSettings):
                 and self.tls.port == self.port:
             raise ValueError(f"Invalid 'tls.port' value '{self.tls.port}' - the plain "
                              "listener has that port already")
+        if self.executor == "celery" and not self.broker_url:
+            raise ValueError("Invalid 'broker_url' value 'None' - executor celery needs a "
+                             "broker (amqp://USER:PASS@HOST:5672/VHOST)")
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'dicomnode.db'}"
         for key in self.peers:

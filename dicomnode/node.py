@@ -35,11 +35,24 @@ class Node:
         self.store = InstanceStore(self.db, self.spool, io_threads=settings.max_associations)
         self.outbox = Outbox(self.db, settings)
         self.runner = JobRunner(self.db, settings, self.outbox)
+        #: With ``executor: celery`` jobs run on ``dicomnode worker`` processes: this
+        #: publishes them to the broker instead of the runner's threads running them.
+        self.dispatcher = None
+        if settings.executor == "celery":
+            from dicomnode.workflow.distributed import Dispatcher
+
+            self.dispatcher = Dispatcher(self.db, settings)
         self.completion = CompletionMonitor(self.db, settings.completion,
-                                            on_complete=lambda _uid: self.runner.wake())
+                                            on_complete=lambda _uid: self._wake_jobs())
         self.scp = StorageSCP(settings, self.store, on_released=self._released)
         self.recovery: RecoveryReport | None = None
         self._stopped = threading.Event()
+
+    def _wake_jobs(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+        else:
+            self.runner.wake()
 
     def _released(self, study_uids: set[str]) -> None:
         self.completion.on_association_released(study_uids)
@@ -47,9 +60,14 @@ class Node:
     def start(self) -> None:
         """Migrate the schema, recover from any crash, start every thread, then listen."""
         self.db.upgrade()
-        self.recovery = self.store.recover()
+        # jobs running on workers are theirs: the broker gives them to another worker if
+        # theirs died (see workflow/distributed.py)
+        self.recovery = self.store.recover(requeue_jobs=self.dispatcher is None)
         self.completion.start()
-        self.runner.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+        else:
+            self.runner.start()
         self.outbox.start()
         self.scp.start()
         log.info("node.started", extra=fields(ae_title=self.settings.ae_title,
@@ -65,6 +83,8 @@ class Node:
         self.scp.stop()
         self.completion.stop()
         self.runner.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.outbox.stop()
         self.store.close()
         self.db.dispose()

@@ -13,6 +13,7 @@ import pytest
 from dicomnode.config import Settings, load_settings
 from dicomnode.node import Node
 from tests.postgres import TEST_SERVER_ENV, PostgresServer, postgres_bin, postgres_server
+from tests.rabbitmq import RabbitMQ, rabbitmq_available, rabbitmq_server
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +38,16 @@ def postgres() -> Iterator[PostgresServer]:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """Debian's RabbitMQ for the session, on free loopback ports (skipped where it is not
+    installed)."""
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed (apt-get install rabbitmq-server)")
+    with rabbitmq_server() as broker:
+        yield broker
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -134,10 +135,18 @@ def main(argv: list[str]) -> int:
     if not command:
         print("usage: python -m tests.postgres -- COMMAND ...", file=sys.stderr)
         return 2
+    # stopped by a signal (a CI timeout), the server is still stopped and removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with postgres_server() as server:
         env = {**os.environ, TEST_SERVER_ENV: server.url("postgres")}
         started = time.monotonic()
-        rc = subprocess.call(command, env=env)
+        proc = subprocess.Popen(command, env=env)
+        try:
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
         print(f"postgres pass: rc={rc} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return rc
 

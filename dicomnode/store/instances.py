@@ -594,12 +594,13 @@ class InstanceStore:
             if self._driver is not None:
                 self._driver.close()
 
-    def recover(self) -> RecoveryReport:
+    def recover(self, requeue_jobs: bool = True) -> RecoveryReport:
         """Make the spool and the index agree after a crash or power loss.
 
         Removes half-written temporary files, reports indexed instances whose file
         is gone, indexes complete spool files that were never indexed (written but
-        not acknowledged), puts running jobs and sending deliveries back in the queue.
+        not acknowledged), puts running jobs (unless ``requeue_jobs`` is false: workers
+        of a task queue run them) and sending deliveries back in the queue.
 
         Returns
         -------
@@ -633,7 +634,7 @@ class InstanceStore:
             jobs = _rowcount(session.execute(
                 update(Job).where(Job.state == JobState.RUNNING.value)
                 .values(state=JobState.QUEUED.value)
-            ))
+            )) if requeue_jobs else 0
             deliveries = _rowcount(session.execute(
                 update(Delivery).where(Delivery.state == DeliveryState.SENDING.value)
                 .values(state=DeliveryState.PENDING.value)

@@ -8,6 +8,7 @@ C-STORE and records the outcome. A failed attempt is retried after
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicomnode.config import PeerTls, Settings
 from dicomnode.logs import fields
@@ -134,11 +136,17 @@ class Outbox:
         self._thread: threading.Thread | None = None
 
     def enqueue(self, files: Sequence[Path], target: Target, *, study_uid: str = "",
-                job_pk: int | None = None) -> int:
-        """Queue ``files`` for ``target``; returns the delivery id."""
+                job_pk: int | None = None, session: Session | None = None) -> int:
+        """Queue ``files`` for ``target``; returns the delivery id.
+
+        With ``session`` the row is added to that open transaction (a job's result and
+        its deliveries commit together), else to a transaction of its own.
+        """
         if not files:
             raise ValueError("Invalid 'files' value '[]' - nothing to deliver")
-        with self.db.transaction() as session:
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.db.transaction())
             delivery = Delivery(
                 job_pk=job_pk, study_uid=study_uid, destination_ae=target.ae_title,
                 host=target.host, port=target.port, files=[str(f) for f in files],

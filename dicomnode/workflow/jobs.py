@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,7 @@ from dicomnode.pipelines.base import (
     get_pipeline,
 )
 from dicomnode.store.db import Database
+from dicomnode.store.files import job_files
 from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
 from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
 from dicomnode.workflow.export import Outbox, resolve_targets
@@ -68,6 +69,18 @@ log = logging.getLogger(__name__)
 #: Queue order of job rows: routing is quick and goes before every pipeline job but an
 #: urgent one.
 PRIORITY = {"routing": ROUTING_PRIORITY, "urgent": 100, "high": 70, "normal": 50, "low": 10}
+
+
+def _take(job: Job, worker: str) -> dict[str, Any]:
+    """Mark a locked job row as running on ``worker``; what running it needs."""
+    job.state = JobState.RUNNING.value
+    job.started_at = utcnow()
+    job.attempts += 1
+    job.worker = worker
+    study = job.study
+    return {"id": job.id, "study_uid": study.study_uid, "version": job.study_version,
+            "calling_aet": study.calling_aet, "pipeline": job.pipeline,
+            "priority": job.priority, "routing": job.routing or {}, "attempt": job.attempts}
 
 
 def priority_name(value: int) -> str:
@@ -299,6 +312,11 @@ class JobRunner:
         self._froze_gc = False
         #: The DICOM-SEG helper process (``settings.seg_writer_process``), once started.
         self.seg_writer: SegWriter | None = None
+        #: Where jobs read instances and write results (``store/files.py``).
+        self.files = job_files(settings)
+        #: Called with the ids of the pipeline jobs a routing job queued, once committed
+        #: (a Celery worker publishes them; embedded threads are woken anyway).
+        self.on_queued: Callable[[list[int]], None] | None = None
 
     def _keep_volume(self, key: tuple[str, int, str], volume: Any) -> None:
         with self._volumes_lock:
@@ -329,14 +347,50 @@ class JobRunner:
             ).scalar_one_or_none()
             if job is None:
                 return None
-            job.state = JobState.RUNNING.value
-            job.started_at = utcnow()
-            job.attempts += 1
-            job.worker = worker
-            study = job.study
-            return {"id": job.id, "study_uid": study.study_uid, "version": job.study_version,
-                    "calling_aet": study.calling_aet, "pipeline": job.pipeline,
-                    "priority": job.priority, "routing": job.routing or {}}
+            return _take(job, worker)
+
+    def claim_job(self, job_id: int, worker: str, takeover: bool = False,
+                  ) -> dict[str, Any] | None:
+        """Claim the job ``job_id`` if it is queued; None if it is not (any more).
+
+        A task queue may deliver a job twice (the node published it again, the broker
+        redelivered it): only the first delivery finds it queued, the others do nothing.
+        With ``takeover`` (the broker delivered the task again because the worker that
+        held it died) a *running* job is claimed too; the dead worker's attempt can no
+        longer finish it (see ``_finish``). A job taken over ``celery.max_attempts`` times
+        is recorded as failed instead.
+
+        Parameters
+        ----------
+        job_id : int
+            The job row.
+        worker : str
+            Recorded as the worker that runs it.
+        takeover : bool
+            Also claim it when it is running.
+
+        Returns
+        -------
+        dict or None
+            The claimed job, as ``run_one`` runs it.
+        """
+        states = {JobState.QUEUED.value} | ({JobState.RUNNING.value} if takeover else set())
+        with self.db.transaction() as session:
+            job = session.execute(
+                select(Job).where(Job.id == job_id).with_for_update(of=Job)
+            ).scalar_one_or_none()
+            if job is None or job.state not in states:
+                return None
+            if job.state == JobState.RUNNING.value:
+                log.warning("job.taken_over", extra=fields(job=job.id, previous=job.worker,
+                                                           attempts=job.attempts))
+                if job.attempts >= self.settings.celery.max_attempts:
+                    job.state = JobState.FAILED.value
+                    job.reason = (f"its worker stopped during each of {job.attempts} "
+                                  "attempts")
+                    job.finished_at = utcnow()
+                    return None
+            return _take(job, worker)
 
     def run_one(self, worker: str = "inline", min_priority: int | None = None) -> bool:
         """Claim and run one queued job; returns False when none was queued.
@@ -364,6 +418,19 @@ class JobRunner:
         job = self._claim(worker, min_priority)
         if job is None:
             return False
+        self._run_claimed(job, worker)
+        return True
+
+    def run_job(self, job_id: int, worker: str, takeover: bool = False) -> bool:
+        """Claim the job ``job_id`` (see ``claim_job``) and run it; False if not claimed."""
+        job = self.claim_job(job_id, worker, takeover)
+        if job is None:
+            log.info("job.not_claimed", extra=fields(job=job_id, worker=worker))
+            return False
+        self._run_claimed(job, worker)
+        return True
+
+    def _run_claimed(self, job: dict[str, Any], worker: str) -> None:
         log.info("job.started", extra=fields(job=job["id"], study=job["study_uid"],
                                              version=job["version"],
                                              pipeline=job["pipeline"] or "routing",
@@ -382,7 +449,6 @@ class JobRunner:
                 self._running -= 1
                 self._running_changed.notify_all()
         self._finish(job, run)
-        return True
 
     def _shared(self, started_before: int) -> bool:
         """Whether another job ran beside this one since ``started_before`` was read."""
@@ -408,7 +474,7 @@ class JobRunner:
                     select(Instance).join(Series, Instance.series_pk == Series.id)
                     .where(Series.series_uid == series_uid, Instance.study_version <= version)
                 ).scalars())
-        return [self.settings.spool_dir / row.path for row in rows]
+        return [self.files.instance_path(row.path) for row in rows]
 
     def _route(self, job: dict[str, Any]) -> StudyRun:
         started = time.perf_counter()
@@ -425,13 +491,17 @@ class JobRunner:
         with self.db.transaction() as session:
             study = session.execute(
                 select(Study).where(Study.study_uid == job["study_uid"])).scalar_one()
-            for action in decision.actions:
-                session.add(Job(
-                    study=study, study_version=job["version"], pipeline=action.pipeline,
-                    priority=PRIORITY.get(action.priority, PRIORITY["normal"]), attempts=0,
-                    routing={**routing, "action": action.to_dict()},
-                ))
+            queued = [Job(
+                study=study, study_version=job["version"], pipeline=action.pipeline,
+                priority=PRIORITY.get(action.priority, PRIORITY["normal"]), attempts=0,
+                routing={**routing, "action": action.to_dict()},
+            ) for action in decision.actions]
+            session.add_all(queued)
+            session.flush()
+            queued_ids = [row.id for row in queued]
         self.wake()
+        if self.on_queued is not None:
+            self.on_queued(queued_ids)
         names = ", ".join(f"{a.pipeline} ({a.priority})" for a in decision.actions)
         return StudyRun(JobState.DONE, reason=f"routed to {names}", routing=routing,
                         timings=timings)
@@ -451,7 +521,7 @@ class JobRunner:
         if volume is None or len(volume.sop_instance_uids) != len(files):
             volume, source = load_series(files), "loaded"
         load_s = round(time.perf_counter() - started, 3)
-        out_dir = self.settings.results_dir / f"job-{job['id']}"
+        out_dir = self.files.results_dir(job["id"])
         with self._running_changed:
             started_before = self._started
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
@@ -466,24 +536,33 @@ class JobRunner:
                                seg_writer=self.seg_writer,
                                no_result_report=self.settings.no_result_report,
                                context=self.context)
+        run.result_files = self.files.publish_results(run.result_files)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
         return run
 
     def _finish(self, job: dict[str, Any], run: StudyRun) -> None:
-        deliveries = []
-        # results, or the report that there are none (no_result_report)
-        if run.result_files:
-            names = run.routing.get("action", {}).get("destinations")
-            for target in resolve_targets(self.settings, job["calling_aet"], run.pipeline,
-                                          names):
-                deliveries.append(self.outbox.enqueue(run.result_files, target,
-                                                      study_uid=job["study_uid"],
-                                                      job_pk=job["id"]))
+        deliveries: list[int] = []
         with self.db.transaction() as session:
-            row = session.get(Job, job["id"])
-            assert row is not None
+            row = session.execute(
+                select(Job).where(Job.id == job["id"]).with_for_update(of=Job)
+            ).scalar_one()
+            if row.state != JobState.RUNNING.value or row.attempts != job["attempt"]:
+                # another worker took the job over (this one was thought dead): its
+                # attempt alone may send results, never both
+                log.warning("job.result_dropped", extra=fields(
+                    job=job["id"], state=row.state, attempts=row.attempts))
+                return
+            # results, or the report that there are none (no_result_report), queued in
+            # the transaction that records the job as finished
+            if run.result_files:
+                names = run.routing.get("action", {}).get("destinations")
+                for target in resolve_targets(self.settings, job["calling_aet"],
+                                              run.pipeline, names):
+                    deliveries.append(self.outbox.enqueue(
+                        run.result_files, target, study_uid=job["study_uid"],
+                        job_pk=job["id"], session=session))
             study = session.execute(
                 select(Study).where(Study.study_uid == job["study_uid"])).scalar_one()
             row.state = run.state.value
