@@ -127,3 +127,10 @@ def test_node_with_broken_weights_says_so_and_keeps_receiving(
     report = json.loads(_cli("status", "--json", cwd=tmp_path, env=env).stdout)
     assert report["totals"]["studies"] == 1
     assert report["pipelines"]["states"]["liver_tumor"] == states["liver_tumor"]
+
+
+def test_worker_without_a_broker_says_so_and_exits_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "worker"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "needs broker_url" in out.stderr, out.stderr

@@ -31,6 +31,7 @@ def test_production_example_is_valid() -> None:
 
 
 def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOMNODE_DATABASE_URL", raising=False)  # the PostgreSQL pass sets it
     cfg = tmp_path / "node.yaml"
     cfg.write_text(yaml.safe_dump({"ae_title": "FROMFILE", "port": 104,
                                    "peers": {"ORTHANC": {"host": "127.0.0.1", "port": 4242}}}))
@@ -120,3 +121,13 @@ def test_invalid_tls_settings_are_named(tmp_path: Path, named: str) -> None:
     cfg.write_text(yaml.safe_dump(_BAD_TLS[named](_pem_files(tmp_path))))
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         load_settings(cfg)
+
+
+def test_executor_celery_needs_a_broker_and_threads_stay_the_default() -> None:
+    assert load_settings(None).executor == "threads"
+    with pytest.raises(ValueError, match="'broker_url' value 'None'"):
+        load_settings(None, executor="celery")
+    with pytest.raises(ValueError, match="executor"):
+        load_settings(None, executor="kubernetes")
+    s = load_settings(None, executor="celery", broker_url="amqp://u:p@mq:5672/dicomnode")
+    assert (s.celery.queue, s.celery.urgent_queue) == ("jobs", "urgent")

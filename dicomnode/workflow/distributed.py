@@ -85,6 +85,7 @@ def make_app(settings: Settings) -> Any:
         worker_prefetch_multiplier=1,        # one job at a time per worker process
         task_ignore_result=True,
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,       # the node's own log set-up stays in charge
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
         task_default_priority=5,
@@ -202,16 +203,19 @@ def run_worker(settings: Settings, queues: list[str] | None = None, concurrency:
         Jobs at once in this process (threads sharing one copy of each model); one
         process per GPU with 1 is the design.
     """
+    from celery.signals import setup_logging
+
     from dicomnode.workflow.export import Outbox
     from dicomnode.workflow.jobs import JobRunner
 
+    # a receiver here tells Celery not to configure logging: configure_logging did
+    setup_logging.connect(_keep_logging, weak=False)
     app = make_app(settings)
     db = Database(settings.db_url)
     db.upgrade()
-    runner = JobRunner(db, settings, Outbox(db, settings))  # the node's outbox sends
-    dispatcher = Dispatcher(db, settings, app)
-    queued = dispatcher.publish
-    runner.on_queued = lambda ids: _publish_new(db, queued, ids)
+    # the node's outbox sends the results, and its dispatcher publishes the pipeline jobs
+    # that routing here queues (within a second): one publisher, no duplicate messages
+    runner = JobRunner(db, settings, Outbox(db, settings))
     name = worker_name()
 
     @app.task(name=TASK, bind=True)  # type: ignore[untyped-decorator]
@@ -238,8 +242,6 @@ def run_worker(settings: Settings, queues: list[str] | None = None, concurrency:
         db.dispose()
 
 
-def _publish_new(db: Database, publish: Any, job_ids: list[int]) -> None:
-    with db.session() as session:
-        rows = session.execute(select(Job.id, Job.priority).where(Job.id.in_(job_ids))).all()
-    for job_id, priority in rows:
-        publish(job_id, priority)
+def _keep_logging(**_: Any) -> None:
+    """Celery's ``setup_logging`` receiver: logging is configured already."""
+

@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,9 +314,6 @@ class JobRunner:
         self.seg_writer: SegWriter | None = None
         #: Where jobs read instances and write results (``store/files.py``).
         self.files = job_files(settings)
-        #: Called with the ids of the pipeline jobs a routing job queued, once committed
-        #: (a Celery worker publishes them; embedded threads are woken anyway).
-        self.on_queued: Callable[[list[int]], None] | None = None
 
     def _keep_volume(self, key: tuple[str, int, str], volume: Any) -> None:
         with self._volumes_lock:
@@ -491,20 +488,32 @@ class JobRunner:
         with self.db.transaction() as session:
             study = session.execute(
                 select(Study).where(Study.study_uid == job["study_uid"])).scalar_one()
-            queued = [Job(
-                study=study, study_version=job["version"], pipeline=action.pipeline,
-                priority=PRIORITY.get(action.priority, PRIORITY["normal"]), attempts=0,
-                routing={**routing, "action": action.to_dict()},
-            ) for action in decision.actions]
-            session.add_all(queued)
-            session.flush()
-            queued_ids = [row.id for row in queued]
+            if self._routed_before(session, job, study.id):
+                return StudyRun(JobState.DONE, reason="routed by an earlier attempt",
+                                routing=routing, timings=timings)
+            for action in decision.actions:
+                session.add(Job(
+                    study=study, study_version=job["version"], pipeline=action.pipeline,
+                    priority=PRIORITY.get(action.priority, PRIORITY["normal"]), attempts=0,
+                    routing={**routing, "action": action.to_dict()},
+                ))
         self.wake()
-        if self.on_queued is not None:
-            self.on_queued(queued_ids)
         names = ", ".join(f"{a.pipeline} ({a.priority})" for a in decision.actions)
         return StudyRun(JobState.DONE, reason=f"routed to {names}", routing=routing,
                         timings=timings)
+
+    @staticmethod
+    def _routed_before(session: Any, job: dict[str, Any], study_pk: int) -> bool:
+        """Whether this routing attempt must not queue pipeline jobs: another worker took
+        the routing job over, or an attempt that died after queueing them did so already
+        (one set of pipeline jobs, hence of results, per study version)."""
+        row = session.execute(
+            select(Job).where(Job.id == job["id"]).with_for_update(of=Job)).scalar_one()
+        if row.state != JobState.RUNNING.value or row.attempts != job["attempt"]:
+            return True
+        return session.execute(select(Job.id).where(
+            Job.study_pk == study_pk, Job.study_version == job["version"],
+            Job.pipeline.is_not(None)).limit(1)).first() is not None
 
     def _pipeline(self, job: dict[str, Any]) -> StudyRun:
         from dicomnode.imaging.series import load_series

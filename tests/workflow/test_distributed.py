@@ -20,13 +20,14 @@ from dicomnode.workflow.jobs import PRIORITY, JobRunner, StudyRun
 from tests.rabbitmq import RabbitMQ
 
 
-def _index(settings: Settings, priorities: list[int]) -> tuple[Database, list[int]]:
+def _index(settings: Settings, priorities: list[int], pipeline: str | None = "liver_tumor",
+           ) -> tuple[Database, list[int]]:
     db = Database(settings.db_url)
     db.upgrade()
     with db.transaction() as session:
         study = Study(study_uid=generate_uid(), patient=Patient(patient_id="", issuer=""),
                       version=1, calling_aet="PACS")
-        jobs = [Job(study=study, study_version=1, pipeline="liver_tumor", priority=p,
+        jobs = [Job(study=study, study_version=1, pipeline=pipeline, priority=p,
                     routing={"action": {}}) for p in priorities]
         session.add_all(jobs)
         session.flush()
@@ -121,3 +122,24 @@ def test_message_priorities_keep_the_order_of_job_priorities() -> None:
              for name in ("urgent", "routing", "high", "normal", "low")]
     assert order == sorted(order, reverse=True) and order[0] == distributed.MAX_PRIORITY
     assert len(set(order)) == len(order)
+
+
+def test_routing_taken_over_from_a_dead_worker_queues_the_pipeline_jobs_once(
+        settings: Settings) -> None:
+    db, (routing_id,) = _index(settings, [PRIORITY["routing"]], pipeline=None)
+    runner = JobRunner(db, settings, Outbox(db, settings))
+    first = runner.claim_job(routing_id, "gpu-a")
+    second = runner.claim_job(routing_id, "gpu-b", takeover=True)
+    assert first is not None and second is not None
+    with db.transaction() as session:
+        study = session.execute(select(Study)).scalar_one()
+        # the first worker, taken over, may not queue anything
+        assert runner._routed_before(session, first, study.id)
+        # the second may, as long as nobody did
+        assert not runner._routed_before(session, second, study.id)
+    with db.transaction() as session:  # the dead worker had queued them before it died
+        session.add(Job(study_pk=study.id, study_version=1, pipeline="liver_tumor",
+                        priority=PRIORITY["normal"]))
+    with db.transaction() as session:
+        assert runner._routed_before(session, second, study.id)
+    db.dispose()
