@@ -223,11 +223,8 @@ def run_worker(settings: Settings, queues: list[str] | None = None, concurrency:
         redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
         runner.run_job(int(job_id), name, takeover=redelivered)
 
-    if settings.warm_up:
-        states = runner.check_pipelines()
-        runner._states = states
-        runner._checked.set()
-        runner._warm_pipelines()
+    if settings.warm_up:  # before taking the first task
+        runner.warm_here()
     queues = queues or [settings.celery.urgent_queue, settings.celery.queue]
     log.info("worker.started", extra=fields(worker=name, queues=",".join(queues),
                                             concurrency=concurrency))

@@ -735,6 +735,16 @@ class JobRunner:
             gc.unfreeze()
             self._froze_gc = False
 
+    def warm_here(self) -> None:
+        """Check every pipeline, then warm the available ones on the calling thread.
+
+        For a process that runs jobs on its own thread instead of the runner's (a Celery
+        worker): the first job pays neither for loading weights nor for starting the GPU.
+        """
+        self._states = self.check_pipelines()
+        self._checked.set()
+        self._warm_pipelines()
+
     def _warm_pipelines(self) -> None:
         """Warm every available pipeline on this (worker) thread (see Pipeline.warm_up)."""
         self._checked.wait(300)
