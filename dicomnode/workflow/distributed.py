@@ -231,7 +231,10 @@ def run_worker(settings: Settings, queues: list[str] | None = None, concurrency:
     try:
         app.worker_main(argv=[
             "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency),
-            "--pool", "solo" if concurrency == 1 else "threads",
+            # jobs on a pool thread, never on the consumer's: a solo pool blocks the
+            # connection for the whole job, the broker's heartbeats go unanswered and
+            # RabbitMQ hands a long job to another worker while it still runs
+            "--pool", "threads",
             "--hostname", f"dicomnode-{name}@%h", "--loglevel",
             settings.log_level, "--without-gossip", "--without-mingle",
             "--without-heartbeat"])

@@ -143,9 +143,12 @@ def test_two_workers_process_every_study_once_even_when_one_is_killed_mid_job(
             assert all(found[uid] == Counter(dict.fromkeys(RESULT_MODALITIES, 1))
                        for uid in uids), found
             with node.db.session() as session:
-                ran = {w for (w,) in session.execute(
-                    select(Job.worker).where(Job.pipeline == "liver_tumor"))}
-            assert ran == names
+                ran = session.execute(select(Job.worker, Job.attempts).where(
+                    Job.pipeline == "liver_tumor")).all()
+            assert {worker for worker, _ in ran} == names
+            # no worker died: no job was delivered twice (a worker whose connection is
+            # blocked by a long job would lose it to the other one)
+            assert {attempts for _, attempts in ran} == {1}
 
             # 2. again, and one worker is killed while it runs a pipeline job
             second = _copies(template, tmp_path / "again", 3)
