@@ -190,7 +190,8 @@ class ReceiveFile:
             os.unlink(self.name)
 
 
-def install_receive_files(spool: Spool) -> Callable[[], None]:
+def install_receive_files(spool: Spool, on_created: Callable[[ReceiveFile], None] | None = None,
+                          ) -> Callable[[], None]:
     """Make pynetdicom's chunked receive write into ``ReceiveFile`` objects on ``spool``.
 
     pynetdicom creates the file with ``NamedTemporaryFile(delete=False, mode="wb",
@@ -202,6 +203,9 @@ def install_receive_files(spool: Spool) -> Callable[[], None]:
     ----------
     spool : Spool
         Where received data sets go and whose reserve applies.
+    on_created : callable, optional
+        Called with each new file, on the association's network thread (the node keeps
+        them per association to remove those no store took over when it ends).
 
     Returns
     -------
@@ -211,7 +215,10 @@ def install_receive_files(spool: Spool) -> Callable[[], None]:
     original = dimse_messages.NamedTemporaryFile
 
     def receive_file(*args: Any, **kwargs: Any) -> ReceiveFile:
-        return ReceiveFile(spool)
+        file = ReceiveFile(spool)
+        if on_created is not None:
+            on_created(file)
+        return file
 
     dimse_messages.NamedTemporaryFile = receive_file  # type: ignore[assignment]
 
@@ -279,6 +286,7 @@ class StorageSCP:
         self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
         self._early: dict[str, tuple[int, Future[StoreOutcome]]] = {}
+        self._receiving: dict[int, list[ReceiveFile]] = {}   # per association
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -328,7 +336,8 @@ class StorageSCP:
             # in the spool's tmp/ (ReceiveFile), it is renamed into place without a copy.
             # Both settings are per process: one node per process.
             self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET,
-                                      install_receive_files(self.store.spool))
+                                      install_receive_files(self.store.spool,
+                                                            self._track_receive_file))
             _config.STORE_RECV_CHUNKED_DATASET = True
             self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
         limits = ConnectionLimits.from_settings(s)
@@ -469,10 +478,8 @@ class StorageSCP:
         command = getattr(message, "command_set", None)
         if not isinstance(name, str) or command is None:
             return
-        if isinstance(received, ReceiveFile):
-            if received.error is not None:
-                return  # not on disk (reserve, disk full): _on_store refuses it
-            received.begun = True
+        if isinstance(received, ReceiveFile) and received.error is not None:
+            return  # not on disk (reserve, disk full): _on_store refuses it
         try:
             sop_class = str(command.AffectedSOPClassUID or "")
             sop_uid = str(command.AffectedSOPInstanceUID or "")
@@ -480,7 +487,9 @@ class StorageSCP:
         except AttributeError:
             return
         if sop_class not in self.accepted:
-            return  # _on_store refuses it
+            return  # _on_store refuses it, if pynetdicom gets that far; else _on_ended
+        if isinstance(received, ReceiveFile):
+            received.begun = True
         future = self.store.begin_store(Path(name), calling, expected_sop_uid=sop_uid,
                                         expected_sop_class_uid=sop_class)
         with self._lock:
@@ -574,6 +583,19 @@ class StorageSCP:
                 refused=counts["refused"]))
         return studies
 
+    def _track_receive_file(self, file: ReceiveFile) -> None:
+        # pynetdicom makes the file on the association's DUL thread, which knows its
+        # association. A message it drops after decoding (an unknown SOP class in the
+        # command, an abort between decoding and the handler) is in neither its current
+        # message nor its queue any more: this list still has its file.
+        assoc = getattr(threading.current_thread(), "assoc", None)
+        if assoc is None:
+            return
+        with self._lock:
+            files = self._receiving.setdefault(id(assoc), [])
+            files[:] = [f for f in files if not f.begun]
+            files.append(file)
+
     def _on_ended(self, assoc: Any) -> None:
         """An association's thread has ended: finish it if pynetdicom never said it did,
         and remove the files of data sets it was receiving or never handed to a store."""
@@ -587,6 +609,8 @@ class StorageSCP:
         received = [getattr(dimse.message, "_data_set_file", None)]
         received += [getattr(primitive, "_dataset_file", None)
                      for _, primitive in list(dimse.msg_queue.queue)]
+        with self._lock:
+            received += self._receiving.pop(key, [])
         for file in received:
             if isinstance(file, ReceiveFile) and not file.begun:
                 file.discard()
