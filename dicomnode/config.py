@@ -251,6 +251,10 @@ class Settings(BaseSettings):
         "and a study is not known to be urgent before it is routed) and urgent pipeline "
         "jobs, so an urgent study starts at once even while every other worker runs a "
         "long job. They share the device with the other workers. 0: no lane."))
+    job_nice: int = Field(default=10, ge=0, le=19, description=(
+        "How much nicer (Linux nice levels) the job workers run than the listener, so "
+        "that receiving keeps priority over the models on a busy CPU; the networks' "
+        "threads inherit it. 0: the same priority."))
     warm_up: bool = Field(default=True, description=(
         "At start, off the receiving path, load and run each available pipeline once and "
         "encode a small SEG/RTSTRUCT/SR, so the first study pays no start-up."))

@@ -70,6 +70,27 @@ log = logging.getLogger(__name__)
 PRIORITY = {"routing": ROUTING_PRIORITY, "urgent": 100, "high": 70, "normal": 50, "low": 10}
 
 
+def lower_thread_priority(increment: int) -> int | None:
+    """Make the calling thread ``increment`` nice levels nicer; returns its new level.
+
+    Linux keeps a nice level per thread, and threads inherit it from the thread that
+    starts them: torch's OpenMP pool, started by the job worker on its first network
+    call, runs at the worker's level. The listener's threads keep theirs, so receiving
+    goes first when the models and the senders want the same cores. None where the
+    platform has no per-thread priority or refuses.
+    """
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        level = min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+        os.setpriority(os.PRIO_PROCESS, tid, level)
+    except OSError as exc:
+        log.warning("jobs.nice_failed", extra=fields(error=str(exc)))
+        return None
+    return level
+
+
 def priority_name(value: int) -> str:
     """The name of a job priority (``"urgent"``), or the number when it has none."""
     return next((name for name, v in PRIORITY.items() if v == value), str(value))
@@ -662,6 +683,7 @@ class JobRunner:
 
     def _run(self, name: str, warm: threading.Event, wake: threading.Event,
              min_priority: int | None) -> None:
+        lower_thread_priority(self.settings.job_nice)
         try:
             if self.settings.warm_up:
                 self._warm_pipelines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import subprocess
 import threading
 import time
@@ -331,3 +332,57 @@ def test_an_urgent_job_short_of_memory_beside_a_running_job_runs_again_once_alon
         node.stop()
     assert len(urgent.runs) == 2 and urgent.runs[1] >= released
     assert [r["reason"] for r in rows if r["pipeline"] == urgent.name] == ["ran alone"]
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def test_job_workers_run_nicer_than_the_listener(settings: Settings,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Receiving must keep priority over the models on a busy CPU.
+    levels: list[int] = []
+
+    class _Pipeline(_RecordingPipeline):
+        def warm_up(self) -> None:
+            levels.append(_nice(threading.get_native_id()))
+
+    monkeypatch.setattr(jobs, "availability", lambda context=None: {"recording": "ok"})
+    monkeypatch.setattr(jobs, "get_pipeline", lambda name, context=None: _Pipeline())
+    settings.warm_up, settings.job_nice = True, 7
+    node = Node(settings)
+    node.start()
+    try:
+        assert node.runner.warmed.wait(60)
+    finally:
+        node.stop()
+    here = _nice(threading.get_native_id())
+    assert levels and set(levels) == {min(19, here + 7)}
+
+
+def test_the_threads_torch_starts_for_a_nicer_worker_are_as_nice() -> None:
+    import torch
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("torch starts no pool on one core")
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        before = set(os.listdir("/proc/self/task"))
+        seen["level"] = jobs.lower_thread_priority(5)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            a = torch.rand(512, 512)
+            for _ in range(5):
+                a = a @ a / 512
+            seen["levels"] = {_nice(int(t)) for t in set(os.listdir("/proc/self/task")) - before}
+        finally:
+            torch.set_num_threads(previous)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert seen["level"] is not None
+    assert seen["levels"], "torch started no thread"
+    assert seen["levels"] == {seen["level"]}
