@@ -341,11 +341,12 @@ def check_store(node: NodeProcess, acked: set[str], tally: Tally, what: str) -> 
     for uid in acked:
         if uid in rows:
             try:
-                if pydicom.dcmread(node.data_dir / "spool" / rows[uid],
-                                   stop_before_pixels=True).SOPInstanceUID != uid:
-                    unreadable.append(uid)
-            except Exception:
-                unreadable.append(uid)
+                stored = pydicom.dcmread(node.data_dir / "spool" / rows[uid],
+                                         stop_before_pixels=True).SOPInstanceUID
+                if stored != uid:
+                    unreadable.append(f"{uid} stored as {stored}")
+            except Exception as exc:
+                unreadable.append(f"{uid} ({rows[uid]}): {type(exc).__name__}: {exc}")
     tmp_dir = node.data_dir / "spool" / "tmp"
     # Stores still inside their PDU timeout may hold a partial file for a few seconds.
     _wait_for(lambda: not any(tmp_dir.glob("*")), 10, poll=0.2)
@@ -355,6 +356,7 @@ def check_store(node: NodeProcess, acked: set[str], tally: Tally, what: str) -> 
     if lost or unreadable or tmp:
         tally.failures.append(f"{what}: {len(lost)} lost, {len(unreadable)} unreadable, "
                               f"{len(tmp)} temp files")
+        tally.failures.extend(f"  unreadable: {u}" for u in unreadable[:5])
 
 
 def fuzz_batches(node: NodeProcess, cases: int, batch: int, rng: random.Random, work: Path,
@@ -450,11 +452,11 @@ def result_series_duplicates(received: Path) -> int:
 
 
 def kill_campaign(node: NodeProcess, kills: int, rng: random.Random, work: Path,
-                  tally: Tally, abdomen: list[Path]) -> None:
+                  tally: Tally, abdomen: list[Path],
+                  phases: tuple[str, ...] = ("ingest", "processing", "export")) -> None:
     """``kills`` SIGKILLs at random points of ingest, processing and export."""
-    phases = ["ingest", "processing", "export"]
     for k in range(kills):
-        phase = phases[k % 3] if abdomen else "ingest"
+        phase = phases[k % len(phases)] if abdomen else "ingest"
         acked: set[str] = set()
         if phase == "ingest":
             study, series = generate_uid(), generate_uid()
@@ -562,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="kill only during ingest (no liver jobs: faster)")
     parser.add_argument("--full-disk", action="store_true",
                         help="also fill a node on a small tmpfs (needs root)")
+    parser.add_argument("--phases", default="ingest,processing,export",
+                        help="where the kills fall, in turn")
+    parser.add_argument("--keep", type=Path, help="keep the work folder here (debugging)")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -586,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                 phantom = make_phantom("abdomen", seed=7, matrix=256, spacing=(2.5, 1.6, 1.6))
                 abdomen = sorted(p for p in write_phantom(phantom, work / "abdomen")
                                  if p.suffix == ".dcm")
-            kill_campaign(node, args.kills, rng, work, tally, abdomen)
+            kill_campaign(node, args.kills, rng, work, tally, abdomen,
+                          tuple(args.phases.split(",")))
             check_store(node, tally.acked, tally, "after the kills")
             if abdomen:  # let the last jobs and deliveries finish before counting
                 _wait_for(lambda: _job_state(node)[0] == 0 and _job_state(node)[2] == 0, 180, 1)
@@ -595,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
             disk = full_disk(work, peer_port, tally) if args.full_disk else "not run"
             (work / "peer").mkdir()
             peer = peer_echo(work / "peer")
+            if args.keep:
+                node.stop()
+                shutil.copytree(work, args.keep, dirs_exist_ok=True)
         finally:
             node.stop()
             receiver.terminate()
