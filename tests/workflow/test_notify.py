@@ -253,6 +253,12 @@ def test_a_webhook_without_pipelines_hears_of_urgent_positives_only(
     assert rows("brain_ich", False, True) == [ich.url]
     assert rows("liver_tumor", True, True) == [every.url]
     assert rows("brain_ich", True, False) == []
+    # no result (bad input: an MR, a scout...) is never an alarm, whatever it says
+    no_result = {"result": {**_summary(True)["result"], "ok": False}}
+    assert notifications_for(
+        settings, study_uid="1.2.3", study_version=1, accession_number="",
+        calling_aet="PACS", pipeline="brain_ich", priority="urgent", urgent=True, job_id=None,
+        summary=no_result, result_files=[]) == []
 
 
 def test_a_webhook_url_that_is_not_http_is_refused_with_its_value() -> None:
