@@ -65,11 +65,20 @@ class WebhookReceiver:
                 time.sleep(receiver.delay_s)
                 try:
                     self.send_response(status)
+                    if 300 <= status < 400:
+                        self.send_header("Location", "/elsewhere")
                     self.send_header("Content-Length", "2")
                     self.end_headers()
                     self.wfile.write(b"{}")
                 except OSError:  # the client gave up waiting (its timeout)
                     pass
+
+            def do_GET(self) -> None:
+                # where a redirect points: answers, so that a client that followed it
+                # with a GET would take the alarm for sent
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

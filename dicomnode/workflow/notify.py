@@ -61,6 +61,17 @@ class NotifyError(RuntimeError):
     """One attempt failed; the message says how (HTTP status, timeout, refused)."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would repeat a POST as a GET without its body and
+    call the alarm sent."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout_s: float) -> int:
     """POST ``body`` to ``url`` and return the HTTP status (2xx).
 
@@ -83,11 +94,12 @@ def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout_s: floa
     Raises
     ------
     NotifyError
-        An HTTP error status, a timeout or a connection that failed.
+        An HTTP error status (a redirect included), a timeout or a connection that
+        failed.
     """
     request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with _OPENER.open(request, timeout=timeout_s) as response:
             response.read(65536)
             return int(response.status)
     except urllib.error.HTTPError as exc:

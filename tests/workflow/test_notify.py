@@ -356,6 +356,19 @@ def test_a_webhook_that_is_down_fails_after_max_attempts_and_status_says_why(
     assert json.loads(as_json.output)["notifications"][0]["attempts"] == 3
 
 
+def test_a_redirect_is_a_failed_attempt_not_a_sent_alarm(settings: Settings) -> None:
+    # urllib would follow a 302 with a GET that drops the JSON and report success
+    with webhook_receiver(status=302) as receiver:
+        hook = Webhook(url=receiver.url)
+        notifier = _notifier(settings, webhooks=[hook], max_attempts=1)
+        row_id = notifier.enqueue(hook, {"n": 1}, study_uid="1.2.3")
+        assert notifier.process_due() == 1
+    row = _row(notifier, row_id)
+    assert row.state == "failed" and row.last_error is not None
+    assert row.last_error.startswith("HTTP 302")
+    assert len(receiver.requests) == 1
+
+
 def test_pending_notifications_survive_a_restart(settings: Settings) -> None:
     with webhook_receiver() as receiver:
         hook = Webhook(url=receiver.url)
