@@ -2,8 +2,9 @@
 
 The node-level tests share one run: a real node with the shipped brain_ich weights
 receives a positive and a negative phantom head (dcmtk storescu, results to a dcmtk
-storescp as the PACS) while four webhooks listen: one for every urgent positive, one
-for brain_ich with the patient included, one for another pipeline, one that answers 500.
+storescp as the PACS) with five webhooks: one for every urgent positive, one
+for brain_ich with the patient included, one for another pipeline, one that answers 500
+and one where nothing listens.
 The outbox tests drive the notifier on its own against receivers that are down, slow,
 or answer 500 before they accept.
 """
@@ -80,6 +81,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("notify-node")
     positive = _head(work / "positive", POSITIVE_SEED)
     negative = _head(work / "negative", NEGATIVE_SEED)
+    down = f"http://127.0.0.1:{free_port()}/nobody-listens"
     receivers = {name: WebhookReceiver(status=500 if name == "failing" else 200).start()
                  for name in ("all", "patient", "liver", "failing")}
     try:
@@ -100,6 +102,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                              "headers": {"Authorization": "Bearer s3cret"}},
                             {"url": receivers["liver"].url, "pipelines": ["liver_tumor"]},
                             {"url": receivers["failing"].url},
+                            {"url": down},
                         ]})
             node = Node(settings)
             node.start()
@@ -134,7 +137,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             for path in received.iterdir():
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 results.setdefault(str(ds.StudyInstanceUID), []).append(ds)
-        yield {"status": status, "audit": audit, "results": results,
+        yield {"status": status, "audit": audit, "results": results, "down": down,
                "receivers": receivers, "positive": positive, "negative": negative,
                "settings": settings}
     finally:
@@ -205,7 +208,7 @@ def test_a_negative_study_sends_nothing_and_still_gets_its_sr(run: dict[str, Any
     assert sr.Modality == "SR" and "no haemorrhage detected" in sr.SeriesDescription
 
 
-def test_a_webhook_that_answers_500_is_retried_recorded_and_the_results_still_go_out(
+def test_webhooks_that_answer_500_or_are_down_are_retried_recorded_and_results_go_out(
         run: dict[str, Any]) -> None:
     status = run["status"]
     assert [d["state"] for d in status["deliveries"]] == ["done", "done"]
@@ -215,11 +218,14 @@ def test_a_webhook_that_answers_500_is_retried_recorded_and_the_results_still_go
     # the same notification both times: the receiver can tell a retry from a new alarm
     assert len({r.headers["X-Dicomnode-Notification"] for r in failing.requests}) == 1
     by_target = {n["target"]: n for n in status["notifications"]}
-    assert len(by_target) == 3
+    assert len(by_target) == 4
     failed = by_target[failing.url]
     assert failed["state"] == "failed" and failed["attempts"] == 2
     assert failed["last_error"].startswith("HTTP 500")
     assert by_target[run["receivers"]["all"].url]["state"] == "done"
+    down = by_target[run["down"]]
+    assert down["state"] == "failed" and down["attempts"] == 2
+    assert down["last_error"].startswith("not reached:")
     events = [event for event, detail in run["audit"]
               if detail["notification"] == failed["id"]]
     assert events == ["notification.queued", "notification.retry", "notification.failed"]
