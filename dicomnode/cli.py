@@ -104,7 +104,8 @@ def status(
         typer.echo(json.dumps(report, indent=2))
         return
     typer.echo(f"{report['totals']['studies']} studies, {report['totals']['jobs']} jobs, "
-               f"{report['totals']['deliveries']} deliveries")
+               f"{report['totals']['deliveries']} deliveries, "
+               f"{report['totals'].get('notifications', 0)} notifications")
     if report["pipelines"]:
         for name, state in sorted(report["pipelines"]["states"].items()):
             typer.echo(f"  pipeline {name:<14} {state}")
@@ -127,6 +128,10 @@ def status(
     for d in report["deliveries"]:
         typer.echo(f"  delivery {d['id']:>4} {d['state']:<8} {d['destination']}  "
                    f"files={d['files']} attempts={d['attempts']}  {d['last_error'] or ''}")
+    for n in report.get("notifications", []):
+        typer.echo(f"  notification {n['id']:>4} {n['state']:<8} {n['channel']} "
+                   f"{n['target']}  {n['study_uid']} attempts={n['attempts']}  "
+                   f"{n['last_error'] or ''}")
 
 
 @app.command()

@@ -171,6 +171,48 @@ class ExportSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class Webhook(BaseModel):
+    """One HTTP endpoint told of urgent positive studies (see ``workflow/notify.py``)."""
+
+    url: str = Field(description="Where the JSON is POSTed (http:// or https://).")
+    headers: dict[str, str] = Field(default_factory=dict, description=(
+        "Extra request headers (an Authorization token); never logged or shown."))
+    pipelines: list[str] | None = Field(default=None, description=(
+        "Positive results of these pipelines, whatever their priority; None: every "
+        "positive result of an urgent routing rule."))
+    include_patient: bool = Field(default=False, description=(
+        "Put the patient's name, ID and birth date in the payload (off: UIDs, the "
+        "accession number and findings only)."))
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"Invalid 'notify.webhooks.url' value '{v}' - an http:// or "
+                             "https:// URL with a host")
+        return v
+
+
+class NotifySettings(BaseModel):
+    """Urgent notifications: where they go and how they are retried."""
+
+    webhooks: list[Webhook] = Field(default_factory=list)
+    dashboard_url: str = Field(default="http://127.0.0.1:8080", description=(
+        "The dashboard's base URL; each payload links to {dashboard_url}/studies/{uid}."))
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0, le=120, description=(
+        "Per request (connect and answer): a slow endpoint costs an attempt, not the "
+        "node's time."))
+    senders: int = Field(default=4, ge=1, le=64, description=(
+        "Requests in flight at once, so one slow endpoint does not hold up the others."))
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
 class Settings(BaseSettings):
     """All settings of one node.
 
@@ -240,6 +282,7 @@ class Settings(BaseSettings):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     routing_rules: Path | None = Field(
         default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
     )

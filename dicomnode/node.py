@@ -14,6 +14,7 @@ from dicomnode.store.spool import Spool
 from dicomnode.workflow.completion import CompletionMonitor
 from dicomnode.workflow.export import Outbox
 from dicomnode.workflow.jobs import JobRunner
+from dicomnode.workflow.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class Node:
         self.spool = Spool(settings.spool_dir, reserve_bytes=settings.disk_reserve_mb * 2**20)
         self.store = InstanceStore(self.db, self.spool, io_threads=settings.max_associations)
         self.outbox = Outbox(self.db, settings)
-        self.runner = JobRunner(self.db, settings, self.outbox)
+        self.notifier = Notifier(self.db, settings)
+        self.runner = JobRunner(self.db, settings, self.outbox, self.notifier)
         self.completion = CompletionMonitor(self.db, settings.completion,
                                             on_complete=lambda _uid: self.runner.wake())
         self.scp = StorageSCP(settings, self.store, on_released=self._released)
@@ -48,9 +50,11 @@ class Node:
         """Migrate the schema, recover from any crash, start every thread, then listen."""
         self.db.upgrade()
         self.recovery = self.store.recover()
+        self.notifier.recover()
         self.completion.start()
         self.runner.start()
         self.outbox.start()
+        self.notifier.start()
         self.scp.start()
         log.info("node.started", extra=fields(ae_title=self.settings.ae_title,
                                               port=self.scp.port,
@@ -66,6 +70,7 @@ class Node:
         self.completion.stop()
         self.runner.stop()
         self.outbox.stop()
+        self.notifier.stop()
         self.store.close()
         self.db.dispose()
         log.info("node.stopped")

@@ -58,6 +58,7 @@ from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
 from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
 from dicomnode.workflow.export import Outbox, resolve_targets
+from dicomnode.workflow.notify import Notifier, notifications_for, record_queued
 from dicomnode.workflow.routing import RoutingRules, load_rules, route_study
 
 if TYPE_CHECKING:  # highdicom is imported off the start path
@@ -288,12 +289,17 @@ class JobRunner:
         Spool location, worker count, routing rules, export targets.
     outbox : Outbox
         Where results are queued.
+    notifier : Notifier, optional
+        Woken when a job queued urgent notifications (rows are queued without it, and
+        a notifier in another process finds them).
     """
 
-    def __init__(self, db: Database, settings: Settings, outbox: Outbox) -> None:
+    def __init__(self, db: Database, settings: Settings, outbox: Outbox,
+                 notifier: Notifier | None = None) -> None:
         self.db = db
         self.settings = settings
         self.outbox = outbox
+        self.notifier = notifier
         self.rules = load_rules(settings.routing_rules)
         #: The models folder and device the node's settings give its pipelines.
         self.context = PipelineContext.from_settings(settings)
@@ -486,6 +492,10 @@ class JobRunner:
                                context=self.context)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
+        flagged = (run.summary.get("result") or {}).get("flagged_slices") or []
+        if flagged:  # the key images by UID, for the urgent notification
+            run.summary["flagged_sop_instance_uids"] = [
+                str(volume.sop_instance_uids[i]) for i in flagged]
         run.routing = job["routing"]
         return run
 
@@ -517,6 +527,22 @@ class JobRunner:
                                    calling_aet=job["calling_aet"],
                                    detail={"job": job["id"], "pipeline": run.pipeline,
                                            "reason": run.reason}))
+            # the urgent alarm is recorded with the result it reports (sent by the notifier)
+            notifications = [] if run.state != JobState.DONE else notifications_for(
+                self.settings, study_uid=job["study_uid"], study_version=job["version"],
+                accession_number=study.accession_number, calling_aet=job["calling_aet"],
+                pipeline=run.pipeline, priority=priority_name(job["priority"]),
+                urgent=job["priority"] >= PRIORITY["urgent"], job_id=job["id"],
+                summary=run.summary, result_files=run.result_files,
+                series_instance_uid=str(run.routing.get("action", {}).get(
+                    "series_instance_uid") or ""))
+            if notifications:
+                session.add_all(notifications)
+                session.flush()
+                record_queued(session, notifications)
+                row.result = {**row.result, "notifications": [n.id for n in notifications]}
+        if notifications and self.notifier is not None:
+            self.notifier.wake()
         log.info("job.finished", extra=fields(job=job["id"], state=run.state.value,
                                               pipeline=run.pipeline or "routing",
                                               reason=run.reason, deliveries=len(deliveries)))

@@ -250,6 +250,11 @@ def test_an_urgent_study_starts_at_once_while_every_normal_worker_runs_a_long_jo
     normal = [r for r in rows if r["pipeline"] == LONG_JOB]
     assert not [r for r in normal if "-urgent-" in r["worker"]]
     assert max(r["started_at"] for r in normal) > urgent["started_at"]
+    # the urgent study finished before either job that was running when it arrived
+    urgent_done = next(r for r in rows if r["id"] == urgent["id"])["finished_at"]
+    running_then = [r for r in normal if r["started_at"] < urgent["started_at"]]
+    assert len(running_then) == 2
+    assert all(r["finished_at"] > urgent_done for r in running_then)
 
 
 def test_an_urgent_study_takes_the_next_free_worker_ahead_of_five_queued_studies(
