@@ -28,7 +28,7 @@ def test_on_a_non_loopback_bind_nothing_is_shown_before_signing_in(
     node, uid = stored
     client = _app(node, bind_address="0.0.0.0")
     for path in (f"/studies/{uid}", f"/api/v1/studies/{uid}", "/studies", "/api/v1/studies",
-                 "/health", "/metrics", f"/api/v1/jobs/1/files/sr.dcm"):
+                 "/health", "/metrics", "/api/v1/jobs/1/files/sr.dcm"):
         answer = client.get(path)
         assert answer.status_code == 401, path
         assert "Secret" not in answer.text and "SECRET-ID-42" not in answer.text
@@ -55,7 +55,7 @@ def test_a_trusted_proxy_header_signs_in_only_from_a_trusted_proxy(
 
 def test_a_non_loopback_bind_without_any_way_to_sign_in_is_refused_by_the_config(
         tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="web.bind_address"):
+    with pytest.raises(ValidationError, match=r"web\.bind_address"):
         load_settings(None, data_dir=tmp_path, web={"bind_address": "0.0.0.0"})
     with pytest.raises(ValidationError, match="not a password hash"):
         load_settings(None, data_dir=tmp_path, web={"users": {"alice": "plain-text"}})
