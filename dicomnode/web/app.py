@@ -8,14 +8,16 @@ counters exposed). Without a node the dashboard still reads and acts on the inde
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicomnode.config import Settings, WebSettings
 from dicomnode.metrics import NodeMetrics
+from dicomnode.pipelines.base import registered
 from dicomnode.store.db import Database
 from dicomnode.web import api, pages
 from dicomnode.web.auth import Viewer, viewer
@@ -58,6 +60,28 @@ def create_app(settings: Settings, db: Database, node: Node | None = None) -> Fa
     app.state.wake = node.runner.wake if node is not None else None
     app.include_router(api.router)
     app.include_router(pages.router)
+
+    def openapi() -> dict[str, Any]:
+        # the pipelines installed and the peers configured, as enums: a client (and a
+        # schema-driven test) knows which values the actions accept
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version,
+                                   summary=app.summary, routes=app.routes)
+            models = document.get("components", {}).get("schemas", {})
+            names = {"RerouteIn": ("pipeline", registered()), "RerunIn": (
+                "pipeline", registered()), "ResendIn": ("peer", sorted(
+                    set(settings.peers) | set(settings.destinations)))}
+            for model, (field, values) in names.items():
+                prop = models.get(model, {}).get("properties", {}).get(field)
+                if prop is not None and values:
+                    prop.pop("anyOf", None)
+                    prop.update({"type": "string", "enum": values})
+                    if model == "RerunIn":
+                        prop.update({"type": ["string", "null"], "enum": [*values, None]})
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/metrics", include_in_schema=False)
     def metrics_endpoint(request: Request, who: Annotated[Viewer, Depends(viewer)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ def web_settings(tmp_path: Path, **overrides: object) -> Settings:
         completion={"quiet_period_s": 30, "poll_interval_s": 0.2}, **overrides)
 
 
-@pytest.fixture
-def stored(tmp_path: Path) -> Iterator[tuple[Node, str]]:
+@contextmanager
+def stored_study(tmp_path: Path) -> Iterator[tuple[Node, str]]:
     """A node holding one complete study sent over C-STORE, with a finished liver job
     (its timings, measurements and a result file), a delivery and a notification."""
     node = Node(web_settings(tmp_path))
@@ -61,6 +62,13 @@ def stored(tmp_path: Path) -> Iterator[tuple[Node, str]]:
         yield node, uid
     finally:
         node.stop()
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> Iterator[tuple[Node, str]]:
+    """``stored_study`` for one test."""
+    with stored_study(tmp_path) as value:
+        yield value
 
 
 def wait_complete(node: Node, study_uid: str, timeout_s: float = 30) -> None:
