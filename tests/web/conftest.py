@@ -35,11 +35,12 @@ def web_settings(tmp_path: Path, **overrides: object) -> Settings:
     """A node on free loopback ports, no workers, the dashboard on port 0 with one user."""
     web = {"port": 0, "users": {USER: PASSWORD_HASH}}
     web.update(overrides.pop("web", {}))  # type: ignore[call-overload]
-    return load_settings(
-        None, port=0, bind_address="127.0.0.1", data_dir=tmp_path / "var",
-        disk_reserve_mb=0, warm_up=False, seg_writer_process=False, workers=0,
-        urgent_workers=0, web=web, peers={"PACS": {"host": "127.0.0.1", "port": 1}},
-        completion={"quiet_period_s": 30, "poll_interval_s": 0.2}, **overrides)
+    values: dict[str, object] = {
+        "port": 0, "bind_address": "127.0.0.1", "data_dir": tmp_path / "var",
+        "disk_reserve_mb": 0, "warm_up": False, "seg_writer_process": False, "workers": 0,
+        "urgent_workers": 0, "web": web, "peers": {"PACS": {"host": "127.0.0.1", "port": 1}},
+        "completion": {"quiet_period_s": 30, "poll_interval_s": 0.2}}
+    return load_settings(None, **{**values, **overrides})
 
 
 @contextmanager
