@@ -77,9 +77,12 @@ class Node:
             log.error("web.unavailable", extra=fields(
                 reason=f"{exc}; install the web extra: pip install 'dicomnode[web]'"))
             return
-        web = WebServer(self)
-        if web.start():  # a failure is logged there; the DICOM listener keeps serving
-            self.web = web
+        try:
+            web = WebServer(self)
+            if web.start():  # a failure to bind is logged there
+                self.web = web
+        except Exception:  # the DICOM listener keeps serving without its dashboard
+            log.exception("web.start_failed")
 
     def stop(self) -> None:
         """Stop listening first, then the workers, then close the database."""

@@ -4,6 +4,7 @@ health and the actions. The dashboard's pages call the same functions
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -11,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
+from dicomnode.logs import fields
 from dicomnode.store.models import Job
 from dicomnode.web import actions, queries
 from dicomnode.web.auth import Viewer, actor, viewer
@@ -48,6 +50,7 @@ ACTION_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
+log = logging.getLogger(__name__)
 
 
 def _fail(exc: actions.ActionError) -> HTTPException:
@@ -170,8 +173,11 @@ def get_preview(request: Request, job_id: JobId, who: Annotated[Viewer, Depends(
     state = request.app.state
     try:
         data = job_preview(state.db, state.settings, job_id)
-    except (PreviewError, OSError, ValueError, AttributeError, KeyError) as exc:
+    except (PreviewError, OSError) as exc:
         raise HTTPException(404, detail=f"no preview: {exc}") from None
+    except Exception as exc:  # a result the drawing code cannot read: the page goes on
+        log.exception("web.preview_failed", extra=fields(job=job_id))
+        raise HTTPException(404, detail=f"no preview: {type(exc).__name__}") from None
     return Response(data, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=300"})
 

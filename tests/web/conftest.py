@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.config import Settings, load_settings
@@ -18,7 +19,7 @@ from dicomnode.node import Node
 from dicomnode.store.models import Delivery, Job, JobState, Notification, Study, utcnow
 from dicomnode.web.app import create_app
 from dicomnode.web.passwords import hash_password
-from tests.factories import write_series
+from tests.factories import ct_slice
 
 USER, PASSWORD = "alice", "correct horse battery"
 #: Made once: scrypt is slow on purpose.
@@ -50,7 +51,7 @@ def stored_study(tmp_path: Path) -> Iterator[tuple[Node, str]]:
     node = Node(web_settings(tmp_path))
     node.start()
     try:
-        files = write_series(tmp_path / "series", 5)
+        files = write_volume(tmp_path / "series", 5)
         result = send_files(files, host="127.0.0.1", port=node.scp.port,
                             called_aet="DICOMNODE", calling_aet="CTSCANNER")
         assert result.ok
@@ -70,6 +71,19 @@ def stored(tmp_path: Path) -> Iterator[tuple[Node, str]]:
     """``stored_study`` for one test."""
     with stored_study(tmp_path) as value:
         yield value
+
+
+def write_volume(out: Path, n: int) -> list[Path]:
+    """``n`` slices of one CT series in one frame of reference (results can be drawn on it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    for i in range(n):
+        path = out / f"slice{i:04d}.dcm"
+        ct_slice(study, series, 2.0 * i, i, frame_uid=frame).save_as(path,
+                                                                     enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def wait_complete(node: Node, study_uid: str, timeout_s: float = 30) -> None:
