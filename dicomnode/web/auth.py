@@ -83,14 +83,19 @@ def actor(request: Request) -> str:
 
     A state-changing request from another site's page is refused (403): its ``Origin``
     must be this server, so a browser holding Basic credentials cannot be made to act
-    by a foreign form.
+    by a foreign form. Behind a reverse proxy in ``trusted_proxies`` the proxy's
+    ``X-Forwarded-Host`` counts as this server too.
     """
+    web: WebSettings = request.app.state.web
     origin = request.headers.get("origin")
     if origin:
-        host = request.headers.get("host", "")
-        if origin == "null" or origin.split("://", 1)[-1] != host:
+        hosts = {request.headers.get("host", "")}
+        client = request.client.host if request.client else ""
+        if client in web.trusted_proxies and request.headers.get("x-forwarded-host"):
+            hosts.add(request.headers["x-forwarded-host"].split(",")[0].strip())
+        if origin == "null" or origin.split("://", 1)[-1] not in hosts:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail="cross-site request refused")
-    user = identify(request, request.app.state.web)
+    user = identify(request, web)
     if user is None:
         raise _challenge("actions need a signed-in user")
     return user

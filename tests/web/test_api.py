@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from dicomnode.node import Node
 from dicomnode.store.models import AuditEvent, Delivery, Job, JobState
+from dicomnode.web.app import create_app
 from tests.web.conftest import basic
 
 
@@ -165,13 +166,24 @@ def test_resend_queues_the_results_for_a_configured_peer_only(
 
 def test_a_form_post_from_another_site_is_refused(client: TestClient,
                                                   stored: tuple[Node, str]) -> None:
-    _, uid = stored
+    node, uid = stored
     answer = client.post(f"/studies/{uid}/rerun", headers={
         **basic(), "Origin": "https://evil.example"}, follow_redirects=False)
     assert answer.status_code == 403
     ok = client.post(f"/studies/{uid}/rerun", headers={**basic(), "Origin": "http://testserver"},
                      follow_redirects=False)
     assert ok.status_code == 303 and "done=queued" in ok.headers["location"]
+    # behind a trusted reverse proxy its X-Forwarded-Host is this server
+    proxied = TestClient(create_app(
+        node.settings.model_copy(update={"web": node.settings.web.model_copy(  # type: ignore[union-attr]
+            update={"trusted_proxies": ["testclient"]})}), node.db))
+    behind = proxied.post(f"/studies/{uid}/rerun", headers={
+        **basic(), "Origin": "https://pacs-tools.example", "X-Forwarded-Host":
+        "pacs-tools.example"}, follow_redirects=False)
+    assert behind.status_code == 303
+    assert client.post(f"/studies/{uid}/rerun", headers={
+        **basic(), "Origin": "https://pacs-tools.example", "X-Forwarded-Host":
+        "pacs-tools.example"}, follow_redirects=False).status_code == 403
 
 
 def test_health_shows_the_queue_disk_reserve_and_pipelines(
