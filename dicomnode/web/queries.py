@@ -162,8 +162,11 @@ def study_status(study: Study, jobs: Sequence[Job]) -> str:
     if study.state == StudyState.RECEIVING.value:
         return "receiving"
     latest: dict[str | None, Job] = {}
+    withdrawn = (JobState.CANCELLED.value, JobState.SUPERSEDED.value)
     for job in sorted(jobs, key=lambda j: j.id):
-        if job.study_version == study.version:
+        # a cancelled re-run leaves the earlier run of that pipeline standing
+        if job.study_version == study.version and (
+                job.state not in withdrawn or job.pipeline not in latest):
             latest[job.pipeline] = job
     states = {j.state for j in latest.values()}
     if JobState.RUNNING.value in states:
@@ -181,7 +184,7 @@ def study_status(study: Study, jobs: Sequence[Job]) -> str:
         return "failed"
     if routing is not None and routing.state == JobState.NO_RESULT.value:
         return "not_routed"
-    if states and states <= {JobState.CANCELLED.value, JobState.SUPERSEDED.value}:
+    if states and states <= set(withdrawn):
         return "cancelled"
     return study.state
 

@@ -131,6 +131,8 @@ def test_a_queued_job_can_be_cancelled_and_a_finished_one_cannot(
         assert job is not None and job.state == JobState.CANCELLED.value
         assert job.reason == "cancelled by alice"
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=basic()).status_code == 409
+    # the cancelled re-run leaves the study as its earlier run left it
+    assert client.get(f"/api/v1/studies/{uid}").json()["status"] == "done"
     assert client.post("/api/v1/jobs/999999/cancel", headers=basic()).status_code == 404
 
 
