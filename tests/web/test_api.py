@@ -196,3 +196,26 @@ def test_health_shows_the_queue_disk_reserve_and_pipelines(
     assert health["listener_up"] is False  # this app runs beside the node, not in it
     page = client.get("/health").text
     assert "liver_tumor" in page and "Disk" in page
+
+
+def test_a_running_job_shows_its_progress_against_the_pipelines_typical_run(
+        client: TestClient, stored: tuple[Node, str]) -> None:
+    from datetime import timedelta
+
+    from dicomnode.store.models import Study, utcnow
+
+    node, uid = stored
+    now = utcnow()
+    with node.db.transaction() as session:
+        study = session.execute(select(Study).where(Study.study_uid == uid)).scalar_one()
+        for job in study.jobs:  # the fixture's liver job took 100 s
+            if job.pipeline == "liver_tumor":
+                job.started_at, job.finished_at = now - timedelta(seconds=100), now
+        session.add(Job(study=study, study_version=study.version, pipeline="liver_tumor",
+                        priority=50, state=JobState.RUNNING.value, attempts=1,
+                        started_at=now - timedelta(seconds=40)))
+    study_out = client.get(f"/api/v1/studies/{uid}").json()
+    running = next(j for j in study_out["jobs"] if j["state"] == "running")
+    assert 0.35 <= running["progress"] <= 0.6
+    assert study_out["status"] == "running"
+    assert "<progress" in client.get("/studies").text
