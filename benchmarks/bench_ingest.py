@@ -149,7 +149,8 @@ def dicomnode(work: Path) -> Iterator[tuple[int, str]]:
     env = {k: v for k, v in ENV.items() if not k.startswith("DICOMNODE_")}
     env.update(DICOMNODE_PORT=str(port), DICOMNODE_BIND_ADDRESS="127.0.0.1",
                DICOMNODE_DATA_DIR=str(work / "dicomnode"), DICOMNODE_DISK_RESERVE_MB="0",
-               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WORKERS="0")
+               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WORKERS="0",
+               DICOMNODE_WEB="off")
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -174,7 +175,8 @@ def dicomnode_busy(work: Path, study: list[Path], job_nice: int | None = None,
     env = {k: v for k, v in ENV.items() if not k.startswith("DICOMNODE_")}
     env.update(DICOMNODE_PORT=str(port), DICOMNODE_BIND_ADDRESS="127.0.0.1",
                DICOMNODE_DATA_DIR=str(work / "dicomnode"), DICOMNODE_DISK_RESERVE_MB="0",
-               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WARM_UP="false")
+               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WARM_UP="false",
+               DICOMNODE_WEB="off")
     if job_nice is not None:
         env["DICOMNODE_JOB_NICE"] = str(job_nice)
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve"], env=env,

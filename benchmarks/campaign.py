@@ -105,7 +105,7 @@ class NodeProcess:
             "ae_title": "DICOMNODE", "port": self.port, "bind_address": "127.0.0.1",
             "data_dir": str(self.data_dir), "disk_reserve_mb": 0,
             "association_timeout_s": 2.0, "pdu_timeout_s": 3.0, "warm_up": False,
-            "completion": {"quiet_period_s": 1.0},
+            "completion": {"quiet_period_s": 1.0}, "web": None,
             "peers": {CALLING: {"host": "127.0.0.1", "port": peer_port}},
         }))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -134,6 +134,21 @@ def status(
                    f"{n['last_error'] or ''}")
 
 
+@app.command("web-passwd")
+def web_passwd(
+    user: Annotated[str, typer.Argument(help="The user name to sign in with.")],
+) -> None:
+    """Make a password hash for the dashboard's `web.users` (asks for the password)."""
+    from dicomnode.web.passwords import hash_password
+
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"web:\n  users:\n    {user}: \"{hashed}\"")
+
+
 @app.command()
 def process(
     study_dir: Annotated[Path, typer.Argument(help="Directory with the study's DICOM files.",

@@ -213,6 +213,51 @@ class NotifySettings(BaseModel):
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
+#: Bind addresses on which the dashboard may be viewed without signing in.
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class WebSettings(BaseModel):
+    """The dashboard, REST API and ``/metrics`` (``web`` in the config; null: off).
+
+    Bound to loopback the pages can be viewed without signing in; any other address
+    needs ``users`` or ``trusted_user_header``, and actions always need a signed-in
+    user (see ``dicomnode/web/auth.py``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port (0: any free).")
+    bind_address: str = Field(default="127.0.0.1", description=(
+        "Listening address; anything but loopback requires authentication."))
+    users: dict[str, str] = Field(default_factory=dict, description=(
+        "User name -> password hash made by `dicomnode web-passwd` (HTTP Basic)."))
+    trusted_user_header: str | None = Field(default=None, description=(
+        "Header carrying the signed-in user set by an authenticating (OIDC) reverse "
+        "proxy, e.g. X-Forwarded-User; honoured only from trusted_proxies."))
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"],
+                                       description="Addresses the user header is taken from.")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the dashboard listens on loopback only."""
+        return self.bind_address in LOOPBACK_ADDRESSES
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self) -> WebSettings:
+        if not self.loopback and not self.users and not self.trusted_user_header:
+            raise ValueError(
+                f"Invalid 'web.bind_address' value '{self.bind_address}' - off loopback the "
+                "dashboard requires authentication: set web.users (dicomnode web-passwd) "
+                "or web.trusted_user_header")
+        for name, value in self.users.items():
+            if not value.startswith(("scrypt$", "pbkdf2_sha256$")):
+                raise ValueError(
+                    f"Invalid 'web.users.{name}' value - not a password hash; make one with "
+                    "`dicomnode web-passwd`")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings of one node.
 
@@ -314,6 +359,8 @@ class Settings(BaseSettings):
         "the CPU), 'cpu' or 'cuda:N'."))
     models_dir: Path | None = Field(default=None, description=(
         "Models folder (manifest.json, weight files); None: the shipped models/."))
+    web: WebSettings | None = Field(default_factory=WebSettings, description=(
+        "Dashboard, REST API and /metrics over HTTP; null: off."))
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 
@@ -321,6 +368,14 @@ class Settings(BaseSettings):
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v, "ae_title")
+
+    @field_validator("web", mode="before")
+    @classmethod
+    def _web_off(cls, v: Any) -> Any:
+        # DICOMNODE_WEB=off in the environment turns the dashboard off (an empty or
+        # "null" value is dropped by pydantic-settings before validation)
+        return None if isinstance(v, str) and v.strip().lower() in ("null", "none", "off") \
+            else v
 
     @field_validator("allowed_calling_aets")
     @classmethod

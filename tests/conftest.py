@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.node import Node
+
+# Nodes started by tests (in-process or as `dicomnode serve` subprocesses, which inherit
+# this) serve no dashboard unless a test asks for one: the default port 8080 would be
+# taken by the first of them. tests/web start theirs on port 0.
+os.environ.setdefault("DICOMNODE_WEB", "off")
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +42,7 @@ def settings(tmp_path: Path) -> Settings:
     """Embedded-default settings on a free loopback port, data under tmp_path."""
     return load_settings(
         None, port=free_port(), bind_address="127.0.0.1", data_dir=tmp_path / "var",
-        disk_reserve_mb=0, warm_up=False, seg_writer_process=False,
+        disk_reserve_mb=0, warm_up=False, seg_writer_process=False, web=None,
         completion={"quiet_period_s": 30, "poll_interval_s": 0.2},
         export={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "poll_interval_s": 0.1,
                 "connect_timeout_s": 5},

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.net import direct_encoding
 from dicomnode.net.tls import server_context
 from dicomnode.net.transport import (
@@ -264,6 +265,8 @@ class StorageSCP:
         Called with the study UIDs an association carried, after it is released.
     accepted_sop_classes : iterable of str, optional
         Storage classes to keep; default ``CT_STUDY_SOP_CLASSES``.
+    metrics : NodeMetrics, optional
+        Where receipts and refusals are counted (default: a registry of its own).
     """
 
     def __init__(
@@ -272,8 +275,10 @@ class StorageSCP:
         store: InstanceStore,
         on_released: Callable[[set[str]], Any] | None = None,
         accepted_sop_classes: Iterable[str] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.store = store
         self.on_released = on_released
         self.accepted = frozenset(accepted_sop_classes or CT_STUDY_SOP_CLASSES)
@@ -375,6 +380,18 @@ class StorageSCP:
         if self._tls_server is None:
             return self.settings.tls.port if self.settings.tls is not None else None
         return int(self._tls_server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        """Whether a listening port is open (plain or TLS)."""
+        return self._server is not None or self._tls_server is not None
+
+    @property
+    def open_associations(self) -> int:
+        """Associations established on the listening ports right now."""
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        return sum(1 for server in servers for assoc in list(server.active_associations)
+                   if assoc.is_established)
 
     def stop(self) -> None:
         """Stop listening and close open associations."""
@@ -515,6 +532,7 @@ class StorageSCP:
 
     def _refuse(self, event: Any, code: int, what: str, reason: str, sop_uid: str) -> Dataset:
         self._count(event, "refused")
+        self.metrics.instances_refused.labels(what).inc()
         log.warning("instance.refused", extra=fields(
             sop=sop_uid, status=f"0x{code:04X}", what=what, reason=reason,
             calling_aet=event.assoc.requestor.ae_title))
@@ -563,6 +581,7 @@ class StorageSCP:
             self._assoc_studies.setdefault(id(event.assoc), set()).add(outcome.study_uid)
             self._assoc_counts.setdefault(id(event.assoc), Counter())[
                 "duplicate" if outcome.duplicate else "stored"] += 1
+        self.metrics.instances_received.labels("true" if outcome.duplicate else "false").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance.stored", extra=fields(
                 sop=outcome.sop_uid, study=outcome.study_uid, duplicate=outcome.duplicate))

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from dicomnode.config import PeerTls, Settings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, Delivery, DeliveryState, utcnow
@@ -123,12 +124,16 @@ class Outbox:
     sender : callable, optional
         Replaces ``net.scu.send_files`` (keyword arguments as there; ``tls`` only for a
         TLS destination).
+    metrics : NodeMetrics, optional
+        Where attempts and failures are counted (default: a registry of its own).
     """
 
-    def __init__(self, db: Database, settings: Settings, sender: Sender | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings, sender: Sender | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.db = db
         self.settings = settings
         self.sender = sender or send_files
+        self.metrics = metrics or NodeMetrics()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -226,6 +231,9 @@ class Outbox:
                 detail={"delivery": row.id, "attempts": row.attempts, "error": error},
             ))
             attempts = row.attempts
+        self.metrics.delivery_attempts.labels(event.removeprefix("delivery.")).inc()
+        if error is not None:
+            self.metrics.delivery_failures.inc()
         level = logging.INFO if error is None else logging.WARNING
         log.log(level, event, extra=fields(delivery=delivery.id, peer=delivery.destination_ae,
                                            attempts=attempts, error=error or ""))

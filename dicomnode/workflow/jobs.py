@@ -48,6 +48,7 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.pipelines.base import (
     PipelineContext,
     PipelineUnavailableError,
@@ -292,14 +293,18 @@ class JobRunner:
     notifier : Notifier, optional
         Woken when a job queued urgent notifications (rows are queued without it, and
         a notifier in another process finds them).
+    metrics : NodeMetrics, optional
+        Where job states and stage latencies are recorded (default: a registry of its own).
     """
 
     def __init__(self, db: Database, settings: Settings, outbox: Outbox,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, metrics: NodeMetrics | None = None,
+                 ) -> None:
         self.db = db
         self.settings = settings
         self.outbox = outbox
         self.notifier = notifier
+        self.metrics = metrics or NodeMetrics()
         self.rules = load_rules(settings.routing_rules)
         #: The models folder and device the node's settings give its pipelines.
         self.context = PipelineContext.from_settings(settings)
@@ -523,6 +528,8 @@ class JobRunner:
                           "superseded_by_version":
                           study.version if study.version != job["version"] else None}
             row.finished_at = utcnow()
+            seconds = ((row.finished_at - row.started_at).total_seconds()
+                       if row.started_at is not None else None)
             session.add(AuditEvent(event=f"job.{run.state.value}", study_uid=job["study_uid"],
                                    calling_aet=job["calling_aet"],
                                    detail={"job": job["id"], "pipeline": run.pipeline,
@@ -543,6 +550,8 @@ class JobRunner:
                 row.result = {**row.result, "notifications": [n.id for n in notifications]}
         if notifications and self.notifier is not None:
             self.notifier.wake()
+        self.metrics.job_finished(run.pipeline if job["pipeline"] else None, run.state.value,
+                                  run.timings, seconds)
         log.info("job.finished", extra=fields(job=job["id"], state=run.state.value,
                                               pipeline=run.pipeline or "routing",
                                               reason=run.reason, deliveries=len(deliveries)))
