@@ -388,6 +388,8 @@ def extract_features(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
             value = float(feature.value)
             if math.isfinite(value):
                 meaning = _MEANINGS.get(column, str(feature.name).strip())
+                if meaning.count(")") > meaning.count("("):  # MIRP's typo in a few names
+                    meaning = meaning.rstrip(")")
                 out.append(Feature(str(feature.ibsi_id), column, meaning[:64],
                                    family_of[column.split("_", 1)[0]], _round(value),
                                    _UNITS.get(column, "1")))
