@@ -173,3 +173,27 @@ def test_the_sr_carries_each_groups_features_coded_by_ibsi_identifier(
     assert not any(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0]
                    .CodingSchemeDesignator == IBSI_SCHEME
                    for i in groups["Lesion_Liver"].ContentSequence)
+
+
+def test_a_segmented_haemorrhage_has_its_features_in_the_ich_report(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    from dicomnode.results.sr import IchResult, build_ich_sr
+
+    geometry = check_source_images(axial.images)
+    hu = np.stack([ds.pixel_array for ds in axial.images]).astype(np.float32)
+    blood = (axial.labels == 6).astype(np.uint8)
+    report = compute_radiomics(hu, blood, {1: "Hemorrhage_Intracranial"},
+                               (geometry.slice_spacing, *geometry.spacing),
+                               RadiomicsParameters(resample_mm=None,
+                                                   families=("morphology", "statistics")))
+    assert list(report.structures) == ["Hemorrhage_Intracranial"]
+    sr = build_ich_sr(axial.images, [IchResult("any", 0.91, True, (10, 11)),
+                                     IchResult("subdural", 0.88, True, (11,))],
+                      algorithm, radiomics=report)
+    path = write(sr, tmp_path / "ich.dcm")
+    assert dciodvfy_errors(path) == []
+    hd.sr.srread(path)
+    found = features_from_sr(pydicom.dcmread(path))
+    assert {f.structure for f in found} == {"any"}
+    assert [(f.ibsi_id, f.value) for f in found] == [
+        (f.ibsi_id, f.value) for f in report.structures["Hemorrhage_Intracranial"]]
