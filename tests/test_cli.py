@@ -176,6 +176,13 @@ def test_process_with_radiomics_gives_lesion_groups_features_the_radiomics_table
     res = _cli("radiomics", str(tmp_path / "out"), "--csv", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.splitlines()) == 1 + len(from_json)
+    # a folder of CT images: processed with radiomics on, the table read from its SR
+    res = subprocess.run([sys.executable, "-m", "dicomnode.cli", "radiomics",
+                          str(tmp_path / "study"), "--json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr
+    assert {(s, code): v["value"] for s, feats in json.loads(res.stdout).items()
+            for code, v in feats.items()} == from_json
 
 
 def test_radiomics_of_a_study_uid_reads_the_sr_the_node_recorded(tmp_path: Path) -> None:
