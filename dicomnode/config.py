@@ -257,6 +257,51 @@ class WebSettings(BaseModel):
                     "`dicomnode web-passwd`")
         return self
 
+class RadiomicsSettings(BaseModel):
+    """IBSI radiomics of the segmented structures, in the SR and the JSON result
+    (``radiomics`` in the config; off by default: it costs seconds per study)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Compute the features at all.")
+    pipelines: list[str] | None = Field(default=None, description=(
+        "Pipelines whose structures get features; null: every pipeline with a label map."))
+    families: list[str] = Field(default_factory=lambda: [
+        "morphology", "statistics", "intensity_histogram", "glcm", "glrlm", "glszm",
+        "ngtdm"], description="Feature families reported.")
+    bin_width_hu: float = Field(default=25.0, gt=0, description=(
+        "Fixed bin width (HU) of the intensity histogram and texture matrices."))
+    bin_lower_bound_hu: float = Field(default=-1000.0, description=(
+        "Lower bound (HU) of the first bin and of the intensity range."))
+    resample_mm: float | None = Field(default=1.0, gt=0, description=(
+        "Isotropic voxel size (mm) the CT and masks are resampled to; null: none."))
+    aggregation: str = Field(default="3d_volume_merge", description=(
+        "Texture aggregation: 3d_volume_merge, 3d_average, 2.5d_volume_merge or "
+        "2.5d_direction_merge."))
+    organs: bool = Field(default=True, description=(
+        "Features of organs too (the liver, organs at risk); false: lesions and "
+        "haemorrhages only (a liver at 1 mm costs ~25 s of CPU, a lesion ~1 s)."))
+
+    @model_validator(mode="after")
+    def _check(self) -> RadiomicsSettings:
+        self.parameters()  # the extraction's own checks, naming the offending key
+        return self
+
+    def parameters(self) -> Any:
+        """The extraction's :class:`dicomnode.results.radiomics.RadiomicsParameters`."""
+        from dicomnode.results.radiomics import RadiomicsParameters
+
+        return RadiomicsParameters(
+            families=tuple(self.families), bin_width_hu=self.bin_width_hu,
+            bin_lower_bound_hu=self.bin_lower_bound_hu, resample_mm=self.resample_mm,
+            aggregation=self.aggregation, organs=self.organs)
+
+    def for_pipeline(self, name: str) -> Any:
+        """The parameters when ``name``'s structures get features, else ``None``."""
+        if not self.enabled or (self.pipelines is not None and name not in self.pipelines):
+            return None
+        return self.parameters()
+
 
 class Settings(BaseSettings):
     """All settings of one node.
@@ -361,6 +406,8 @@ class Settings(BaseSettings):
         "Models folder (manifest.json, weight files); None: the shipped models/."))
     web: WebSettings | None = Field(default_factory=WebSettings, description=(
         "Dashboard, REST API and /metrics over HTTP; null: off."))
+    radiomics: RadiomicsSettings = Field(default_factory=RadiomicsSettings, description=(
+        "IBSI radiomics of the segmented structures (off by default)."))
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 

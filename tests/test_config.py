@@ -120,3 +120,30 @@ def test_invalid_tls_settings_are_named(tmp_path: Path, named: str) -> None:
     cfg.write_text(yaml.safe_dump(_BAD_TLS[named](_pem_files(tmp_path))))
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         load_settings(cfg)
+
+
+def test_radiomics_is_off_by_default_and_on_for_the_pipelines_named(tmp_path: Path) -> None:
+    assert load_settings().radiomics.for_pipeline("liver_tumor") is None
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"radiomics": {
+        "enabled": True, "pipelines": ["liver_tumor"], "bin_width_hu": 10,
+        "resample_mm": None, "families": ["morphology", "glcm"]}}))
+    radiomics = load_settings(cfg).radiomics
+    parameters = radiomics.for_pipeline("liver_tumor")
+    assert parameters.bin_width_hu == 10 and parameters.resample_mm is None
+    assert parameters.families == ("morphology", "glcm")
+    assert radiomics.for_pipeline("headneck_oar") is None
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"families": ["texture"]}, "families"),
+    ({"bin_width_hu": 0}, "bin_width_hu"),
+    ({"aggregation": "2d"}, "aggregation"),
+    ({"bins": 32}, "bins"),
+])
+def test_bad_radiomics_settings_are_named(tmp_path: Path, bad: dict[str, object],
+                                          named: str) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"radiomics": bad}))
+    with pytest.raises(ValueError, match=named):
+        load_settings(cfg)

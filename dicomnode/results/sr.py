@@ -64,6 +64,12 @@ from dicomnode.results.measure import (
     measure_liver,
     volume_cm3,
 )
+from dicomnode.results.radiomics import (
+    IBSI_SCHEME,
+    IBSI_SCHEME_NAME,
+    IBSI_SCHEME_ORGANIZATION,
+    RadiomicsReport,
+)
 from dicomnode.results.source import (
     MANUFACTURER,
     check_source_images,
@@ -107,7 +113,7 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
               algorithm: AlgorithmInfo,
               series_description: str, series_number: int,
               series_instance_uid: str | None, sop_instance_uid: str | None,
-              local_codes: bool) -> hd.sr.Comprehensive3DSR:
+              local_codes: bool, ibsi_codes: bool = False) -> hd.sr.Comprehensive3DSR:
     sr = hd.sr.Comprehensive3DSR(
         # patient and study values go in by copy_patient_study, not via highdicom's checks
         evidence=[constructor_source(evidence[0]), *evidence[1:]],
@@ -119,12 +125,21 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
     )
     sr.SeriesDescription = series_description
     _separate(sr)
+    schemes = []
     if local_codes:
         scheme = Dataset()
         scheme.CodingSchemeDesignator = LOCAL_SCHEME
         scheme.CodingSchemeName = "dicomnode local codes"
         scheme.CodingSchemeResponsibleOrganization = "dicomnode"
-        sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])  # type: ignore[assignment]
+        schemes.append(scheme)
+    if ibsi_codes:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = IBSI_SCHEME
+        scheme.CodingSchemeName = IBSI_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = IBSI_SCHEME_ORGANIZATION
+        schemes.append(scheme)
+    if schemes:
+        sr.CodingSchemeIdentificationSequence = DicomSequence(schemes)  # type: ignore[assignment]
     sr.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
     copy_patient_study(source_images[0], sr)
     return sr
@@ -257,6 +272,7 @@ def build_segmentation_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     absent: Sequence[Structure] = (),
+    radiomics: RadiomicsReport | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-structure volumes, each drawn on one slice.
 
@@ -289,6 +305,12 @@ def build_segmentation_sr(
         UIDs to use; new ones by default.
     absent
         Structures the algorithm looked for and did not find.
+    radiomics
+        IBSI features per group (by tracking identifier: structure name or
+        ``Lesion N``): each becomes a further measurement of that group, coded by its
+        IBSI identifier (scheme ``99IBSI``, named in the Coding Scheme Identification
+        Sequence) with its UCUM unit, and identified as computed by MIRP with the
+        settings (resampling, bin width, aggregation) as algorithm parameters.
 
     Returns
     -------
@@ -389,10 +411,53 @@ def build_segmentation_sr(
         report[0].ContentSequence.append(_qualitative_evaluations(not_found))
     sr = _document(source_images, [*source_images, seg], report, algorithm,
                    series_description, series_number, series_instance_uid, sop_instance_uid,
-                   local_codes=liver_stats is not None)
+                   local_codes=liver_stats is not None,
+                   ibsi_codes=bool(radiomics and any(radiomics.structures.values())))
+    if radiomics is not None:
+        _add_radiomics(sr, radiomics)
     log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups),
                                       absent=len(not_found)))
     return sr
+
+
+#: UCUM code -> code meaning, for the units of the radiomics features.
+_UCUM_MEANINGS = {"1": "no units", "mm": "millimeter", "mm2": "square millimeter",
+                  "mm3": "cubic millimeter", "/mm": "per millimeter",
+                  "[hnsf'U]": "Hounsfield unit", "[hnsf'U]2": "Hounsfield unit squared",
+                  "[hnsf'U].mm3": "Hounsfield unit cubic millimeter"}
+
+
+def _add_radiomics(sr: Dataset, radiomics: RadiomicsReport) -> None:
+    """Append each group's features to its measurement group of a built report.
+
+    Added after highdicom has built the document: its constructor searches the whole
+    content tree once per referenced item, which for ~130 features a structure took
+    longer than the features themselves (15 s for 500). The items are highdicom's own
+    measurements (TID 300), so the report reads back the same.
+    """
+    (container,) = [item for item in sr.ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for group in container.ContentSequence:
+        names = [str(item.TextValue) for item in group.get("ContentSequence", [])
+                 if item.ValueType == "TEXT"
+                 and item.ConceptNameCodeSequence[0].CodeValue == "112039"]
+        if names:
+            for measurement in _radiomics_measurements(radiomics, names[0]):
+                group.ContentSequence.extend(measurement)
+
+
+def _radiomics_measurements(radiomics: RadiomicsReport | None,
+                            group: str) -> list[hd.sr.Measurement]:
+    """The IBSI features of one group as TID 300 measurements (none when absent)."""
+    if radiomics is None or not radiomics.structures.get(group):
+        return []
+    mirp = hd.sr.AlgorithmIdentification(
+        name="MIRP", version=radiomics.library.split()[-1],
+        parameters=radiomics.parameters.describe())
+    return [hd.sr.Measurement(
+        name=CodedConcept(f.ibsi_id, IBSI_SCHEME, f.meaning), value=f.value,
+        unit=CodedConcept(f.unit, "UCUM", _UCUM_MEANINGS.get(f.unit, f.unit)),
+        algorithm_id=mirp) for f in radiomics.structures[group]]
 
 
 @dataclass(frozen=True)
@@ -448,6 +513,7 @@ def build_ich_sr(
     series_number: int = 903,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    radiomics: RadiomicsReport | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of the six ICH findings.
 
@@ -471,6 +537,10 @@ def build_ich_sr(
         Of the new SR series.
     series_instance_uid, sop_instance_uid
         UIDs to use; new ones by default.
+    radiomics
+        IBSI features of the segmented haemorrhage (group
+        ``Hemorrhage_Intracranial``), as further measurements of the first group of the
+        ``any`` finding (coded as in :func:`build_segmentation_sr`).
 
     Returns
     -------
@@ -516,7 +586,9 @@ def build_ich_sr(
                         unit=NO_UNITS, algorithm_id=algorithm_id,
                         referenced_images=[hd.sr.SourceImageForMeasurement(
                             source_images[z].SOPClassUID, source_images[z].SOPInstanceUID)])]
-                        if z in per_slice else [])] or None,
+                        if z in per_slice else []),
+                    *(_radiomics_measurements(radiomics, "Hemorrhage_Intracranial")
+                      if result.key == "any" and not n else [])] or None,
                 qualitative_evaluations=[decision],
             ))
     report = hd.sr.MeasurementReport(
@@ -527,7 +599,9 @@ def build_ich_sr(
         referenced_images=[source_images[z] for z in sorted(shown)],
     )
     sr = _document(source_images, source_images, report, algorithm, series_description,
-                   series_number, series_instance_uid, sop_instance_uid, local_codes=True)
+                   series_number, series_instance_uid, sop_instance_uid, local_codes=True,
+                   ibsi_codes=bool(radiomics and radiomics.structures.get(
+                       "Hemorrhage_Intracranial")) and "any" in keys)
     log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups)))
     return sr
 

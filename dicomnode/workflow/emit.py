@@ -30,6 +30,7 @@ from dicomnode.pipelines.base import PipelineResult, ResultObject
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import CATALOGUE, table_from_labels
 from dicomnode.results.kos import build_kos
+from dicomnode.results.radiomics import RadiomicsReport
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.seg import build_seg, seg_reference
 from dicomnode.results.source import new_uid, write
@@ -127,10 +128,13 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
         if ResultObject.SR in emits and not result.probabilities:
             absent = [CATALOGUE[n] for n in result.measurements.get("absent", ())
                       if n in CATALOGUE]
+            features = result.measurements.get("radiomics")
             sr = build_segmentation_sr(images, seg, labels, table, algorithm,
                                        series_description=_describe(name, "measurements",
                                                                     version),
-                                       absent=absent)
+                                       absent=absent,
+                                       radiomics=(RadiomicsReport.from_dict(features)
+                                                  if features else None))
             files.append(write(sr, out_dir / "sr.dcm"))
         if pending is not None:
             try:
@@ -156,9 +160,11 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
             # the conclusion in the series list: a negative study shows it was analysed
             conclusion = ("haemorrhage suspected" if result.decisions.get("any")
                           else "no haemorrhage detected")
+            features = result.measurements.get("radiomics")
             sr = build_ich_sr(images, findings, algorithm,
                               series_description=_describe(name, f"report: {conclusion}",
-                                                           version))
+                                                           version),
+                              radiomics=RadiomicsReport.from_dict(features) if features else None)
             files.append(write(sr, out_dir / "sr.dcm"))
         if ResultObject.KOS in emits and result.flagged_slices:
             kos = build_kos(images, result.flagged_slices, algorithm,

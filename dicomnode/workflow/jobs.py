@@ -157,7 +157,8 @@ class StudyRun:
 def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                  seg_writer: SegWriter | None = None,
                  no_result_report: bool = False,
-                 context: PipelineContext | None = None) -> StudyRun:
+                 context: PipelineContext | None = None,
+                 radiomics: Any = None) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -177,6 +178,9 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
         the run's result file).
     context : PipelineContext, optional
         The node's models folder and device (default: from the environment).
+    radiomics : dicomnode.results.radiomics.RadiomicsParameters, optional
+        When given, the IBSI features of each segmented structure are computed and
+        reported (``measurements["radiomics"]`` of the result, and in its SR).
 
     Returns
     -------
@@ -197,6 +201,14 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
     result = pipeline.run(volume)
     timings["inference"] = round(time.perf_counter() - started, 3)
     timings.update({f"pipeline.{k}": v for k, v in result.timings.items()})
+    if radiomics is not None and result.ok and result.label_map is not None:
+        from dicomnode.results.radiomics import compute_radiomics
+
+        started = time.perf_counter()
+        result.measurements["radiomics"] = compute_radiomics(
+            volume.hu, result.label_map, result.structures, volume.spacing,
+            radiomics).to_dict()
+        timings["radiomics"] = round(time.perf_counter() - started, 3)
     summary = {"result": result.summary()}
     if not result.ok:
         files = []
@@ -216,7 +228,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
 
 def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
                   pipeline: str | None = None, rules: RoutingRules | None = None,
-                  context: PipelineContext | None = None) -> StudyRun:
+                  context: PipelineContext | None = None,
+                  radiomics: Any = None) -> StudyRun:
     """Route a study and run every routed pipeline, writing results to ``out_dir``.
 
     Parameters
@@ -233,6 +246,8 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         Routing rules; default the embedded ones.
     context : PipelineContext, optional
         Models folder and device (default: from the environment).
+    radiomics : dicomnode.config.RadiomicsSettings, optional
+        Which pipelines' structures get IBSI features, and how (default: none).
 
     Returns
     -------
@@ -263,7 +278,8 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         if action is not None and action.series_instance_uid != decision.series_instance_uid:
             info = next(i for i in infos if i.series_instance_uid == action.series_instance_uid)
             volume = load_series(info.paths or info.headers)
-        run = run_pipeline(name, volume, out_dir / name, context=context)
+        run = run_pipeline(name, volume, out_dir / name, context=context,
+                           radiomics=radiomics.for_pipeline(name) if radiomics else None)
         runs.append(run)
         timings.update({f"{name}.{k}": v for k, v in run.timings.items()})
     done = [r for r in runs if r.state == JobState.DONE]
@@ -486,7 +502,8 @@ class JobRunner:
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                            seg_writer=self.seg_writer,
                            no_result_report=self.settings.no_result_report,
-                           context=self.context)
+                           context=self.context,
+                           radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]))
         if (run.state == JobState.NO_RESULT and run.reason.startswith(_SHORT_OF_MEMORY)
                 and self._shared(started_before)):
             log.info("job.retry_alone", extra=fields(job=job["id"], reason=run.reason))
@@ -494,7 +511,8 @@ class JobRunner:
             run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                                seg_writer=self.seg_writer,
                                no_result_report=self.settings.no_result_report,
-                               context=self.context)
+                               context=self.context,
+                               radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]))
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         flagged = (run.summary.get("result") or {}).get("flagged_slices") or []
