@@ -171,6 +171,15 @@ class ExportSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class ResultsSettings(BaseModel):
+    """Which further result objects the pipelines send (see ``workflow/emit.py``)."""
+
+    burned_in_series: bool = Field(default=False, description=(
+        "Also send a Secondary Capture series with the contours and names burned into "
+        "every slice with a structure, for PACS viewers that show neither SEG nor "
+        "RTSTRUCT (marked derived and 'not for diagnosis')."))
+
+
 class Settings(BaseSettings):
     """All settings of one node.
 
@@ -240,6 +249,7 @@ class Settings(BaseSettings):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     routing_rules: Path | None = Field(
         default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
     )

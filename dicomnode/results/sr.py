@@ -310,9 +310,10 @@ def build_segmentation_sr(
 
     Every measurement group is a planar ROI group (TID 1410) whose region a viewer draws:
     a structure's volume comes with the outline of its largest axial section, on that
-    slice, and that section's area. When the table has a ``Liver`` and a lesion structure, the report adds one
-    group per lesion (longest axial diameter drawn as its two-point line on the slice
-    where it was measured, and the lesion's volume), and the tumour structure's group
+    slice, and that section's area. When the table has a ``Liver`` and a lesion
+    structure, the report adds one group per lesion (longest axial diameter drawn as
+    its two-point line on the slice where it was measured, and the lesion's volume),
+    and the tumour structure's group
     carries the lesion count, total tumour burden and tumour-to-liver ratio. Structures
     of ``absent`` (looked for, not found: a resected gland, an organ outside the field)
     and structures of the table with no voxel have nothing to draw: they are listed as

@@ -134,7 +134,8 @@ class StudyRun:
 def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                  seg_writer: SegWriter | None = None,
                  no_result_report: bool = False,
-                 context: PipelineContext | None = None) -> StudyRun:
+                 context: PipelineContext | None = None,
+                 burned_in_series: bool = False) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -154,6 +155,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
         the run's result file).
     context : PipelineContext, optional
         The node's models folder and device (default: from the environment).
+    burned_in_series : bool
+        Also write the burned-in Secondary Capture series (``results.burned_in_series``).
 
     Returns
     -------
@@ -185,7 +188,7 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                         result_files=files, timings=timings, summary=summary)
     started = time.perf_counter()
     files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version,
-                                 seg_writer=seg_writer)
+                                 seg_writer=seg_writer, burned_in_series=burned_in_series)
     timings["encode"] = round(time.perf_counter() - started, 3)
     return StudyRun(JobState.DONE, pipeline=name, result_files=files, timings=timings,
                     summary=summary)
@@ -454,7 +457,8 @@ class JobRunner:
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                            seg_writer=self.seg_writer,
                            no_result_report=self.settings.no_result_report,
-                           context=self.context)
+                           context=self.context,
+                           burned_in_series=self.settings.results.burned_in_series)
         if (run.state == JobState.NO_RESULT and run.reason.startswith(_SHORT_OF_MEMORY)
                 and self._shared(started_before)):
             log.info("job.retry_alone", extra=fields(job=job["id"], reason=run.reason))
@@ -462,7 +466,8 @@ class JobRunner:
             run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                                seg_writer=self.seg_writer,
                                no_result_report=self.settings.no_result_report,
-                               context=self.context)
+                               context=self.context,
+                               burned_in_series=self.settings.results.burned_in_series)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         run.routing = job["routing"]
