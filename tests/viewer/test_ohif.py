@@ -14,7 +14,8 @@ the viewer's prompt. Checked for each object:
   screen pixels for RTSTRUCT), while the left-right mirrored mask does not match.
 - SR: every measurement group is listed in the measurement panel under its name,
   the viewport is not black, and nothing "not rehydratable", no TypeError, in the console.
-- The burned-in overlay series opens as an ordinary image series.
+- The burned-in overlay series (``results.burned_in_series``) opens as an ordinary
+  image series, every image of it, with the outlines in colour.
 
 Screenshots go to a temporary folder, or to ``$DICOMNODE_VIEWER_SCREENSHOTS`` to keep them.
 """
@@ -39,7 +40,11 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from dicomnode.phantoms import make_phantom, write_phantom
-from dicomnode.results.encode import encode_label_map
+from dicomnode.results.algorithm import AlgorithmInfo
+from dicomnode.results.burned_in import build_burned_in_series
+from dicomnode.results.codes import structure_table
+from dicomnode.results.encode import encode_label_map, labels_on_series
+from dicomnode.results.source import write
 from dicomnode.results.sr import tracked_name
 from tests.peers import DICOMWEB_PLUGIN, orthanc
 from tests.viewer.ohif import (
@@ -59,9 +64,12 @@ DESCRIPTIONS = {
     "abdomen": ("AI liver segmentation", "AI liver contours", "AI liver measurements"),
     "headneck": ("AI OAR segmentation", "AI OAR contours", "AI OAR volumes"),
 }
+BURNED_IN = "AI liver overlay, not for diagnosis"
 #: Console lines that mean a result object did not load (issue #18's failure).
 BAD_CONSOLE = ("not rehydratable", "TypeError", "no SCOORD", "Unable to generate tool state")
 MIN_SCORE = 0.99
+#: Two grabs this close count as the same picture (a blinking caret, a tooltip's fade).
+SETTLED_PIXELS = 20
 #: A mirrored mask "matches" if it scores this well; it must not.
 MIRROR_MAX = 0.9
 #: How far (screen pixels) a drawn contour line may lie from the file's contour.
@@ -102,11 +110,23 @@ def _make_study(region: str, work: Path) -> Study:
     phantom = make_phantom(region, seed=5, slices=40, matrix=192)
     ct_dir = work / region / "ct"
     write_phantom(phantom, ct_dir)
-    result = encode_label_map(ct_dir, ct_dir / "labels.nii.gz", region, work / region / "out")
+    out = work / region / "out"
+    result = encode_label_map(ct_dir, ct_dir / "labels.nii.gz", region, out)
     ct = {str(ds.SOPInstanceUID): ds for ds in
           (pydicom.dcmread(p) for p in sorted(ct_dir.glob("*.dcm")))}
     study_uid = str(next(iter(ct.values())).StudyInstanceUID)
-    return Study(region, study_uid, ct, result.seg, result.rtstruct, result.sr)
+    study = Study(region, study_uid, ct, result.seg, result.rtstruct, result.sr)
+    if region == "abdomen":  # the burned-in series, as results.burned_in_series sends it
+        images = sorted(ct.values(), key=lambda ds: float(ds.ImagePositionPatient[2]))
+        table = structure_table(region)
+        labels = labels_on_series(ct_dir / "labels.nii.gz", images)
+        labels[~np.isin(labels, [s.label for s in table])] = 0
+        series = build_burned_in_series(images, labels, table, AlgorithmInfo(
+            "external-label-map", "unknown", "0" * 64, "phantom ground truth"),
+            series_description=BURNED_IN)
+        study.extra = [write(sc, out / f"burned-in-{k:04d}.dcm")
+                       for k, sc in enumerate(series, start=1)]
+    return study
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +159,7 @@ class Session:
     def __init__(self, viewer: Viewer, study: Study) -> None:
         self.page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
         self.console: list[str] = []
+        self.visible: dict[str, set[int]] = {}  # segments shown, per segmentation
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
         self.shots = viewer.shots
@@ -162,14 +183,15 @@ class Session:
     def settle(self) -> None:
         """Wait until two screen grabs of the viewport agree (rendering has finished)."""
         last = None
-        for _ in range(20):
+        for _ in range(15):
             self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => "
                                "requestAnimationFrame(r)))")
             grab, _ = self.grab()
-            if last is not None and np.array_equal(grab, last):
+            if last is not None and grab.shape == last.shape and np.count_nonzero(
+                    (grab != last).any(axis=-1)) <= SETTLED_PIXELS:
                 return
             last = grab
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     def grab(self) -> tuple[np.ndarray, dict[str, Any]]:
         """The viewport's pixels (RGB, screen) and its state (transform, image)."""
@@ -293,10 +315,15 @@ def _lateral(mask: np.ndarray) -> bool:
 
 def _show_only(session: Session, segmentation_id: str, numbers: list[int], keep: int | None
                ) -> None:
-    for number in numbers:
-        session.page.evaluate(
-            "([id, n, on]) => services.segmentationService.setSegmentVisibility("
-            "'default', id, n, on)", [segmentation_id, number, number == keep])
+    """Show segment ``keep`` alone (none: hide all); only segments that change are set,
+    as each change re-renders the labelmap (seconds in a software-rendered browser)."""
+    shown = session.visible.setdefault(segmentation_id, set(numbers))
+    wanted = {keep} if keep is not None else set()
+    changes = [[n, n in wanted] for n in numbers if (n in shown) != (n in wanted)]
+    session.page.evaluate(
+        "([id, changes]) => changes.forEach(([n, on]) => services.segmentationService"
+        ".setSegmentVisibility('default', id, n, on))", [segmentation_id, changes])
+    session.visible[segmentation_id] = wanted
     session.settle()
 
 
@@ -463,3 +490,29 @@ def test_the_viewer_is_the_pinned_ohif() -> None:
 
     pinned = json.loads((Path(__file__).parent / "package.json").read_text())
     assert viewer_version() == pinned["dependencies"]["@ohif/app"]
+
+
+def test_the_burned_in_series_opens_as_an_ordinary_image_series(
+        viewer: Viewer, session_for: Any) -> None:
+    study = viewer.studies["abdomen"]
+    session = session_for("abdomen")
+    series_uid = str(pydicom.dcmread(study.extra[0], stop_before_pixels=True).SeriesInstanceUID)
+    session.page.get_by_text(BURNED_IN).dblclick()
+    count = session.wait_until(
+        f"""() => {{
+          const id = cornerstone.getRenderingEngines()[0].getViewports()[0].getCurrentImageId();
+          if (!id || !id.includes({series_uid!r})) return null;
+          const ds = services.displaySetService.getActiveDisplaySets()
+            .find(d => d.SeriesInstanceUID === {series_uid!r});
+          return ds ? ds.images.length : null;
+        }}""", timeout_s=90)
+    assert count == len(study.extra)
+    session.settle()
+    pixels, _ = session.grab()
+    session.shot("abdomen-burned-in")
+    lit = np.count_nonzero(pixels.max(axis=-1) > 40) / pixels[..., 0].size
+    assert lit > 0.1, f"the viewport is black ({lit:.1%} lit)"
+    colour = (np.abs(pixels[..., 0] - pixels[..., 1]) > 60) | (
+        np.abs(pixels[..., 1] - pixels[..., 2]) > 60)
+    assert np.count_nonzero(colour) > 50, "no coloured outline on the image shown"
+    assert session.bad_console_lines() == []
