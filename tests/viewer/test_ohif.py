@@ -163,11 +163,14 @@ class Session:
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
         self.shots = viewer.shots
+        # the first-visit tour would cover the viewport at a moment of its choosing
+        self.page.add_init_script(
+            "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
         self.page.goto(f"{viewer.base}/viewer?StudyInstanceUIDs={study.study_uid}")
         self.page.get_by_text(DESCRIPTIONS[study.region][0]).wait_for(timeout=90_000)
         self.wait_until("() => cornerstone.getRenderingEngines()[0]?.getViewports()[0]"
                         "?.getCurrentImageId?.() != null")
-        skip = self.page.get_by_text("Skip all")  # the first-visit tour
+        skip = self.page.get_by_text("Skip all")  # a tour the viewer adds later
         if skip.count():
             skip.click()
 
