@@ -301,6 +301,13 @@ class RadiomicsSettings(BaseModel):
         if not self.enabled or (self.pipelines is not None and name not in self.pipelines):
             return None
         return self.parameters()
+class ResultsSettings(BaseModel):
+    """Which further result objects the pipelines send (see ``workflow/emit.py``)."""
+
+    burned_in_series: bool = Field(default=False, description=(
+        "Also send a Secondary Capture series with the contours and names burned into "
+        "every slice with a structure, for PACS viewers that show neither SEG nor "
+        "RTSTRUCT (marked derived and 'not for diagnosis')."))
 
 
 class Settings(BaseSettings):
@@ -373,6 +380,7 @@ class Settings(BaseSettings):
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     routing_rules: Path | None = Field(
         default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
     )

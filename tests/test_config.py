@@ -147,3 +147,10 @@ def test_bad_radiomics_settings_are_named(tmp_path: Path, bad: dict[str, object]
     cfg.write_text(yaml.safe_dump({"radiomics": bad}))
     with pytest.raises(ValueError, match=named):
         load_settings(cfg)
+
+
+def test_the_burned_in_series_is_off_by_default_and_turned_on_in_yaml(tmp_path: Path) -> None:
+    assert load_settings(None).results.burned_in_series is False
+    path = tmp_path / "node.yaml"
+    path.write_text("results: {burned_in_series: true}\n")
+    assert load_settings(path).results.burned_in_series is True

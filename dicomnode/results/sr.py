@@ -22,8 +22,14 @@ What a viewer needs (OHIF's ``cornerstone-dicom-sr`` extension, read for issue #
   has a 2D SCOORD on a source CT image.
 - It reads the "Image Library" to find the referenced images; some versions fail
   without one, so the images drawn on are listed there.
-- Editing ("rehydration") needs cornerstone's own tracking identifiers; ours are
-  structure names, so OHIF shows the report read-only, drawn on its slices.
+- Loading a report into its measurement panel ("rehydration", without which the
+  panel stays empty and each group is logged as "not rehydratable") needs a tracking
+  identifier in cornerstone's ``<toolkit>:<tool>`` form (``PlanarFreehandROI`` for an
+  outline, ``Length`` for a two-point line; the structure's name follows, so the text
+  still names it), and the group's SCOORD also under its first NUM (INFERRED FROM, as
+  TID 300 allows), whose value the panel shows as the drawing's own figure: so an
+  outline's group opens with the Area of the section drawn, a lesion's with its long
+  axis. The panel's label is the group's Comment (the structure's name).
 
 So nothing without a place goes into a measurement group: structures looked for and
 not found are listed as Absent in TID 1500's report-level "Qualitative Evaluations"
@@ -36,6 +42,7 @@ SCOORD image coordinates count from the top left corner of the first pixel
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,12 +90,53 @@ from dicomnode.results.source import (
 log = logging.getLogger(__name__)
 
 CUBIC_CM = CodedConcept("cm3", "UCUM", "cubic centimeter")
+SQUARE_MM = CodedConcept("mm2", "UCUM", "square millimeter")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+#: Cornerstone's toolkit tag: the first part of a tracking identifier OHIF can load.
+CORNERSTONE_TAG = "Cornerstone3DTools@^0.1.0"
+#: The cornerstone tools that draw an outline and a two-point line.
+OUTLINE_TOOL, LINE_TOOL = "PlanarFreehandROI", "Length"
 MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
 PERCENT = CodedConcept("%", "UCUM", "percent")
 LESIONS = CodedConcept("{lesions}", "UCUM", "lesions")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 #: TID 1500 row 12: the report-level container for evaluations outside any group.
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def tracking_identifier(tool: str, name: str) -> str:
+    """A tracking identifier OHIF loads as a ``tool`` measurement and a reader can read.
+
+    Cornerstone's adapters take ``<toolkit>:<tool>`` and anything after it; the
+    structure's or lesion's name follows so that text renderings still name the group.
+    """
+    return f"{CORNERSTONE_TAG}:{tool}:{name}"
+
+
+def tracked_name(identifier: str) -> str:
+    """The structure or lesion name in a tracking identifier (its last part)."""
+    return identifier.rsplit(":", 1)[-1]
+
+
+def _for_viewers(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, name: str
+                 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """Put the group's SCOORD also under its first NUM, and its name as a Comment.
+
+    Cornerstone's SR adapters read a measurement's coordinates from its first NUM
+    (TID 300 INFERRED FROM) and its label from a Comment; highdicom writes the region
+    only at the group's top level (TID 1410), which OHIF still uses to draw it.
+    """
+    items = group[0].ContentSequence  # a template is a list: its one container
+    scoord = next(item for item in items if item.ValueType == "SCOORD")
+    first_num = next(item for item in items if item.ValueType == "NUM")
+    inferred = copy.deepcopy(scoord)
+    inferred.RelationshipType = "INFERRED FROM"
+    if "ContentSequence" not in first_num:
+        first_num.ContentSequence = DicomSequence()
+    first_num.ContentSequence.append(inferred)
+    items.append(hd.sr.TextContentItem(
+        name=COMMENT, value=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
 
 
 def _sr_algorithm(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
@@ -278,9 +326,10 @@ def build_segmentation_sr(
 
     Every measurement group is a planar ROI group (TID 1410) whose region a viewer draws:
     a structure's volume comes with the outline of its largest axial section, on that
-    slice. When the table has a ``Liver`` and a lesion structure, the report adds one
-    group per lesion (longest axial diameter drawn as its two-point line on the slice
-    where it was measured, and the lesion's volume), and the tumour structure's group
+    slice, and that section's area. When the table has a ``Liver`` and a lesion
+    structure, the report adds one group per lesion (longest axial diameter drawn as
+    its two-point line on the slice where it was measured, and the lesion's volume),
+    and the tumour structure's group
     carries the lesion count, total tumour burden and tumour-to-liver ratio. Structures
     of ``absent`` (looked for, not found: a resected gland, an organ outside the field)
     and structures of the table with no voxel have nothing to draw: they are listed as
@@ -350,7 +399,11 @@ def build_segmentation_sr(
 
     groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for structure, box, mask in found:
+        z, outline = largest_section_outline(mask, box, geometry.spacing)
+        section_mm2 = abs(signed_area(outline[:-1])) * geometry.spacing[0] * geometry.spacing[1]
         measurements = [hd.sr.Measurement(
+            name=codes.SCT.Area, value=round(section_mm2, 1), unit=SQUARE_MM,
+            algorithm_id=algorithm_id), hd.sr.Measurement(
             name=codes.SCT.Volume, value=round(volume_cm3(mask, geometry), VOLUME_DECIMALS),
             unit=CUBIC_CM, algorithm_id=algorithm_id,
             referenced_images=[_source_segment(seg, numbers[structure.name])])]
@@ -366,24 +419,24 @@ def build_segmentation_sr(
                                   value=round(liver_stats.tumour_to_liver_percent, 3),
                                   unit=PERCENT, algorithm_id=algorithm_id),
             ]
-        z, outline = largest_section_outline(mask, box, geometry.spacing)
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(),
-                                                         identifier=structure.name),
+        groups.append(_for_viewers(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=new_uid(), identifier=tracking_identifier(OUTLINE_TOOL, structure.name)),
             referenced_region=region(z, outline),
             finding_type=structure.type,
             finding_category=structure.category,
             finding_sites=_finding_sites(structure) or None,
             algorithm_id=algorithm_id,
             measurements=measurements,
-        ))
+        ), structure.name))
     if liver_stats is not None and tumour is not None:
         tumour_segment = _source_segment(seg, numbers[tumour.name])
         for lesion in liver_stats.lesions:
             assert lesion.diameter is not None  # a lesion has at least one voxel
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            name = f"Lesion {lesion.number}"
+            groups.append(_for_viewers(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=new_uid(), identifier=f"Lesion {lesion.number}"),
+                    uid=new_uid(), identifier=tracking_identifier(LINE_TOOL, name)),
                 referenced_region=region(lesion.diameter.slice_index,
                                          np.array(lesion.diameter.ends)),
                 finding_type=tumour.type,
@@ -399,7 +452,7 @@ def build_segmentation_sr(
                                       algorithm_id=algorithm_id,
                                       referenced_images=[tumour_segment]),
                 ],
-            ))
+            ), name))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,

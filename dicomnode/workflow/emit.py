@@ -28,6 +28,7 @@ from dicomnode.imaging.morphology import bounding_box
 from dicomnode.logs import configure_logging, fields, logging_config, quiet_info
 from dicomnode.pipelines.base import PipelineResult, ResultObject
 from dicomnode.results.algorithm import AlgorithmInfo
+from dicomnode.results.burned_in import NOT_FOR_DIAGNOSIS, build_burned_in_series
 from dicomnode.results.codes import CATALOGUE, table_from_labels
 from dicomnode.results.kos import build_kos
 from dicomnode.results.radiomics import RadiomicsReport
@@ -59,7 +60,8 @@ def _describe(pipeline: str, what: str, version: int) -> str:
 
 def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                          emits: tuple[ResultObject, ...], *, version: int = 1,
-                         seg_writer: SegWriter | None = None) -> list[Path]:
+                         seg_writer: SegWriter | None = None,
+                         burned_in_series: bool = False) -> list[Path]:
     """Write the result objects of one pipeline run.
 
     Parameters
@@ -79,6 +81,9 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
         A started helper process: the SEG is written there while this thread writes the
         RTSTRUCT and the SR (the same objects; without it, or when it fails, all three
         are written here).
+    burned_in_series : bool
+        Also write, for a label map, the Secondary Capture series with the contours
+        burned in (``results.burned_in_series``), after the other objects.
 
     Returns
     -------
@@ -146,6 +151,13 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                 assert seg_writer is not None
                 seg_writer.restart()
                 write(seg_here(), seg_file)
+        if burned_in_series and labels.any():
+            series = build_burned_in_series(
+                images, labels, table, algorithm,
+                series_description=_describe(name, f"overlay, {NOT_FOR_DIAGNOSIS}", version),
+                hu=volume.hu)
+            files += [write(sc, out_dir / f"burned-in-{k:04d}.dcm")
+                      for k, sc in enumerate(series, start=1)]
     if result.probabilities:
         per_slice = result.measurements.get("slice_probabilities", {})
         findings = []

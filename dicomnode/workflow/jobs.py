@@ -158,7 +158,7 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                  seg_writer: SegWriter | None = None,
                  no_result_report: bool = False,
                  context: PipelineContext | None = None,
-                 radiomics: Any = None) -> StudyRun:
+                 radiomics: Any = None, burned_in_series: bool = False) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -181,6 +181,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
     radiomics : dicomnode.results.radiomics.RadiomicsParameters, optional
         When given, the IBSI features of each segmented structure are computed and
         reported (``measurements["radiomics"]`` of the result, and in its SR).
+    burned_in_series : bool
+        Also write the burned-in Secondary Capture series (``results.burned_in_series``).
 
     Returns
     -------
@@ -220,7 +222,7 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                         result_files=files, timings=timings, summary=summary)
     started = time.perf_counter()
     files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version,
-                                 seg_writer=seg_writer)
+                                 seg_writer=seg_writer, burned_in_series=burned_in_series)
     timings["encode"] = round(time.perf_counter() - started, 3)
     return StudyRun(JobState.DONE, pipeline=name, result_files=files, timings=timings,
                     summary=summary)
@@ -503,7 +505,8 @@ class JobRunner:
                            seg_writer=self.seg_writer,
                            no_result_report=self.settings.no_result_report,
                            context=self.context,
-                           radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]))
+                           radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]),
+                           burned_in_series=self.settings.results.burned_in_series)
         if (run.state == JobState.NO_RESULT and run.reason.startswith(_SHORT_OF_MEMORY)
                 and self._shared(started_before)):
             log.info("job.retry_alone", extra=fields(job=job["id"], reason=run.reason))
@@ -512,7 +515,8 @@ class JobRunner:
                                seg_writer=self.seg_writer,
                                no_result_report=self.settings.no_result_report,
                                context=self.context,
-                               radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]))
+                               radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]),
+                               burned_in_series=self.settings.results.burned_in_series)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
         flagged = (run.summary.get("result") or {}).get("flagged_slices") or []
