@@ -547,10 +547,12 @@ def features_from_sr(sr: Any) -> list[ReportedFeature]:
                 else:
                     yield from groups(child)
 
+    from dicomnode.results.sr import tracked_name  # sr imports this module
+
     for group in groups(sr):
         items = list(group.get("ContentSequence", []))
-        name = next(str(c.TextValue) for c in items
-                    if c.get("ValueType") == "TEXT" and _concept(c) == _TRACKING_IDENTIFIER)
+        name = tracked_name(next(str(c.TextValue) for c in items if c.get("ValueType") == "TEXT"
+                                 and _concept(c) == _TRACKING_IDENTIFIER))
         for item in items:
             if item.get("ValueType") != "NUM" or _concept(item)[1] != IBSI_SCHEME:
                 continue

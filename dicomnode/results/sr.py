@@ -495,7 +495,7 @@ def _add_radiomics(sr: Dataset, radiomics: RadiomicsReport) -> None:
                  if item.ValueType == "TEXT"
                  and item.ConceptNameCodeSequence[0].CodeValue == "112039"]
         if names:
-            for measurement in _radiomics_measurements(radiomics, names[0]):
+            for measurement in _radiomics_measurements(radiomics, tracked_name(names[0])):
                 group.ContentSequence.extend(measurement)
 
 

@@ -26,7 +26,7 @@ from dicomnode.results.radiomics import (
 )
 from dicomnode.results.seg import build_seg
 from dicomnode.results.source import check_source_images, write
-from dicomnode.results.sr import build_segmentation_sr
+from dicomnode.results.sr import build_segmentation_sr, tracked_name
 from tests.results.conftest import CtSeries, dciodvfy_errors
 from tests.results.test_sr import (
     _abdomen_labels,
@@ -156,8 +156,8 @@ def test_the_sr_carries_each_groups_features_coded_by_ibsi_identifier(
     assert "IBSI" in schemes[IBSI_SCHEME].CodingSchemeName
     groups = {}
     for group in _groups(back):
-        name = next(str(i.TextValue) for i in group.ContentSequence
-                    if i.ValueType == "TEXT")
+        name = tracked_name(next(str(i.TextValue) for i in group.ContentSequence
+                                 if i.ValueType == "TEXT"))
         groups[name] = group
     assert set(groups) == {"Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"}
     lesion = [i for i in groups["Lesion 1"].ContentSequence
