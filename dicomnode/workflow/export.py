@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicomnode.config import PeerTls, Settings
 from dicomnode.logs import fields
@@ -139,23 +140,36 @@ class Outbox:
         self._thread: threading.Thread | None = None
 
     def enqueue(self, files: Sequence[Path], target: Target, *, study_uid: str = "",
-                job_pk: int | None = None) -> int:
-        """Queue ``files`` for ``target``; returns the delivery id."""
+                job_pk: int | None = None, session: Session | None = None) -> int:
+        """Queue ``files`` for ``target``; returns the delivery id.
+
+        With ``session`` the row is added to the caller's transaction (the job that made
+        the files commits it with its own state, so a crash cannot leave results queued
+        for a job that will run again); the caller calls :meth:`wake` after its commit.
+        """
         if not files:
             raise ValueError("Invalid 'files' value '[]' - nothing to deliver")
-        with self.db.transaction() as session:
-            delivery = Delivery(
-                job_pk=job_pk, study_uid=study_uid, destination_ae=target.ae_title,
-                host=target.host, port=target.port, files=[str(f) for f in files],
-                state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow(),
-            )
+        delivery = Delivery(
+            job_pk=job_pk, study_uid=study_uid, destination_ae=target.ae_title,
+            host=target.host, port=target.port, files=[str(f) for f in files],
+            state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow(),
+        )
+        if session is not None:
             session.add(delivery)
             session.flush()
-            delivery_id = delivery.id
-        log.info("export.queued", extra=fields(delivery=delivery_id, peer=target.ae_title,
+        else:
+            with self.db.transaction() as own:
+                own.add(delivery)
+                own.flush()
+        log.info("export.queued", extra=fields(delivery=delivery.id, peer=target.ae_title,
                                                files=len(files), why=target.why))
+        if session is None:
+            self.wake()
+        return delivery.id
+
+    def wake(self) -> None:
+        """Look for due deliveries now."""
         self._wake.set()
-        return delivery_id
 
     def _claim(self) -> Delivery | None:
         with self.db.transaction() as session:

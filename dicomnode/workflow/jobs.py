@@ -527,16 +527,18 @@ class JobRunner:
         return run
 
     def _finish(self, job: dict[str, Any], run: StudyRun) -> None:
-        deliveries = []
-        # results, or the report that there are none (no_result_report)
-        if run.result_files:
-            names = run.routing.get("action", {}).get("destinations")
-            for target in resolve_targets(self.settings, job["calling_aet"], run.pipeline,
-                                          names):
-                deliveries.append(self.outbox.enqueue(run.result_files, target,
-                                                      study_uid=job["study_uid"],
-                                                      job_pk=job["id"]))
+        deliveries: list[int] = []
         with self.db.transaction() as session:
+            # results, or the report that there are none (no_result_report), queued in the
+            # transaction that ends the job: a job killed before it commits runs again and
+            # has queued nothing, so no study version ever gets two sets of results
+            if run.result_files:
+                names = run.routing.get("action", {}).get("destinations")
+                for target in resolve_targets(self.settings, job["calling_aet"],
+                                              run.pipeline, names):
+                    deliveries.append(self.outbox.enqueue(
+                        run.result_files, target, study_uid=job["study_uid"],
+                        job_pk=job["id"], session=session))
             row = session.get(Job, job["id"])
             assert row is not None
             study = session.execute(
@@ -570,6 +572,8 @@ class JobRunner:
                 session.flush()
                 record_queued(session, notifications)
                 row.result = {**row.result, "notifications": [n.id for n in notifications]}
+        if deliveries:
+            self.outbox.wake()
         if notifications and self.notifier is not None:
             self.notifier.wake()
         self.metrics.job_finished(run.pipeline if job["pipeline"] else None, run.state.value,

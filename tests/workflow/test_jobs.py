@@ -123,6 +123,46 @@ def test_no_result_is_reported_to_the_sender_when_the_site_wants_it(
     assert text.startswith("AI liver: no result. No liver found")
 
 
+def test_results_are_queued_only_in_the_transaction_that_ends_their_job(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by the fault campaign: deliveries were committed before the job's own state,
+    # so a node killed between the two ran the job again after its restart and sent a
+    # second set of results for the same study version. Here the job's commit fails
+    # after its deliveries were queued: nothing may be left queued.
+    monkeypatch.setattr(liver_tumor, "MIN_LIVER_ML", 1e9)   # quick: "no result" + its SR
+    phantom = make_phantom("abdomen", seed=7, matrix=128, spacing=(2.5, 3.2, 3.2))
+    files = [f for f in write_phantom(phantom, tmp_path / "ct") if f.suffix == ".dcm"]
+    settings.peers = {"PACS": Peer(host="127.0.0.1", port=9)}
+    settings.no_result_report = True
+    settings.workers = 0        # the test runs the jobs itself
+    real_audit = jobs.AuditEvent
+
+    def audit(**values: Any) -> Any:
+        if values.get("event") == "job.no_result":
+            raise RuntimeError("the node died before the job's commit")
+        return real_audit(**values)
+
+    monkeypatch.setattr(jobs, "AuditEvent", audit)
+    node = Node(settings)
+    node.start()
+    try:
+        sent = subprocess.run(["storescu", "-aet", "PACS", "-aec", settings.ae_title,
+                               "127.0.0.1", str(node.scp.port), *map(str, files)],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 120
+        with pytest.raises(RuntimeError, match="died before"):
+            while time.monotonic() < deadline:
+                if not node.runner.run_one():
+                    time.sleep(0.2)
+        status = node_status(node.db)
+    finally:
+        node.stop()
+    assert status["deliveries"] == []
+    (liver,) = [j for j in status["jobs"] if j["pipeline"] == "liver_tumor"]
+    assert liver["state"] == "running"       # run again after a restart, as if killed
+
+
 # --- urgent work: ahead of the queue, and beside running jobs ---------------------------
 
 #: A test-only pipeline that stands in for a long normal job (a liver study on a busy
