@@ -149,11 +149,57 @@ def dicomnode(work: Path) -> Iterator[tuple[int, str]]:
     env = {k: v for k, v in ENV.items() if not k.startswith("DICOMNODE_")}
     env.update(DICOMNODE_PORT=str(port), DICOMNODE_BIND_ADDRESS="127.0.0.1",
                DICOMNODE_DATA_DIR=str(work / "dicomnode"), DICOMNODE_DISK_RESERVE_MB="0",
-               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WORKERS="0")
+               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WORKERS="0",
+               DICOMNODE_WEB="off")
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        yield port, "DICOMNODE"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def dicomnode_busy(work: Path, study: list[Path], job_nice: int | None = None,
+                   ) -> Iterator[tuple[int, str]]:
+    """A node with a liver job running on ``study`` (sent first) while the timed send runs.
+
+    The node has its default workers; ``study`` (an abdomen) is sent by another AE, and
+    the context is entered once its liver job has been running for a second.
+    """
+    from sqlalchemy import create_engine, text
+
+    port = free_port()
+    env = {k: v for k, v in ENV.items() if not k.startswith("DICOMNODE_")}
+    env.update(DICOMNODE_PORT=str(port), DICOMNODE_BIND_ADDRESS="127.0.0.1",
+               DICOMNODE_DATA_DIR=str(work / "dicomnode"), DICOMNODE_DISK_RESERVE_MB="0",
+               DICOMNODE_LOG_LEVEL="WARNING", DICOMNODE_WARM_UP="false",
+               DICOMNODE_WEB="off")
+    if job_nice is not None:
+        env["DICOMNODE_JOB_NICE"] = str(job_nice)
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        subprocess.run(["storescu", "-aet", "LIVERJOB", "-aec", "DICOMNODE", "127.0.0.1",
+                        str(port), *map(str, study)], env=ENV, check=True,
+                       capture_output=True, timeout=600)
+        engine = create_engine(f"sqlite:///{work / 'dicomnode' / 'dicomnode.db'}")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                running = conn.execute(text(
+                    "select count(*) from job where pipeline = 'liver_tumor' "
+                    "and state = 'running'")).scalar()
+            if running:
+                break
+            time.sleep(0.1)
+        else:
+            raise TimeoutError("the liver job did not start")
+        engine.dispose()
+        time.sleep(1.0)   # into the networks, past loading the volume
         yield port, "DICOMNODE"
     finally:
         proc.terminate()
@@ -171,7 +217,13 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--busy", action="store_true", help=(
+        "instead: dicomnode idle against dicomnode while a liver job runs (issue 17: the "
+        "busy rate >= 0.8x the idle rate)"))
     args = parser.parse_args()
+    if args.busy:
+        busy(args)
+        return
     for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install dcmtk orthanc")
@@ -206,6 +258,41 @@ def main() -> None:
                                          "vs_orthanc": vs_orthanc,
                                          "vs_orthanc_paired": paired,
                                          "vs_storescp": vs_storescp}, indent=2))
+
+
+def busy(args: argparse.Namespace) -> None:
+    """Ingest into an idle node and into one running a liver job, alternating rounds."""
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-busy-") as tmp:
+        files = make_study(Path(tmp) / "study", args.slices, args.matrix)
+        from dicomnode.phantoms import make_phantom, write_phantom
+
+        phantom = make_phantom("abdomen", seed=7, matrix=256, spacing=(2.5, 1.6, 1.6))
+        liver = sorted(p for p in write_phantom(phantom, Path(tmp) / "liver")
+                       if p.suffix == ".dcm")
+        # "busy, same priority": job_nice 0, the node before its workers ran nicer
+        rates: dict[str, list[float]] = {"idle": [], "busy": [], "busy, same priority": []}
+        for rnd in range(args.rounds):
+            for name in rates:
+                work = Path(tmp) / f"{name}-{rnd}".replace(" ", "").replace(",", "-")
+                work.mkdir()
+                receiver = (dicomnode(work) if name == "idle" else dicomnode_busy(
+                    work, liver, 0 if "same" in name else None))
+                with receiver as (port, aec):
+                    rates[name].append(len(files) / send(files, port, aec))
+                shutil.rmtree(work, ignore_errors=True)
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    paired = statistics.median(b / i for b, i in zip(rates["busy"], rates["idle"], strict=True))
+    print(f"ingest while a liver job runs: {len(files)} CT slices of {args.matrix}x"
+          f"{args.matrix}, storescu over loopback, {args.rounds} rounds, median")
+    for name, rate in med.items():
+        print(f"  {name:<20} {rate:8.1f} images/s  (range {min(rates[name]):.0f}-"
+              f"{max(rates[name]):.0f})")
+    print(f"  ratio busy/idle {med['busy'] / med['idle']:5.2f}x, median of per-round "
+          f"ratios {paired:5.2f}x  (target >= 0.8); at the same priority "
+          f"{med['busy, same priority'] / med['idle']:5.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"median_images_per_s": med, "rounds": rates,
+                                         "busy_vs_idle_paired": paired}, indent=2))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def status(
         typer.echo(json.dumps(report, indent=2))
         return
     typer.echo(f"{report['totals']['studies']} studies, {report['totals']['jobs']} jobs, "
-               f"{report['totals']['deliveries']} deliveries")
+               f"{report['totals']['deliveries']} deliveries, "
+               f"{report['totals'].get('notifications', 0)} notifications")
     if report["pipelines"]:
         for name, state in sorted(report["pipelines"]["states"].items()):
             typer.echo(f"  pipeline {name:<14} {state}")
@@ -150,6 +151,25 @@ def status(
     for d in report["deliveries"]:
         typer.echo(f"  delivery {d['id']:>4} {d['state']:<8} {d['destination']}  "
                    f"files={d['files']} attempts={d['attempts']}  {d['last_error'] or ''}")
+    for n in report.get("notifications", []):
+        typer.echo(f"  notification {n['id']:>4} {n['state']:<8} {n['channel']} "
+                   f"{n['target']}  {n['study_uid']} attempts={n['attempts']}  "
+                   f"{n['last_error'] or ''}")
+
+
+@app.command("web-passwd")
+def web_passwd(
+    user: Annotated[str, typer.Argument(help="The user name to sign in with.")],
+) -> None:
+    """Make a password hash for the dashboard's `web.users` (asks for the password)."""
+    from dicomnode.web.passwords import hash_password
+
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"web:\n  users:\n    {user}: \"{hashed}\"")
 
 
 @app.command()
@@ -158,8 +178,13 @@ def process(
                                               exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="Where result .dcm files go.")],
     pipeline: Annotated[str | None, typer.Option(help="Force this pipeline.")] = None,
+    radiomics: Annotated[bool | None, typer.Option(
+        "--radiomics/--no-radiomics",
+        help="IBSI features of the segmented structures (default: the config's radiomics)."
+    )] = None,
 ) -> None:
     """Process one study offline (no network) and print a JSON summary."""
+    from dicomnode.config import load_settings
     from dicomnode.logs import configure_logging
     from dicomnode.workflow.jobs import process_study
 
@@ -168,8 +193,15 @@ def process(
     if not files:
         typer.echo(f"dicomnode: no DICOM files under {study_dir}", err=True)
         raise typer.Exit(2)
+    try:
+        features = load_settings().radiomics
+    except ValueError as exc:
+        typer.echo(f"dicomnode: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if radiomics is not None:
+        features = features.model_copy(update={"enabled": radiomics})
     out.mkdir(parents=True, exist_ok=True)
-    run = process_study(files, out, "", pipeline)
+    run = process_study(files, out, "", pipeline, radiomics=features)
     typer.echo(json.dumps(run.to_dict(), indent=2))
     if run.state.value == "failed":
         raise typer.Exit(1)
@@ -182,6 +214,120 @@ def _looks_dicom(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+@app.command()
+def radiomics(
+    study: Annotated[str, typer.Argument(help=(
+        "A study folder (its DICOM files, or the result files of `dicomnode process`) or "
+        "the Study Instance UID of a study the node has processed."))],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (one row a feature).")] = False,
+) -> None:
+    """A table of the IBSI features per structure: read from the node's SR results.
+
+    A study UID is looked up in the node's database and its SRs are read; a folder
+    holding SRs with features is read as it is; a folder of CT images is processed
+    (routing, pipeline, radiomics on) and its SR read, so every number is the SR's.
+    """
+    import csv
+    import sys
+    import tempfile
+
+    import pydicom
+
+    from dicomnode.logs import configure_logging
+    from dicomnode.results.radiomics import features_from_sr
+
+    configure_logging("WARNING")
+    settings = _settings(config)
+    path = Path(study)
+    srs: list[Path] = []
+    scratch = None
+    if path.is_dir():
+        srs = [p for p in sorted(path.rglob("*.dcm")) if _is_sr(p)]
+        if not srs:
+            from dicomnode.workflow.jobs import process_study
+
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _looks_dicom(p))
+            if not files:
+                typer.echo(f"dicomnode: no DICOM files under {path}", err=True)
+                raise typer.Exit(2)
+            scratch = tempfile.TemporaryDirectory(prefix="radiomics-")
+            run = process_study(files, Path(scratch.name), "", None,
+                                radiomics=settings.radiomics.model_copy(update={"enabled": True}))
+            srs = [p for p in run.result_files if _is_sr(p)]
+            if not srs:
+                typer.echo(f"dicomnode: no result with structures for {path}: {run.reason}",
+                           err=True)
+                raise typer.Exit(1)
+    else:
+        srs = _study_srs(settings, study)
+        if not srs:
+            typer.echo(f"dicomnode: no SR result of study {study} in the node's records "
+                       "(not processed, or no such folder)", err=True)
+            raise typer.Exit(2)
+    rows = [f for p in srs for f in features_from_sr(pydicom.dcmread(p))]
+    if scratch is not None:
+        scratch.cleanup()
+    if not rows:
+        typer.echo("dicomnode: the results carry no radiomics features (radiomics.enabled "
+                   "was off when they were made)", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        table: dict[str, dict[str, Any]] = {}
+        for f in rows:
+            table.setdefault(f.structure, {})[f.ibsi_id] = {
+                "feature": f.meaning, "value": f.value, "unit": f.unit}
+        typer.echo(json.dumps(table, indent=2))
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["structure", "ibsi_id", "feature", "value", "unit"])
+        for f in rows:
+            writer.writerow([f.structure, f.ibsi_id, f.meaning, repr(f.value), f.unit])
+    else:
+        structures = list(dict.fromkeys(f.structure for f in rows))
+        values = {(f.structure, f.ibsi_id): f.value for f in rows}
+        features = list(dict.fromkeys((f.ibsi_id, f.meaning, f.unit) for f in rows))
+        typer.echo(f"{'IBSI':<5} {'feature':<52} {'unit':<14} "
+                   + " ".join(f"{s[:12]:>12}" for s in structures))
+        for code, meaning, unit in features:
+            cells = [values.get((s, code)) for s in structures]
+            typer.echo(f"{code:<5} {meaning[:52]:<52} {unit:<14} " + " ".join(
+                f"{'-' if v is None else f'{v:.6g}':>12}" for v in cells))
+
+
+def _is_sr(path: Path) -> bool:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:
+        return False
+    return str(ds.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _study_srs(settings: Any, study_uid: str) -> list[Path]:
+    """The SR files of the newest finished pipeline jobs of a study, from the database."""
+    from sqlalchemy import select
+
+    from dicomnode.store.db import Database
+    from dicomnode.store.models import Job, Study
+
+    db = Database(settings.db_url)
+    db.upgrade()
+    try:
+        with db.session() as session:
+            jobs = session.scalars(
+                select(Job).join(Study).where(Study.study_uid == study_uid,
+                                              Job.pipeline.is_not(None))
+                .order_by(Job.study_version.desc(), Job.id.desc())).all()
+            newest = [job for job in jobs if job.study_version == jobs[0].study_version]
+            files = [Path(f) for job in newest for f in (job.result or {}).get("files", [])]
+    finally:
+        db.dispose()
+    return [f for f in files if f.is_file() and _is_sr(f)]
 
 
 @app.command()

@@ -186,6 +186,143 @@ class CelerySettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1, description=(
         "A job whose worker died this many times (it was delivered again each time) is "
         "recorded as failed instead of being run again."))
+class Webhook(BaseModel):
+    """One HTTP endpoint told of urgent positive studies (see ``workflow/notify.py``)."""
+
+    url: str = Field(description="Where the JSON is POSTed (http:// or https://).")
+    headers: dict[str, str] = Field(default_factory=dict, description=(
+        "Extra request headers (an Authorization token); never logged or shown."))
+    pipelines: list[str] | None = Field(default=None, description=(
+        "Positive results of these pipelines, whatever their priority; None: every "
+        "positive result of an urgent routing rule."))
+    include_patient: bool = Field(default=False, description=(
+        "Put the patient's name, ID and birth date in the payload (off: UIDs, the "
+        "accession number and findings only)."))
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"Invalid 'notify.webhooks.url' value '{v}' - an http:// or "
+                             "https:// URL with a host")
+        return v
+
+
+class NotifySettings(BaseModel):
+    """Urgent notifications: where they go and how they are retried."""
+
+    webhooks: list[Webhook] = Field(default_factory=list)
+    dashboard_url: str = Field(default="http://127.0.0.1:8080", description=(
+        "The dashboard's base URL; each payload links to {dashboard_url}/studies/{uid}."))
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0, le=120, description=(
+        "Per request (connect and answer): a slow endpoint costs an attempt, not the "
+        "node's time."))
+    senders: int = Field(default=4, ge=1, le=64, description=(
+        "Requests in flight at once, so one slow endpoint does not hold up the others."))
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+#: Bind addresses on which the dashboard may be viewed without signing in.
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class WebSettings(BaseModel):
+    """The dashboard, REST API and ``/metrics`` (``web`` in the config; null: off).
+
+    Bound to loopback the pages can be viewed without signing in; any other address
+    needs ``users`` or ``trusted_user_header``, and actions always need a signed-in
+    user (see ``dicomnode/web/auth.py``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port (0: any free).")
+    bind_address: str = Field(default="127.0.0.1", description=(
+        "Listening address; anything but loopback requires authentication."))
+    users: dict[str, str] = Field(default_factory=dict, description=(
+        "User name -> password hash made by `dicomnode web-passwd` (HTTP Basic)."))
+    trusted_user_header: str | None = Field(default=None, description=(
+        "Header carrying the signed-in user set by an authenticating (OIDC) reverse "
+        "proxy, e.g. X-Forwarded-User; honoured only from trusted_proxies."))
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"],
+                                       description="Addresses the user header is taken from.")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the dashboard listens on loopback only."""
+        return self.bind_address in LOOPBACK_ADDRESSES
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self) -> WebSettings:
+        if not self.loopback and not self.users and not self.trusted_user_header:
+            raise ValueError(
+                f"Invalid 'web.bind_address' value '{self.bind_address}' - off loopback the "
+                "dashboard requires authentication: set web.users (dicomnode web-passwd) "
+                "or web.trusted_user_header")
+        for name, value in self.users.items():
+            if not value.startswith(("scrypt$", "pbkdf2_sha256$")):
+                raise ValueError(
+                    f"Invalid 'web.users.{name}' value - not a password hash; make one with "
+                    "`dicomnode web-passwd`")
+        return self
+
+class RadiomicsSettings(BaseModel):
+    """IBSI radiomics of the segmented structures, in the SR and the JSON result
+    (``radiomics`` in the config; off by default: it costs seconds per study)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Compute the features at all.")
+    pipelines: list[str] | None = Field(default=None, description=(
+        "Pipelines whose structures get features; null: every pipeline with a label map."))
+    families: list[str] = Field(default_factory=lambda: [
+        "morphology", "statistics", "intensity_histogram", "glcm", "glrlm", "glszm",
+        "ngtdm"], description="Feature families reported.")
+    bin_width_hu: float = Field(default=25.0, gt=0, description=(
+        "Fixed bin width (HU) of the intensity histogram and texture matrices."))
+    bin_lower_bound_hu: float = Field(default=-1000.0, description=(
+        "Lower bound (HU) of the first bin and of the intensity range."))
+    resample_mm: float | None = Field(default=1.0, gt=0, description=(
+        "Isotropic voxel size (mm) the CT and masks are resampled to; null: none."))
+    aggregation: str = Field(default="3d_volume_merge", description=(
+        "Texture aggregation: 3d_volume_merge, 3d_average, 2.5d_volume_merge or "
+        "2.5d_direction_merge."))
+    organs: bool = Field(default=True, description=(
+        "Features of organs too (the liver, organs at risk); false: lesions and "
+        "haemorrhages only (a liver at 1 mm costs ~25 s of CPU, a lesion ~1 s)."))
+
+    @model_validator(mode="after")
+    def _check(self) -> RadiomicsSettings:
+        self.parameters()  # the extraction's own checks, naming the offending key
+        return self
+
+    def parameters(self) -> Any:
+        """The extraction's :class:`dicomnode.results.radiomics.RadiomicsParameters`."""
+        from dicomnode.results.radiomics import RadiomicsParameters
+
+        return RadiomicsParameters(
+            families=tuple(self.families), bin_width_hu=self.bin_width_hu,
+            bin_lower_bound_hu=self.bin_lower_bound_hu, resample_mm=self.resample_mm,
+            aggregation=self.aggregation, organs=self.organs)
+
+    def for_pipeline(self, name: str) -> Any:
+        """The parameters when ``name``'s structures get features, else ``None``."""
+        if not self.enabled or (self.pipelines is not None and name not in self.pipelines):
+            return None
+        return self.parameters()
+class ResultsSettings(BaseModel):
+    """Which further result objects the pipelines send (see ``workflow/emit.py``)."""
+
+    burned_in_series: bool = Field(default=False, description=(
+        "Also send a Secondary Capture series with the contours and names burned into "
+        "every slice with a structure, for PACS viewers that show neither SEG nor "
+        "RTSTRUCT (marked derived and 'not for diagnosis')."))
 
 
 class Settings(BaseSettings):
@@ -257,6 +394,8 @@ class Settings(BaseSettings):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     routing_rules: Path | None = Field(
         default=None, description="Routing YAML; None uses the embedded config/routing.yaml."
     )
@@ -268,6 +407,10 @@ class Settings(BaseSettings):
         "and a study is not known to be urgent before it is routed) and urgent pipeline "
         "jobs, so an urgent study starts at once even while every other worker runs a "
         "long job. They share the device with the other workers. 0: no lane."))
+    job_nice: int = Field(default=10, ge=0, le=19, description=(
+        "How much nicer (Linux nice levels) the job workers run than the listener, so "
+        "that receiving keeps priority over the models on a busy CPU; the networks' "
+        "threads inherit it. 0: the same priority."))
     warm_up: bool = Field(default=True, description=(
         "At start, off the receiving path, load and run each available pipeline once and "
         "encode a small SEG/RTSTRUCT/SR, so the first study pays no start-up."))
@@ -290,6 +433,10 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description=(
         "With executor celery: the RabbitMQ broker, amqp://USER:PASS@HOST:5672/VHOST."))
     celery: CelerySettings = Field(default_factory=CelerySettings)
+    web: WebSettings | None = Field(default_factory=WebSettings, description=(
+        "Dashboard, REST API and /metrics over HTTP; null: off."))
+    radiomics: RadiomicsSettings = Field(default_factory=RadiomicsSettings, description=(
+        "IBSI radiomics of the segmented structures (off by default)."))
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 
@@ -297,6 +444,14 @@ class Settings(BaseSettings):
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v, "ae_title")
+
+    @field_validator("web", mode="before")
+    @classmethod
+    def _web_off(cls, v: Any) -> Any:
+        # DICOMNODE_WEB=off in the environment turns the dashboard off (an empty or
+        # "null" value is dropped by pydantic-settings before validation)
+        return None if isinstance(v, str) and v.strip().lower() in ("null", "none", "off") \
+            else v
 
     @field_validator("allowed_calling_aets")
     @classmethod

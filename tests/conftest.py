@@ -15,6 +15,11 @@ from dicomnode.node import Node
 from tests.postgres import TEST_SERVER_ENV, PostgresServer, postgres_bin, postgres_server
 from tests.rabbitmq import RabbitMQ, rabbitmq_available, rabbitmq_server
 
+# Nodes started by tests (in-process or as `dicomnode serve` subprocesses, which inherit
+# this) serve no dashboard unless a test asks for one: the default port 8080 would be
+# taken by the first of them. tests/web start theirs on port 0.
+os.environ.setdefault("DICOMNODE_WEB", "off")
+
 
 @pytest.fixture(autouse=True)
 def _reset_package_logging() -> Iterator[None]:
@@ -78,7 +83,7 @@ def settings(tmp_path: Path) -> Settings:
     """Embedded-default settings on a free loopback port, data under tmp_path."""
     return load_settings(
         None, port=free_port(), bind_address="127.0.0.1", data_dir=tmp_path / "var",
-        disk_reserve_mb=0, warm_up=False, seg_writer_process=False,
+        disk_reserve_mb=0, warm_up=False, seg_writer_process=False, web=None,
         completion={"quiet_period_s": 30, "poll_interval_s": 0.2},
         export={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "poll_interval_s": 0.1,
                 "connect_timeout_s": 5},

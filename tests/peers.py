@@ -45,12 +45,18 @@ def storescp(out_dir: Path, port: int | None = None, aet: str = "STORESCP",
         proc.wait(timeout=10)
 
 
+#: Where Debian's ``orthanc-dicomweb`` package puts the plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 @contextmanager
 def orthanc(work: Path, aet: str = "ORTHANC", modalities: dict[str, list[object]] | None = None,
-            ) -> Iterator[dict[str, object]]:
+            dicomweb: bool = False) -> Iterator[dict[str, object]]:
     """Run Orthanc (Debian package) on free loopback ports with its own storage.
 
-    Yields a dict with ``dicom_port``, ``http_port``, ``url`` and ``aet``.
+    Yields a dict with ``dicom_port``, ``http_port``, ``url`` and ``aet``; with
+    ``dicomweb`` the DICOMweb plugin (Debian ``orthanc-dicomweb``) is loaded and
+    ``dicomweb`` holds its root URL (QIDO-RS, WADO-RS and STOW-RS under ``/dicom-web``).
     """
     exe = shutil.which("Orthanc")
     if exe is None:
@@ -65,6 +71,14 @@ def orthanc(work: Path, aet: str = "ORTHANC", modalities: dict[str, list[object]
         "DicomModalities": modalities or {}, "DicomAlwaysAllowStore": True,
         "DicomCheckCalledAet": False, "StableAge": 2, "ConcurrentJobs": 1,
             }
+    if dicomweb:
+        if not DICOMWEB_PLUGIN.is_file():
+            raise RuntimeError("Orthanc's DICOMweb plugin is not installed "
+                               "(apt-get install orthanc-dicomweb)")
+        config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+        # Full metadata from the files: viewers need every attribute, not the index's.
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False,
+                              "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
     config = {k: v for k, v in config.items() if v is not None}
     cfg = work / "orthanc.json"
     cfg.write_text(json.dumps(config))
@@ -73,8 +87,9 @@ def orthanc(work: Path, aet: str = "ORTHANC", modalities: dict[str, list[object]
     try:
         wait_port(http_port, 60)
         wait_port(dicom_port, 60)
-        yield {"dicom_port": dicom_port, "http_port": http_port, "aet": aet,
-               "url": f"http://127.0.0.1:{http_port}"}
+        url = f"http://127.0.0.1:{http_port}"
+        yield {"dicom_port": dicom_port, "http_port": http_port, "aet": aet, "url": url,
+               **({"dicomweb": f"{url}/dicom-web"} if dicomweb else {})}
     finally:
         proc.terminate()
         try:

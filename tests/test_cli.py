@@ -134,3 +134,107 @@ def test_worker_without_a_broker_says_so_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "worker"], env=env,
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "needs broker_url" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_process_with_radiomics_gives_lesion_groups_features_the_radiomics_table_lists(
+        tmp_path: Path) -> None:
+    import highdicom as hd
+    import pydicom
+
+    from dicomnode.results.radiomics import IBSI_SCHEME, features_from_sr
+    from tests.results.conftest import dciodvfy_errors
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["OMP_NUM_THREADS"] = "1"
+    env["DICOMNODE_RADIOMICS__ORGANS"] = "false"  # lesions only: the liver takes ~25 s more
+    res = _cli("phantom", "abdomen", "--out", str(tmp_path / "study"), "--seed", "3",
+               "--matrix", "192", "--slices", "100", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, "-m", "dicomnode.cli", "process",
+                          str(tmp_path / "study"), "--out", str(tmp_path / "out"),
+                          "--radiomics"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    run = summary["pipelines"]["liver_tumor"]
+    assert run["state"] == "done", run
+    radiomics = run["result"]["measurements"]["radiomics"]
+    assert radiomics["settings"]["bin_width_hu"] == 25.0
+    lesions = run["result"]["measurements"]["lesion_count"]
+    assert lesions >= 1
+    assert list(radiomics["structures"]) == [f"Lesion {n}" for n in range(1, lesions + 1)]
+    sr_path = tmp_path / "out" / "liver_tumor" / "sr.dcm"
+    assert dciodvfy_errors(sr_path) == []
+    hd.sr.srread(sr_path)  # highdicom reads it back as a TID 1500 report
+    in_sr = features_from_sr(pydicom.dcmread(sr_path))
+    from_json = {(name, f["ibsi_id"]): f["value"]
+                 for name, feats in radiomics["structures"].items() for f in feats}
+    assert {(f.structure, f.ibsi_id): f.value for f in in_sr} == from_json
+    assert all(f.structure.startswith("Lesion ") for f in in_sr)
+    assert IBSI_SCHEME in {s.CodingSchemeDesignator for s in
+                           pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence}
+    res = _cli("radiomics", str(tmp_path / "out"), "--json", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    table = json.loads(res.stdout)
+    assert {(s, code): v["value"] for s, feats in table.items()
+            for code, v in feats.items()} == from_json
+    res = _cli("radiomics", str(tmp_path / "out"), "--csv", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == 1 + len(from_json)
+    # a folder of CT images: processed with radiomics on, the table read from its SR
+    res = subprocess.run([sys.executable, "-m", "dicomnode.cli", "radiomics",
+                          str(tmp_path / "study"), "--json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr
+    assert {(s, code): v["value"] for s, feats in json.loads(res.stdout).items()
+            for code, v in feats.items()} == from_json
+
+
+def test_radiomics_of_a_study_uid_reads_the_sr_the_node_recorded(tmp_path: Path) -> None:
+    import numpy as np
+
+    from dicomnode.results.algorithm import AlgorithmInfo
+    from dicomnode.results.codes import HEADNECK
+    from dicomnode.results.radiomics import RadiomicsParameters, compute_radiomics
+    from dicomnode.results.seg import build_seg
+    from dicomnode.results.source import check_source_images, write
+    from dicomnode.results.sr import build_segmentation_sr
+    from dicomnode.store.db import Database
+    from dicomnode.store.models import Job, Patient, Study
+    from tests.results.conftest import make_ct_series
+
+    series = make_ct_series(tmp_path / "ct", slices=16, matrix=64)
+    labels = np.where(np.isin(series.labels, (1, 6)), series.labels, 0).astype(np.uint8)
+    geometry = check_source_images(series.images)
+    hu = np.stack([ds.pixel_array for ds in series.images]).astype(np.float32)
+    report = compute_radiomics(hu, labels, {1: "BrainStem", 6: "Parotid_L"},
+                               (geometry.slice_spacing, *geometry.spacing),
+                               RadiomicsParameters(resample_mm=None, families=("morphology",)))
+    algorithm = AlgorithmInfo("test", "1", "0" * 64, "test")
+    table = [s for s in HEADNECK if s.name in ("BrainStem", "Parotid_L")]
+    seg = build_seg(series.images, labels, table, algorithm)
+    sr = write(build_segmentation_sr(series.images, seg, labels, table, algorithm,
+                                     radiomics=report), tmp_path / "results" / "sr.dcm")
+    db_url = f"sqlite:///{tmp_path / 'var' / 'dicomnode.db'}"
+    (tmp_path / "var").mkdir()
+    db = Database(db_url)
+    db.upgrade()
+    study_uid = str(series.images[0].StudyInstanceUID)
+    with db.transaction() as session:
+        patient = Patient(patient_id="x")
+        study = Study(study_uid=study_uid, patient=patient)
+        session.add_all([patient, study, Job(study=study, study_version=1, pipeline="headneck_oar",
+                                             state="done", result={"files": [str(sr)]})])
+    db.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["DICOMNODE_DATABASE_URL"] = db_url
+    res = _cli("radiomics", study_uid, "--json", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)
+    assert {s: {c: v["value"] for c, v in feats.items()} for s, feats in printed.items()} == {
+        name: {f.ibsi_id: f.value for f in feats} for name, feats in report.structures.items()}
+    res = _cli("radiomics", "1.2.3.999", cwd=tmp_path, env=env)
+    assert res.returncode == 2 and "no SR result of study 1.2.3.999" in res.stderr

@@ -131,3 +131,37 @@ def test_executor_celery_needs_a_broker_and_threads_stay_the_default() -> None:
         load_settings(None, executor="kubernetes")
     s = load_settings(None, executor="celery", broker_url="amqp://u:p@mq:5672/dicomnode")
     assert (s.celery.queue, s.celery.urgent_queue) == ("jobs", "urgent")
+
+
+def test_radiomics_is_off_by_default_and_on_for_the_pipelines_named(tmp_path: Path) -> None:
+    assert load_settings().radiomics.for_pipeline("liver_tumor") is None
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"radiomics": {
+        "enabled": True, "pipelines": ["liver_tumor"], "bin_width_hu": 10,
+        "resample_mm": None, "families": ["morphology", "glcm"]}}))
+    radiomics = load_settings(cfg).radiomics
+    parameters = radiomics.for_pipeline("liver_tumor")
+    assert parameters.bin_width_hu == 10 and parameters.resample_mm is None
+    assert parameters.families == ("morphology", "glcm")
+    assert radiomics.for_pipeline("headneck_oar") is None
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"families": ["texture"]}, "families"),
+    ({"bin_width_hu": 0}, "bin_width_hu"),
+    ({"aggregation": "2d"}, "aggregation"),
+    ({"bins": 32}, "bins"),
+])
+def test_bad_radiomics_settings_are_named(tmp_path: Path, bad: dict[str, object],
+                                          named: str) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"radiomics": bad}))
+    with pytest.raises(ValueError, match=named):
+        load_settings(cfg)
+
+
+def test_the_burned_in_series_is_off_by_default_and_turned_on_in_yaml(tmp_path: Path) -> None:
+    assert load_settings(None).results.burned_in_series is False
+    path = tmp_path / "node.yaml"
+    path.write_text("results: {burned_in_series: true}\n")
+    assert load_settings(path).results.burned_in_series is True

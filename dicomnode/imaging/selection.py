@@ -189,6 +189,20 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _orientation(iop: Any) -> str:
+    try:
+        return orientation_label([float(v) for v in iop]) if iop else "unknown"
+    except (TypeError, ValueError, IndexError):
+        return "unknown"
+
+
 def describe_series(headers: Sequence[Dataset], paths: Sequence[Path] = ()) -> SeriesInfo:
     """Describe one series from its headers.
 
@@ -242,10 +256,10 @@ def describe_series(headers: Sequence[Dataset], paths: Sequence[Path] = ()) -> S
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         modality=modality,
         sop_class_uid=sop_class,
-        series_number=int(number) if number not in (None, "") else None,
+        series_number=_int(number),
         series_description=str(first.get("SeriesDescription", "") or ""),
         image_type=image_type,
-        orientation=orientation_label([float(v) for v in iop]) if iop else "unknown",
+        orientation=_orientation(iop),
         slice_thickness=_float(first.get("SliceThickness")),
         slice_step=step,
         kernel=kernel,
@@ -254,8 +268,8 @@ def describe_series(headers: Sequence[Dataset], paths: Sequence[Path] = ()) -> S
         coverage_mm=coverage,
         is_localizer=localizer,
         contrast=bool(str(first.get("ContrastBolusAgent", "") or "").strip()),
-        rows=int(first.Rows) if "Rows" in first else None,
-        columns=int(first.Columns) if "Columns" in first else None,
+        rows=_int(first.get("Rows")),
+        columns=_int(first.get("Columns")),
         check=check,
         paths=list(paths),
         headers=list(headers),

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.net import direct_encoding
 from dicomnode.net.tls import server_context
 from dicomnode.net.transport import (
@@ -190,7 +191,8 @@ class ReceiveFile:
             os.unlink(self.name)
 
 
-def install_receive_files(spool: Spool) -> Callable[[], None]:
+def install_receive_files(spool: Spool, on_created: Callable[[ReceiveFile], None] | None = None,
+                          ) -> Callable[[], None]:
     """Make pynetdicom's chunked receive write into ``ReceiveFile`` objects on ``spool``.
 
     pynetdicom creates the file with ``NamedTemporaryFile(delete=False, mode="wb",
@@ -202,6 +204,9 @@ def install_receive_files(spool: Spool) -> Callable[[], None]:
     ----------
     spool : Spool
         Where received data sets go and whose reserve applies.
+    on_created : callable, optional
+        Called with each new file, on the association's network thread (the node keeps
+        them per association to remove those no store took over when it ends).
 
     Returns
     -------
@@ -211,7 +216,10 @@ def install_receive_files(spool: Spool) -> Callable[[], None]:
     original = dimse_messages.NamedTemporaryFile
 
     def receive_file(*args: Any, **kwargs: Any) -> ReceiveFile:
-        return ReceiveFile(spool)
+        file = ReceiveFile(spool)
+        if on_created is not None:
+            on_created(file)
+        return file
 
     dimse_messages.NamedTemporaryFile = receive_file  # type: ignore[assignment]
 
@@ -257,6 +265,8 @@ class StorageSCP:
         Called with the study UIDs an association carried, after it is released.
     accepted_sop_classes : iterable of str, optional
         Storage classes to keep; default ``CT_STUDY_SOP_CLASSES``.
+    metrics : NodeMetrics, optional
+        Where receipts and refusals are counted (default: a registry of its own).
     """
 
     def __init__(
@@ -265,8 +275,10 @@ class StorageSCP:
         store: InstanceStore,
         on_released: Callable[[set[str]], Any] | None = None,
         accepted_sop_classes: Iterable[str] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or NodeMetrics()
         self.store = store
         self.on_released = on_released
         self.accepted = frozenset(accepted_sop_classes or CT_STUDY_SOP_CLASSES)
@@ -279,6 +291,7 @@ class StorageSCP:
         self._meta_installed = False
         # stores begun as a dataset's last fragment arrived: path -> (association, future)
         self._early: dict[str, tuple[int, Future[StoreOutcome]]] = {}
+        self._receiving: dict[int, list[ReceiveFile]] = {}   # per association
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -328,7 +341,8 @@ class StorageSCP:
             # in the spool's tmp/ (ReceiveFile), it is renamed into place without a copy.
             # Both settings are per process: one node per process.
             self._previous_receive = (_config.STORE_RECV_CHUNKED_DATASET,
-                                      install_receive_files(self.store.spool))
+                                      install_receive_files(self.store.spool,
+                                                            self._track_receive_file))
             _config.STORE_RECV_CHUNKED_DATASET = True
             self._meta_installed = s.direct_encoding and direct_encoding.install_file_meta()
         limits = ConnectionLimits.from_settings(s)
@@ -366,6 +380,18 @@ class StorageSCP:
         if self._tls_server is None:
             return self.settings.tls.port if self.settings.tls is not None else None
         return int(self._tls_server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        """Whether a listening port is open (plain or TLS)."""
+        return self._server is not None or self._tls_server is not None
+
+    @property
+    def open_associations(self) -> int:
+        """Associations established on the listening ports right now."""
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        return sum(1 for server in servers for assoc in list(server.active_associations)
+                   if assoc.is_established)
 
     def stop(self) -> None:
         """Stop listening and close open associations."""
@@ -469,10 +495,8 @@ class StorageSCP:
         command = getattr(message, "command_set", None)
         if not isinstance(name, str) or command is None:
             return
-        if isinstance(received, ReceiveFile):
-            if received.error is not None:
-                return  # not on disk (reserve, disk full): _on_store refuses it
-            received.begun = True
+        if isinstance(received, ReceiveFile) and received.error is not None:
+            return  # not on disk (reserve, disk full): _on_store refuses it
         try:
             sop_class = str(command.AffectedSOPClassUID or "")
             sop_uid = str(command.AffectedSOPInstanceUID or "")
@@ -480,7 +504,9 @@ class StorageSCP:
         except AttributeError:
             return
         if sop_class not in self.accepted:
-            return  # _on_store refuses it
+            return  # _on_store refuses it, if pynetdicom gets that far; else _on_ended
+        if isinstance(received, ReceiveFile):
+            received.begun = True
         future = self.store.begin_store(Path(name), calling, expected_sop_uid=sop_uid,
                                         expected_sop_class_uid=sop_class)
         with self._lock:
@@ -506,6 +532,7 @@ class StorageSCP:
 
     def _refuse(self, event: Any, code: int, what: str, reason: str, sop_uid: str) -> Dataset:
         self._count(event, "refused")
+        self.metrics.instances_refused.labels(what).inc()
         log.warning("instance.refused", extra=fields(
             sop=sop_uid, status=f"0x{code:04X}", what=what, reason=reason,
             calling_aet=event.assoc.requestor.ae_title))
@@ -554,6 +581,7 @@ class StorageSCP:
             self._assoc_studies.setdefault(id(event.assoc), set()).add(outcome.study_uid)
             self._assoc_counts.setdefault(id(event.assoc), Counter())[
                 "duplicate" if outcome.duplicate else "stored"] += 1
+        self.metrics.instances_received.labels("true" if outcome.duplicate else "false").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance.stored", extra=fields(
                 sop=outcome.sop_uid, study=outcome.study_uid, duplicate=outcome.duplicate))
@@ -574,6 +602,19 @@ class StorageSCP:
                 refused=counts["refused"]))
         return studies
 
+    def _track_receive_file(self, file: ReceiveFile) -> None:
+        # pynetdicom makes the file on the association's DUL thread, which knows its
+        # association. A message it drops after decoding (an unknown SOP class in the
+        # command, an abort between decoding and the handler) is in neither its current
+        # message nor its queue any more: this list still has its file.
+        assoc = getattr(threading.current_thread(), "assoc", None)
+        if assoc is None:
+            return
+        with self._lock:
+            files = self._receiving.setdefault(id(assoc), [])
+            files[:] = [f for f in files if not f.begun]
+            files.append(file)
+
     def _on_ended(self, assoc: Any) -> None:
         """An association's thread has ended: finish it if pynetdicom never said it did,
         and remove the files of data sets it was receiving or never handed to a store."""
@@ -587,6 +628,8 @@ class StorageSCP:
         received = [getattr(dimse.message, "_data_set_file", None)]
         received += [getattr(primitive, "_dataset_file", None)
                      for _, primitive in list(dimse.msg_queue.queue)]
+        with self._lock:
+            received += self._receiving.pop(key, [])
         for file in received:
             if isinstance(file, ReceiveFile) and not file.begun:
                 file.discard()

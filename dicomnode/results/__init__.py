@@ -11,8 +11,9 @@ that copies the source's patient and study and starts its own series.
 - :func:`dicomnode.results.sr.build_segmentation_sr` / :func:`~dicomnode.results.sr.build_ich_sr`:
   TID 1500 Comprehensive 3D SR
 - :func:`dicomnode.results.kos.build_kos`: Key Object Selection of flagged slices
-- :func:`dicomnode.results.preview.render_montage` /
-  :func:`~dicomnode.results.preview.build_secondary_capture`: pictures
+- :func:`dicomnode.results.burned_in.build_burned_in_series`: Secondary Capture with the
+  contours and names burned in, for viewers without SEG/RTSTRUCT (not for diagnosis)
+- :func:`dicomnode.results.preview.render_montage`: PNG montage
 - :func:`dicomnode.results.encode.encode_label_map`: any tool's label map -> SEG+RTSTRUCT+SR
 - :func:`dicomnode.results.source.write`: save as a DICOM file
 """

@@ -213,6 +213,29 @@ def longest_axial_diameter_mm(mask: np.ndarray, spacing: Sequence[float]) -> flo
     return 0.0 if found is None else found.length_mm
 
 
+def label_lesions(tumour: np.ndarray) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """The 3D connected lesions (26-connectivity) of a tumour mask, largest first.
+
+    The one numbering of lesions: :func:`find_lesions` (the reports' ``Lesion N``) and
+    the radiomics of each lesion both use it. Of equal sizes, the first in scan order
+    comes first.
+
+    Returns
+    -------
+    list of (tuple of slice, numpy.ndarray)
+        Each lesion's bounding box in ``tumour`` and its boolean mask within that box.
+    """
+    labelled, _ = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    found = []
+    for index, box in enumerate(ndimage.find_objects(labelled), start=1):
+        if box is None:
+            continue
+        component = labelled[box] == index
+        found.append((int(np.count_nonzero(component)), box, component))
+    found.sort(key=lambda item: -item[0])
+    return [(box, component) for _, box, component in found]
+
+
 def find_lesions(tumour: np.ndarray, geometry: Grid,
                  z_offset: int = 0, *, yx_offset: tuple[int, int] = (0, 0)) -> list[Lesion]:
     """Split a tumour mask into 3D connected lesions (26-connectivity), largest first.
@@ -221,20 +244,14 @@ def find_lesions(tumour: np.ndarray, geometry: Grid,
     slice and ``yx_offset`` of its first row and column, so that ``Lesion.slice_indices``
     and ``Lesion.diameter`` refer to the full series.
     """
-    labelled, _ = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
-    boxes = ndimage.find_objects(labelled)
     found = []
-    for index, box in enumerate(boxes, start=1):
-        if box is None:
-            continue
-        component = labelled[box] == index
+    for box, component in label_lesions(tumour):
         z0 = box[0].start + z_offset
         slices = tuple(int(z0 + z) for z in np.nonzero(component.any(axis=(1, 2)))[0])
         diameter = longest_axial_diameter(
             component, geometry.spacing,
             (z0, box[1].start + yx_offset[0], box[2].start + yx_offset[1]))
         found.append((volume_cm3(component, geometry), diameter, slices))
-    found.sort(key=lambda item: -item[0])
     return [Lesion(i, v, d.length_mm if d else 0.0, s, d)
             for i, (v, d, s) in enumerate(found, start=1)]
 

@@ -1,9 +1,9 @@
-"""Pictures of a result: a PNG overlay montage, and a Secondary Capture series.
+"""Pictures of a result: slices with the structures drawn, and a PNG overlay montage.
 
 The montage (for the dashboard and notifications) shows the slices with the most
 segmented tissue, windowed CT with each structure filled translucently and outlined in
-its colour. The Secondary Capture series has the outlines burned into every slice, for
-viewers that cannot show SEG or RTSTRUCT; it is marked as derived and burned-in.
+its colour. The same drawing, outlines only, makes the burned-in Secondary Capture
+series of :mod:`dicomnode.results.burned_in`.
 """
 
 from __future__ import annotations
@@ -14,22 +14,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dicomnode.logs import fields
-from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import Structure
 from dicomnode.results.source import (
-    MANUFACTURER,
-    SliceGeometry,
     check_source_images,
-    constructor_source,
-    copy_patient_study,
-    new_uid,
     structure_masks,
 )
 
@@ -158,83 +150,3 @@ def render_montage(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(data)
     return data
-
-
-def _orientation_letter(vector: np.ndarray) -> str:
-    letters = (("R", "L"), ("A", "P"), ("F", "H"))
-    axis = int(np.argmax(np.abs(vector)))
-    return letters[axis][int(vector[axis] > 0)]
-
-
-def _patient_orientation(geometry: SliceGeometry) -> tuple[str, str]:
-    return (_orientation_letter(geometry.row_direction),
-            _orientation_letter(geometry.column_direction))
-
-
-def build_secondary_capture(
-    source_images: Sequence[Dataset],
-    masks: np.ndarray | Mapping[str, np.ndarray],
-    structures: Sequence[Structure],
-    algorithm: AlgorithmInfo,
-    *,
-    series_description: str = "AI contours (burned in)",
-    series_number: int = 905,
-    window: tuple[float, float] = SOFT_TISSUE,
-    series_instance_uid: str | None = None,
-) -> list[Dataset]:
-    """Build a Secondary Capture series with the contours burned into every slice.
-
-    Parameters
-    ----------
-    source_images
-        CT slices sorted in the order of the masks' axis 0.
-    masks
-        Label map ``[z, y, x]`` or mapping from structure name to boolean mask.
-    structures
-        Structure table (colours).
-    algorithm
-        The model that produced the masks (Software Versions, Derivation Description).
-    series_description, series_number
-        Of the new series.
-    window
-        CT window ``(centre, width)`` in HU.
-    series_instance_uid
-        UID to use; a new one by default.
-
-    Returns
-    -------
-    list of pydicom.dataset.Dataset
-        One RGB Secondary Capture image per source slice, in source order.
-    """
-    geometry = check_source_images(source_images)
-    pairs = structure_masks(masks, structures, geometry)
-    series_uid = series_instance_uid or new_uid()
-    orientation = _patient_orientation(geometry)
-    images: list[Dataset] = []
-    for z, source in enumerate(source_images):
-        rgb = overlay_slice(hounsfield(source), [(s, m[z]) for s, m in pairs], window,
-                            fill_alpha=0.0)
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=constructor_source(source),  # patient values: copy_patient_study
-            pixel_array=rgb,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=new_uid(),
-            instance_number=z + 1,
-            manufacturer=MANUFACTURER,
-            pixel_spacing=geometry.spacing,  # type: ignore[arg-type]
-            patient_orientation=orientation,
-        )
-        sc.SeriesDescription = series_description
-        sc.ImageType = ["DERIVED", "SECONDARY"]
-        sc.BurnedInAnnotation = "YES"
-        sc.Laterality = ""  # type 2C: unpaired or unknown; dciodvfy asks for it
-        sc.DerivationDescription = f"Contours by {algorithm.describe()}"[:1024]
-        sc.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
-        copy_patient_study(source, sc)
-        images.append(sc)
-    log.info("sc.built", extra=fields(series=series_uid, images=len(images)))
-    return images

@@ -22,8 +22,14 @@ What a viewer needs (OHIF's ``cornerstone-dicom-sr`` extension, read for issue #
   has a 2D SCOORD on a source CT image.
 - It reads the "Image Library" to find the referenced images; some versions fail
   without one, so the images drawn on are listed there.
-- Editing ("rehydration") needs cornerstone's own tracking identifiers; ours are
-  structure names, so OHIF shows the report read-only, drawn on its slices.
+- Loading a report into its measurement panel ("rehydration", without which the
+  panel stays empty and each group is logged as "not rehydratable") needs a tracking
+  identifier in cornerstone's ``<toolkit>:<tool>`` form (``PlanarFreehandROI`` for an
+  outline, ``Length`` for a two-point line; the structure's name follows, so the text
+  still names it), and the group's SCOORD also under its first NUM (INFERRED FROM, as
+  TID 300 allows), whose value the panel shows as the drawing's own figure: so an
+  outline's group opens with the Area of the section drawn, a lesion's with its long
+  axis. The panel's label is the group's Comment (the structure's name).
 
 So nothing without a place goes into a measurement group: structures looked for and
 not found are listed as Absent in TID 1500's report-level "Qualitative Evaluations"
@@ -36,6 +42,7 @@ SCOORD image coordinates count from the top left corner of the first pixel
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +71,12 @@ from dicomnode.results.measure import (
     measure_liver,
     volume_cm3,
 )
+from dicomnode.results.radiomics import (
+    IBSI_SCHEME,
+    IBSI_SCHEME_NAME,
+    IBSI_SCHEME_ORGANIZATION,
+    RadiomicsReport,
+)
 from dicomnode.results.source import (
     MANUFACTURER,
     check_source_images,
@@ -77,12 +90,53 @@ from dicomnode.results.source import (
 log = logging.getLogger(__name__)
 
 CUBIC_CM = CodedConcept("cm3", "UCUM", "cubic centimeter")
+SQUARE_MM = CodedConcept("mm2", "UCUM", "square millimeter")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+#: Cornerstone's toolkit tag: the first part of a tracking identifier OHIF can load.
+CORNERSTONE_TAG = "Cornerstone3DTools@^0.1.0"
+#: The cornerstone tools that draw an outline and a two-point line.
+OUTLINE_TOOL, LINE_TOOL = "PlanarFreehandROI", "Length"
 MILLIMETER = CodedConcept("mm", "UCUM", "millimeter")
 PERCENT = CodedConcept("%", "UCUM", "percent")
 LESIONS = CodedConcept("{lesions}", "UCUM", "lesions")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 #: TID 1500 row 12: the report-level container for evaluations outside any group.
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def tracking_identifier(tool: str, name: str) -> str:
+    """A tracking identifier OHIF loads as a ``tool`` measurement and a reader can read.
+
+    Cornerstone's adapters take ``<toolkit>:<tool>`` and anything after it; the
+    structure's or lesion's name follows so that text renderings still name the group.
+    """
+    return f"{CORNERSTONE_TAG}:{tool}:{name}"
+
+
+def tracked_name(identifier: str) -> str:
+    """The structure or lesion name in a tracking identifier (its last part)."""
+    return identifier.rsplit(":", 1)[-1]
+
+
+def _for_viewers(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, name: str
+                 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """Put the group's SCOORD also under its first NUM, and its name as a Comment.
+
+    Cornerstone's SR adapters read a measurement's coordinates from its first NUM
+    (TID 300 INFERRED FROM) and its label from a Comment; highdicom writes the region
+    only at the group's top level (TID 1410), which OHIF still uses to draw it.
+    """
+    items = group[0].ContentSequence  # a template is a list: its one container
+    scoord = next(item for item in items if item.ValueType == "SCOORD")
+    first_num = next(item for item in items if item.ValueType == "NUM")
+    inferred = copy.deepcopy(scoord)
+    inferred.RelationshipType = "INFERRED FROM"
+    if "ContentSequence" not in first_num:
+        first_num.ContentSequence = DicomSequence()
+    first_num.ContentSequence.append(inferred)
+    items.append(hd.sr.TextContentItem(
+        name=COMMENT, value=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
 
 
 def _sr_algorithm(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
@@ -107,7 +161,7 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
               algorithm: AlgorithmInfo,
               series_description: str, series_number: int,
               series_instance_uid: str | None, sop_instance_uid: str | None,
-              local_codes: bool) -> hd.sr.Comprehensive3DSR:
+              local_codes: bool, ibsi_codes: bool = False) -> hd.sr.Comprehensive3DSR:
     sr = hd.sr.Comprehensive3DSR(
         # patient and study values go in by copy_patient_study, not via highdicom's checks
         evidence=[constructor_source(evidence[0]), *evidence[1:]],
@@ -119,12 +173,21 @@ def _document(source_images: Sequence[Dataset], evidence: Sequence[Dataset],
     )
     sr.SeriesDescription = series_description
     _separate(sr)
+    schemes = []
     if local_codes:
         scheme = Dataset()
         scheme.CodingSchemeDesignator = LOCAL_SCHEME
         scheme.CodingSchemeName = "dicomnode local codes"
         scheme.CodingSchemeResponsibleOrganization = "dicomnode"
-        sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])  # type: ignore[assignment]
+        schemes.append(scheme)
+    if ibsi_codes:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = IBSI_SCHEME
+        scheme.CodingSchemeName = IBSI_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = IBSI_SCHEME_ORGANIZATION
+        schemes.append(scheme)
+    if schemes:
+        sr.CodingSchemeIdentificationSequence = DicomSequence(schemes)  # type: ignore[assignment]
     sr.SoftwareVersions = list(algorithm.software_versions)  # type: ignore[assignment]
     copy_patient_study(source_images[0], sr)
     return sr
@@ -257,14 +320,16 @@ def build_segmentation_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     absent: Sequence[Structure] = (),
+    radiomics: RadiomicsReport | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of per-structure volumes, each drawn on one slice.
 
     Every measurement group is a planar ROI group (TID 1410) whose region a viewer draws:
     a structure's volume comes with the outline of its largest axial section, on that
-    slice. When the table has a ``Liver`` and a lesion structure, the report adds one
-    group per lesion (longest axial diameter drawn as its two-point line on the slice
-    where it was measured, and the lesion's volume), and the tumour structure's group
+    slice, and that section's area. When the table has a ``Liver`` and a lesion
+    structure, the report adds one group per lesion (longest axial diameter drawn as
+    its two-point line on the slice where it was measured, and the lesion's volume),
+    and the tumour structure's group
     carries the lesion count, total tumour burden and tumour-to-liver ratio. Structures
     of ``absent`` (looked for, not found: a resected gland, an organ outside the field)
     and structures of the table with no voxel have nothing to draw: they are listed as
@@ -289,6 +354,12 @@ def build_segmentation_sr(
         UIDs to use; new ones by default.
     absent
         Structures the algorithm looked for and did not find.
+    radiomics
+        IBSI features per group (by tracking identifier: structure name or
+        ``Lesion N``): each becomes a further measurement of that group, coded by its
+        IBSI identifier (scheme ``99IBSI``, named in the Coding Scheme Identification
+        Sequence) with its UCUM unit, and identified as computed by MIRP with the
+        settings (resampling, bin width, aggregation) as algorithm parameters.
 
     Returns
     -------
@@ -328,7 +399,11 @@ def build_segmentation_sr(
 
     groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for structure, box, mask in found:
+        z, outline = largest_section_outline(mask, box, geometry.spacing)
+        section_mm2 = abs(signed_area(outline[:-1])) * geometry.spacing[0] * geometry.spacing[1]
         measurements = [hd.sr.Measurement(
+            name=codes.SCT.Area, value=round(section_mm2, 1), unit=SQUARE_MM,
+            algorithm_id=algorithm_id), hd.sr.Measurement(
             name=codes.SCT.Volume, value=round(volume_cm3(mask, geometry), VOLUME_DECIMALS),
             unit=CUBIC_CM, algorithm_id=algorithm_id,
             referenced_images=[_source_segment(seg, numbers[structure.name])])]
@@ -344,24 +419,24 @@ def build_segmentation_sr(
                                   value=round(liver_stats.tumour_to_liver_percent, 3),
                                   unit=PERCENT, algorithm_id=algorithm_id),
             ]
-        z, outline = largest_section_outline(mask, box, geometry.spacing)
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(),
-                                                         identifier=structure.name),
+        groups.append(_for_viewers(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=new_uid(), identifier=tracking_identifier(OUTLINE_TOOL, structure.name)),
             referenced_region=region(z, outline),
             finding_type=structure.type,
             finding_category=structure.category,
             finding_sites=_finding_sites(structure) or None,
             algorithm_id=algorithm_id,
             measurements=measurements,
-        ))
+        ), structure.name))
     if liver_stats is not None and tumour is not None:
         tumour_segment = _source_segment(seg, numbers[tumour.name])
         for lesion in liver_stats.lesions:
             assert lesion.diameter is not None  # a lesion has at least one voxel
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            name = f"Lesion {lesion.number}"
+            groups.append(_for_viewers(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=new_uid(), identifier=f"Lesion {lesion.number}"),
+                    uid=new_uid(), identifier=tracking_identifier(LINE_TOOL, name)),
                 referenced_region=region(lesion.diameter.slice_index,
                                          np.array(lesion.diameter.ends)),
                 finding_type=tumour.type,
@@ -377,7 +452,7 @@ def build_segmentation_sr(
                                       algorithm_id=algorithm_id,
                                       referenced_images=[tumour_segment]),
                 ],
-            ))
+            ), name))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
@@ -389,10 +464,53 @@ def build_segmentation_sr(
         report[0].ContentSequence.append(_qualitative_evaluations(not_found))
     sr = _document(source_images, [*source_images, seg], report, algorithm,
                    series_description, series_number, series_instance_uid, sop_instance_uid,
-                   local_codes=liver_stats is not None)
+                   local_codes=liver_stats is not None,
+                   ibsi_codes=bool(radiomics and any(radiomics.structures.values())))
+    if radiomics is not None:
+        _add_radiomics(sr, radiomics)
     log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups),
                                       absent=len(not_found)))
     return sr
+
+
+#: UCUM code -> code meaning, for the units of the radiomics features.
+_UCUM_MEANINGS = {"1": "no units", "mm": "millimeter", "mm2": "square millimeter",
+                  "mm3": "cubic millimeter", "/mm": "per millimeter",
+                  "[hnsf'U]": "Hounsfield unit", "[hnsf'U]2": "Hounsfield unit squared",
+                  "[hnsf'U].mm3": "Hounsfield unit cubic millimeter"}
+
+
+def _add_radiomics(sr: Dataset, radiomics: RadiomicsReport) -> None:
+    """Append each group's features to its measurement group of a built report.
+
+    Added after highdicom has built the document: its constructor searches the whole
+    content tree once per referenced item, which for ~130 features a structure took
+    longer than the features themselves (15 s for 500). The items are highdicom's own
+    measurements (TID 300), so the report reads back the same.
+    """
+    (container,) = [item for item in sr.ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for group in container.ContentSequence:
+        names = [str(item.TextValue) for item in group.get("ContentSequence", [])
+                 if item.ValueType == "TEXT"
+                 and item.ConceptNameCodeSequence[0].CodeValue == "112039"]
+        if names:
+            for measurement in _radiomics_measurements(radiomics, tracked_name(names[0])):
+                group.ContentSequence.extend(measurement)
+
+
+def _radiomics_measurements(radiomics: RadiomicsReport | None,
+                            group: str) -> list[hd.sr.Measurement]:
+    """The IBSI features of one group as TID 300 measurements (none when absent)."""
+    if radiomics is None or not radiomics.structures.get(group):
+        return []
+    mirp = hd.sr.AlgorithmIdentification(
+        name="MIRP", version=radiomics.library.split()[-1],
+        parameters=radiomics.parameters.describe())
+    return [hd.sr.Measurement(
+        name=CodedConcept(f.ibsi_id, IBSI_SCHEME, f.meaning), value=f.value,
+        unit=CodedConcept(f.unit, "UCUM", _UCUM_MEANINGS.get(f.unit, f.unit)),
+        algorithm_id=mirp) for f in radiomics.structures[group]]
 
 
 @dataclass(frozen=True)
@@ -448,6 +566,7 @@ def build_ich_sr(
     series_number: int = 903,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    radiomics: RadiomicsReport | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of the six ICH findings.
 
@@ -471,6 +590,10 @@ def build_ich_sr(
         Of the new SR series.
     series_instance_uid, sop_instance_uid
         UIDs to use; new ones by default.
+    radiomics
+        IBSI features of the segmented haemorrhage (group
+        ``Hemorrhage_Intracranial``), as further measurements of the first group of the
+        ``any`` finding (coded as in :func:`build_segmentation_sr`).
 
     Returns
     -------
@@ -516,7 +639,9 @@ def build_ich_sr(
                         unit=NO_UNITS, algorithm_id=algorithm_id,
                         referenced_images=[hd.sr.SourceImageForMeasurement(
                             source_images[z].SOPClassUID, source_images[z].SOPInstanceUID)])]
-                        if z in per_slice else [])] or None,
+                        if z in per_slice else []),
+                    *(_radiomics_measurements(radiomics, "Hemorrhage_Intracranial")
+                      if result.key == "any" and not n else [])] or None,
                 qualitative_evaluations=[decision],
             ))
     report = hd.sr.MeasurementReport(
@@ -527,7 +652,9 @@ def build_ich_sr(
         referenced_images=[source_images[z] for z in sorted(shown)],
     )
     sr = _document(source_images, source_images, report, algorithm, series_description,
-                   series_number, series_instance_uid, sop_instance_uid, local_codes=True)
+                   series_number, series_instance_uid, sop_instance_uid, local_codes=True,
+                   ibsi_codes=bool(radiomics and radiomics.structures.get(
+                       "Hemorrhage_Intracranial")) and "any" in keys)
     log.info("sr.built", extra=fields(sop=str(sr.SOPInstanceUID), groups=len(groups)))
     return sr
 

@@ -71,6 +71,7 @@ class JobState(enum.StrEnum):
     NO_RESULT = "no_result"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
 
 
 class DeliveryState(enum.StrEnum):

@@ -8,15 +8,32 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicomnode.store.db import Database
-from dicomnode.store.models import AuditEvent, Delivery, Job, JobState, Series, Study
+from dicomnode.store.models import (
+    AuditEvent,
+    Delivery,
+    Job,
+    JobState,
+    Notification,
+    Series,
+    Study,
+)
 
 
 def _ts(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _shown_target(url: str) -> str:
+    """A webhook without credentials or query string (they may carry a token)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
 def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
-    """Studies, jobs and deliveries with their states, newest first.
+    """Studies, jobs, deliveries and urgent notifications with their states, newest first.
 
     Parameters
     ----------
@@ -70,6 +87,13 @@ def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
             "next_attempt_at": _ts(d.next_attempt_at), "sent_at": _ts(d.sent_at),
         } for d in session.execute(
             select(Delivery).order_by(Delivery.id.desc()).limit(limit)).scalars()]
+        notifications = [{
+            "id": n.id, "study_uid": n.study_uid, "job": n.job_pk, "channel": n.channel,
+            "target": _shown_target(n.target), "state": n.state, "attempts": n.attempts,
+            "last_error": n.last_error, "created_at": _ts(n.created_at),
+            "next_attempt_at": _ts(n.next_attempt_at), "sent_at": _ts(n.sent_at),
+        } for n in session.execute(
+            select(Notification).order_by(Notification.id.desc()).limit(limit)).scalars()]
         checked = session.execute(
             select(AuditEvent).where(AuditEvent.event == "pipelines.checked")
             .order_by(AuditEvent.id.desc()).limit(1)).scalar_one_or_none()
@@ -86,7 +110,10 @@ def node_status(db: Database, limit: int = 100) -> dict[str, Any]:
             "studies": session.execute(select(func.count(Study.id))).scalar_one(),
             "jobs": session.execute(select(func.count(Job.id))).scalar_one(),
             "deliveries": session.execute(select(func.count(Delivery.id))).scalar_one(),
+            "notifications": session.execute(
+                select(func.count(Notification.id))).scalar_one(),
         }
     return {"totals": totals, "pipelines": pipelines,
             "queue": [{"priority": p, **queue[p]} for p in sorted(queue, reverse=True)],
-            "studies": studies, "jobs": jobs, "deliveries": deliveries}
+            "studies": studies, "jobs": jobs, "deliveries": deliveries,
+            "notifications": notifications}

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import CompletionSettings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, Instance, Job, Series, Study, StudyState, utcnow
 
@@ -114,13 +115,17 @@ class CompletionMonitor:
         Which triggers are on and their parameters.
     on_complete : callable, optional
         Called with the study UID after each completion is committed.
+    metrics : NodeMetrics, optional
+        Where completions are counted by trigger (default: a registry of its own).
     """
 
     def __init__(self, db: Database, settings: CompletionSettings,
-                 on_complete: Callable[[str], object] | None = None) -> None:
+                 on_complete: Callable[[str], object] | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.db = db
         self.settings = settings
         self.on_complete = on_complete
+        self.metrics = metrics or NodeMetrics()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -213,6 +218,7 @@ class CompletionMonitor:
                         "instances": study.instance_count},
             ))
             version, count = study.version, study.instance_count
+        self.metrics.studies_completed.labels(trigger).inc()
         log.info("study.complete", extra=fields(
             study=study_uid, trigger=trigger, version=version, instances=count))
         if self.on_complete is not None:

@@ -28,8 +28,10 @@ from dicomnode.imaging.morphology import bounding_box
 from dicomnode.logs import configure_logging, fields, logging_config, quiet_info
 from dicomnode.pipelines.base import PipelineResult, ResultObject
 from dicomnode.results.algorithm import AlgorithmInfo
+from dicomnode.results.burned_in import NOT_FOR_DIAGNOSIS, build_burned_in_series
 from dicomnode.results.codes import CATALOGUE, table_from_labels
 from dicomnode.results.kos import build_kos
+from dicomnode.results.radiomics import RadiomicsReport
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.seg import build_seg, seg_reference
 from dicomnode.results.source import new_uid, write
@@ -58,7 +60,8 @@ def _describe(pipeline: str, what: str, version: int) -> str:
 
 def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                          emits: tuple[ResultObject, ...], *, version: int = 1,
-                         seg_writer: SegWriter | None = None) -> list[Path]:
+                         seg_writer: SegWriter | None = None,
+                         burned_in_series: bool = False) -> list[Path]:
     """Write the result objects of one pipeline run.
 
     Parameters
@@ -78,6 +81,9 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
         A started helper process: the SEG is written there while this thread writes the
         RTSTRUCT and the SR (the same objects; without it, or when it fails, all three
         are written here).
+    burned_in_series : bool
+        Also write, for a label map, the Secondary Capture series with the contours
+        burned in (``results.burned_in_series``), after the other objects.
 
     Returns
     -------
@@ -127,10 +133,13 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
         if ResultObject.SR in emits and not result.probabilities:
             absent = [CATALOGUE[n] for n in result.measurements.get("absent", ())
                       if n in CATALOGUE]
+            features = result.measurements.get("radiomics")
             sr = build_segmentation_sr(images, seg, labels, table, algorithm,
                                        series_description=_describe(name, "measurements",
                                                                     version),
-                                       absent=absent)
+                                       absent=absent,
+                                       radiomics=(RadiomicsReport.from_dict(features)
+                                                  if features else None))
             files.append(write(sr, out_dir / "sr.dcm"))
         if pending is not None:
             try:
@@ -142,6 +151,13 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
                 assert seg_writer is not None
                 seg_writer.restart()
                 write(seg_here(), seg_file)
+        if burned_in_series and labels.any():
+            series = build_burned_in_series(
+                images, labels, table, algorithm,
+                series_description=_describe(name, f"overlay, {NOT_FOR_DIAGNOSIS}", version),
+                hu=volume.hu)
+            files += [write(sc, out_dir / f"burned-in-{k:04d}.dcm")
+                      for k, sc in enumerate(series, start=1)]
     if result.probabilities:
         per_slice = result.measurements.get("slice_probabilities", {})
         findings = []
@@ -156,9 +172,11 @@ def write_result_objects(result: PipelineResult, volume: Any, out_dir: Path,
             # the conclusion in the series list: a negative study shows it was analysed
             conclusion = ("haemorrhage suspected" if result.decisions.get("any")
                           else "no haemorrhage detected")
+            features = result.measurements.get("radiomics")
             sr = build_ich_sr(images, findings, algorithm,
                               series_description=_describe(name, f"report: {conclusion}",
-                                                           version))
+                                                           version),
+                              radiomics=RadiomicsReport.from_dict(features) if features else None)
             files.append(write(sr, out_dir / "sr.dcm"))
         if ResultObject.KOS in emits and result.flagged_slices:
             kos = build_kos(images, result.flagged_slices, algorithm,

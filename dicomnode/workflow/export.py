@@ -8,7 +8,6 @@ C-STORE and records the outcome. A failed attempt is retried after
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import PeerTls, Settings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, Delivery, DeliveryState, utcnow
@@ -125,12 +125,16 @@ class Outbox:
     sender : callable, optional
         Replaces ``net.scu.send_files`` (keyword arguments as there; ``tls`` only for a
         TLS destination).
+    metrics : NodeMetrics, optional
+        Where attempts and failures are counted (default: a registry of its own).
     """
 
-    def __init__(self, db: Database, settings: Settings, sender: Sender | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings, sender: Sender | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.db = db
         self.settings = settings
         self.sender = sender or send_files
+        self.metrics = metrics or NodeMetrics()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,26 +143,33 @@ class Outbox:
                 job_pk: int | None = None, session: Session | None = None) -> int:
         """Queue ``files`` for ``target``; returns the delivery id.
 
-        With ``session`` the row is added to that open transaction (a job's result and
-        its deliveries commit together), else to a transaction of its own.
+        With ``session`` the row is added to the caller's transaction (the job that made
+        the files commits it with its own state, so a crash cannot leave results queued
+        for a job that will run again); the caller calls :meth:`wake` after its commit.
         """
         if not files:
             raise ValueError("Invalid 'files' value '[]' - nothing to deliver")
-        with contextlib.ExitStack() as stack:
-            if session is None:
-                session = stack.enter_context(self.db.transaction())
-            delivery = Delivery(
-                job_pk=job_pk, study_uid=study_uid, destination_ae=target.ae_title,
-                host=target.host, port=target.port, files=[str(f) for f in files],
-                state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow(),
-            )
+        delivery = Delivery(
+            job_pk=job_pk, study_uid=study_uid, destination_ae=target.ae_title,
+            host=target.host, port=target.port, files=[str(f) for f in files],
+            state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow(),
+        )
+        if session is not None:
             session.add(delivery)
             session.flush()
-            delivery_id = delivery.id
-        log.info("export.queued", extra=fields(delivery=delivery_id, peer=target.ae_title,
+        else:
+            with self.db.transaction() as own:
+                own.add(delivery)
+                own.flush()
+        log.info("export.queued", extra=fields(delivery=delivery.id, peer=target.ae_title,
                                                files=len(files), why=target.why))
+        if session is None:
+            self.wake()
+        return delivery.id
+
+    def wake(self) -> None:
+        """Look for due deliveries now."""
         self._wake.set()
-        return delivery_id
 
     def _claim(self) -> Delivery | None:
         with self.db.transaction() as session:
@@ -235,6 +246,9 @@ class Outbox:
                 detail={"delivery": row.id, "attempts": row.attempts, "error": error},
             ))
             attempts = row.attempts
+        self.metrics.delivery_attempts.labels(event.removeprefix("delivery.")).inc()
+        if error is not None:
+            self.metrics.delivery_failures.inc()
         level = logging.INFO if error is None else logging.WARNING
         log.log(level, event, extra=fields(delivery=delivery.id, peer=delivery.destination_ae,
                                            attempts=attempts, error=error or ""))

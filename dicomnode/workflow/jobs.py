@@ -48,6 +48,7 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.logs import fields
+from dicomnode.metrics import NodeMetrics
 from dicomnode.pipelines.base import (
     PipelineContext,
     PipelineUnavailableError,
@@ -59,6 +60,7 @@ from dicomnode.store.files import job_files
 from dicomnode.store.models import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
 from dicomnode.workflow.completion import ROUTING_PRIORITY, study_instances
 from dicomnode.workflow.export import Outbox, resolve_targets
+from dicomnode.workflow.notify import Notifier, notifications_for, record_queued
 from dicomnode.workflow.routing import RoutingRules, load_rules, route_study
 
 if TYPE_CHECKING:  # highdicom is imported off the start path
@@ -81,6 +83,27 @@ def _take(job: Job, worker: str) -> dict[str, Any]:
     return {"id": job.id, "study_uid": study.study_uid, "version": job.study_version,
             "calling_aet": study.calling_aet, "pipeline": job.pipeline,
             "priority": job.priority, "routing": job.routing or {}, "attempt": job.attempts}
+
+
+def lower_thread_priority(increment: int) -> int | None:
+    """Make the calling thread ``increment`` nice levels nicer; returns its new level.
+
+    Linux keeps a nice level per thread, and threads inherit it from the thread that
+    starts them: torch's OpenMP pool, started by the job worker on its first network
+    call, runs at the worker's level. The listener's threads keep theirs, so receiving
+    goes first when the models and the senders want the same cores. None where the
+    platform has no per-thread priority or refuses.
+    """
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        level = min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+        os.setpriority(os.PRIO_PROCESS, tid, level)
+    except OSError as exc:
+        log.warning("jobs.nice_failed", extra=fields(error=str(exc)))
+        return None
+    return level
 
 
 def priority_name(value: int) -> str:
@@ -147,7 +170,8 @@ class StudyRun:
 def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                  seg_writer: SegWriter | None = None,
                  no_result_report: bool = False,
-                 context: PipelineContext | None = None) -> StudyRun:
+                 context: PipelineContext | None = None,
+                 radiomics: Any = None, burned_in_series: bool = False) -> StudyRun:
     """Run one pipeline on a loaded volume and write its result objects.
 
     Parameters
@@ -167,6 +191,11 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
         the run's result file).
     context : PipelineContext, optional
         The node's models folder and device (default: from the environment).
+    radiomics : dicomnode.results.radiomics.RadiomicsParameters, optional
+        When given, the IBSI features of each segmented structure are computed and
+        reported (``measurements["radiomics"]`` of the result, and in its SR).
+    burned_in_series : bool
+        Also write the burned-in Secondary Capture series (``results.burned_in_series``).
 
     Returns
     -------
@@ -187,6 +216,14 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
     result = pipeline.run(volume)
     timings["inference"] = round(time.perf_counter() - started, 3)
     timings.update({f"pipeline.{k}": v for k, v in result.timings.items()})
+    if radiomics is not None and result.ok and result.label_map is not None:
+        from dicomnode.results.radiomics import compute_radiomics
+
+        started = time.perf_counter()
+        result.measurements["radiomics"] = compute_radiomics(
+            volume.hu, result.label_map, result.structures, volume.spacing,
+            radiomics).to_dict()
+        timings["radiomics"] = round(time.perf_counter() - started, 3)
     summary = {"result": result.summary()}
     if not result.ok:
         files = []
@@ -198,7 +235,7 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
                         result_files=files, timings=timings, summary=summary)
     started = time.perf_counter()
     files = write_result_objects(result, volume, out_dir, pipeline.emits, version=version,
-                                 seg_writer=seg_writer)
+                                 seg_writer=seg_writer, burned_in_series=burned_in_series)
     timings["encode"] = round(time.perf_counter() - started, 3)
     return StudyRun(JobState.DONE, pipeline=name, result_files=files, timings=timings,
                     summary=summary)
@@ -206,7 +243,8 @@ def run_pipeline(name: str, volume: Any, out_dir: Path, *, version: int = 1,
 
 def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
                   pipeline: str | None = None, rules: RoutingRules | None = None,
-                  context: PipelineContext | None = None) -> StudyRun:
+                  context: PipelineContext | None = None,
+                  radiomics: Any = None) -> StudyRun:
     """Route a study and run every routed pipeline, writing results to ``out_dir``.
 
     Parameters
@@ -223,6 +261,8 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         Routing rules; default the embedded ones.
     context : PipelineContext, optional
         Models folder and device (default: from the environment).
+    radiomics : dicomnode.config.RadiomicsSettings, optional
+        Which pipelines' structures get IBSI features, and how (default: none).
 
     Returns
     -------
@@ -253,7 +293,8 @@ def process_study(files: Sequence[Path], out_dir: Path, calling_aet: str = "",
         if action is not None and action.series_instance_uid != decision.series_instance_uid:
             info = next(i for i in infos if i.series_instance_uid == action.series_instance_uid)
             volume = load_series(info.paths or info.headers)
-        run = run_pipeline(name, volume, out_dir / name, context=context)
+        run = run_pipeline(name, volume, out_dir / name, context=context,
+                           radiomics=radiomics.for_pipeline(name) if radiomics else None)
         runs.append(run)
         timings.update({f"{name}.{k}": v for k, v in run.timings.items()})
     done = [r for r in runs if r.state == JobState.DONE]
@@ -280,12 +321,21 @@ class JobRunner:
         Spool location, worker count, routing rules, export targets.
     outbox : Outbox
         Where results are queued.
+    notifier : Notifier, optional
+        Woken when a job queued urgent notifications (rows are queued without it, and
+        a notifier in another process finds them).
+    metrics : NodeMetrics, optional
+        Where job states and stage latencies are recorded (default: a registry of its own).
     """
 
-    def __init__(self, db: Database, settings: Settings, outbox: Outbox) -> None:
+    def __init__(self, db: Database, settings: Settings, outbox: Outbox,
+                 notifier: Notifier | None = None, metrics: NodeMetrics | None = None,
+                 ) -> None:
         self.db = db
         self.settings = settings
         self.outbox = outbox
+        self.notifier = notifier
+        self.metrics = metrics or NodeMetrics()
         self.rules = load_rules(settings.routing_rules)
         #: The models folder and device the node's settings give its pipelines.
         self.context = PipelineContext.from_settings(settings)
@@ -536,7 +586,9 @@ class JobRunner:
         run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                            seg_writer=self.seg_writer,
                            no_result_report=self.settings.no_result_report,
-                           context=self.context)
+                           context=self.context,
+                           radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]),
+                           burned_in_series=self.settings.results.burned_in_series)
         if (run.state == JobState.NO_RESULT and run.reason.startswith(_SHORT_OF_MEMORY)
                 and self._shared(started_before)):
             log.info("job.retry_alone", extra=fields(job=job["id"], reason=run.reason))
@@ -544,10 +596,16 @@ class JobRunner:
             run = run_pipeline(job["pipeline"], volume, out_dir, version=job["version"],
                                seg_writer=self.seg_writer,
                                no_result_report=self.settings.no_result_report,
-                               context=self.context)
+                               context=self.context,
+                               radiomics=self.settings.radiomics.for_pipeline(job["pipeline"]),
+                               burned_in_series=self.settings.results.burned_in_series)
         run.result_files = self.files.publish_results(run.result_files)
         run.timings = {"load_series": load_s, **run.timings}
         run.summary = {**(run.summary or {}), "volume": source}
+        flagged = (run.summary.get("result") or {}).get("flagged_slices") or []
+        if flagged:  # the key images by UID, for the urgent notification
+            run.summary["flagged_sop_instance_uids"] = [
+                str(volume.sop_instance_uids[i]) for i in flagged]
         run.routing = job["routing"]
         return run
 
@@ -583,10 +641,32 @@ class JobRunner:
                           "superseded_by_version":
                           study.version if study.version != job["version"] else None}
             row.finished_at = utcnow()
+            seconds = ((row.finished_at - row.started_at).total_seconds()
+                       if row.started_at is not None else None)
             session.add(AuditEvent(event=f"job.{run.state.value}", study_uid=job["study_uid"],
                                    calling_aet=job["calling_aet"],
                                    detail={"job": job["id"], "pipeline": run.pipeline,
                                            "reason": run.reason}))
+            # the urgent alarm is recorded with the result it reports (sent by the notifier)
+            notifications = [] if run.state != JobState.DONE else notifications_for(
+                self.settings, study_uid=job["study_uid"], study_version=job["version"],
+                accession_number=study.accession_number, calling_aet=job["calling_aet"],
+                pipeline=run.pipeline, priority=priority_name(job["priority"]),
+                urgent=job["priority"] >= PRIORITY["urgent"], job_id=job["id"],
+                summary=run.summary, result_files=run.result_files,
+                series_instance_uid=str(run.routing.get("action", {}).get(
+                    "series_instance_uid") or ""))
+            if notifications:
+                session.add_all(notifications)
+                session.flush()
+                record_queued(session, notifications)
+                row.result = {**row.result, "notifications": [n.id for n in notifications]}
+        if deliveries:
+            self.outbox.wake()
+        if notifications and self.notifier is not None:
+            self.notifier.wake()
+        self.metrics.job_finished(run.pipeline if job["pipeline"] else None, run.state.value,
+                                  run.timings, seconds)
         log.info("job.finished", extra=fields(job=job["id"], state=run.state.value,
                                               pipeline=run.pipeline or "routing",
                                               reason=run.reason, deliveries=len(deliveries)))
@@ -763,6 +843,7 @@ class JobRunner:
 
     def _run(self, name: str, warm: threading.Event, wake: threading.Event,
              min_priority: int | None) -> None:
+        lower_thread_priority(self.settings.job_nice)
         try:
             if self.settings.warm_up:
                 self._warm_pipelines()

@@ -14,6 +14,7 @@ from dicomnode.imaging.selection import (
     kernel_class,
     select_series,
 )
+from tests.factories import ct_slice
 from tests.imaging.conftest import STUDY_UID, anatomy, write_series
 
 
@@ -156,3 +157,20 @@ def test_preferences_validation() -> None:
     with pytest.raises(ValueError, match="'paths'"):
         describe_study([Path("/nonexistent/study")])
 
+
+
+def test_a_series_number_that_is_not_a_number_does_not_stop_the_description(
+        tmp_path: Path) -> None:
+    # A mutated SeriesNumber ("\x19", seen in the fuzz campaign) crashed the routing job.
+    ds = ct_slice(generate_uid(), generate_uid(), 0.0, 0)
+    ds.SeriesNumber = 12
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    element = b"\x20\x00\x11\x00IS\x02\x0012"
+    assert element in raw
+    path.write_bytes(raw.replace(element, b"\x20\x00\x11\x00IS\x02\x00\x19 "))
+    with pytest.warns(UserWarning):
+        (info,) = describe_study([path])
+    assert info.series_number is None
+    assert info.series_instance_uid == ds.SeriesInstanceUID

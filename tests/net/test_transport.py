@@ -318,6 +318,21 @@ def test_malformed_p_data_ends_the_association_with_an_a_abort(
     assoc.release()
 
 
+def test_a_store_whose_command_names_a_garbled_sop_class_leaves_no_file_behind(
+        node: Node) -> None:
+    # Found by the fuzz campaign: pynetdicom drops such a message after its data set is in
+    # a file and before any handler sees it; the file stayed in spool/tmp for good.
+    garbled = command((0x0002, b"1.2.840.10008.5.1.4.\x07.1.2\x00"), (0x0100, us(0x0001)),
+                      (0x0110, us(1)), (0x0700, us(0)), (0x0800, us(0)),
+                      (0x1000, b"1.2.3.4.5\x00"))
+    sock = raw_association(node)
+    sock.sendall(p_data(1, 3, garbled) + p_data(1, 2, b"\x08\x00\x18\x00UI\x02\x001\x00"))
+    read_until_closed(sock, 3)
+    sock.close()
+    assert wait_for(lambda: idle(node))
+    assert wait_for(lambda: not list(node.spool.tmp_dir.iterdir()))
+
+
 def test_an_event_the_state_machine_does_not_expect_aborts_the_association(
         node: Node, thread_errors: list[str]) -> None:
     sock = raw_association(node)

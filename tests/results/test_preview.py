@@ -1,4 +1,4 @@
-"""Tests for dicomnode.results.preview: PNG montage and burned-in Secondary Capture."""
+"""Tests for dicomnode.results.preview: the PNG montage and the slice drawing."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 
-from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import HEADNECK
-from dicomnode.results.preview import build_secondary_capture, choose_slices, render_montage
-from dicomnode.results.source import check_source_images, structure_masks, write
-from tests.results.conftest import CtSeries, assert_awkward_values_kept, dciodvfy_errors
+from dicomnode.results.preview import choose_slices, render_montage
+from dicomnode.results.source import check_source_images, structure_masks
+from tests.results.conftest import CtSeries
 
 
 def test_montage_is_a_png_with_structure_colours(axial: CtSeries, tmp_path: Path) -> None:
@@ -35,25 +33,3 @@ def test_chosen_slices_have_tissue(axial: CtSeries) -> None:
     assert all(axial.labels[z].any() for z in chosen)
     with pytest.raises(ValueError, match="'count'"):
         choose_slices(pairs, 0)
-
-
-def test_secondary_capture_series(oblique: CtSeries, algorithm: AlgorithmInfo,
-                                  tmp_path: Path) -> None:
-    images = build_secondary_capture(oblique.images, oblique.labels, HEADNECK, algorithm)
-    assert len(images) == len(oblique.images)
-    assert len({im.SeriesInstanceUID for im in images}) == 1
-    middle = images[len(images) // 2]
-    path = write(middle, tmp_path / "sc.dcm")
-    assert dciodvfy_errors(path) == []
-    assert middle.BurnedInAnnotation == "YES"
-    assert middle.PatientID == oblique.images[0].PatientID
-    assert middle.StudyInstanceUID == oblique.images[0].StudyInstanceUID
-    assert middle.pixel_array.shape == (96, 96, 3)
-
-
-def test_secondary_capture_carries_a_multi_valued_patient_name_as_sent(
-        awkward: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
-    images = build_secondary_capture(awkward.images[:2], awkward.labels[:2], HEADNECK,
-                                     algorithm)
-    for i, sc in enumerate(images):
-        assert_awkward_values_kept(pydicom.dcmread(write(sc, tmp_path / f"sc{i}.dcm")))

@@ -29,6 +29,7 @@ from dicomnode.results.sr import (
     build_ich_sr,
     build_no_result_sr,
     build_segmentation_sr,
+    tracked_name,
 )
 from tests.results.conftest import CtSeries, assert_awkward_values_kept, dciodvfy_errors
 
@@ -71,7 +72,7 @@ def _tracking(group: Dataset) -> tuple[str, str]:
                 if i.ConceptNameCodeSequence[0].CodeValue == "112039")
     uid = next(i.UID for i in group.ContentSequence
                if i.ConceptNameCodeSequence[0].CodeValue == "112040")
-    return str(text), str(uid)
+    return tracked_name(str(text)), str(uid)
 
 
 def _rows_cols(scoord: Dataset) -> np.ndarray:
@@ -124,7 +125,7 @@ def test_headneck_volumes_are_drawn_on_their_largest_section(
     assert_every_group_is_drawn_on_the_source_series(back, any_series.images)
     present = [s for s in HEADNECK if (any_series.labels == s.label).any()]
     groups = _report(back).get_planar_roi_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == [s.name for s in present]
+    assert [tracked_name(g.tracking_identifier) for g in groups] == [s.name for s in present]
     geometry = check_source_images(any_series.images)
     index = {str(im.SOPInstanceUID): k for k, im in enumerate(any_series.images)}
     for structure, group, raw in zip(present, groups, _groups(back), strict=True):
@@ -193,7 +194,7 @@ def test_liver_report_lesions_burden_ratio(axial: CtSeries, algorithm: Algorithm
     back = hd.sr.srread(path)
     assert_every_group_is_drawn_on_the_source_series(back, axial.images)
     groups = _report(back).get_planar_roi_measurement_groups()
-    by_id = {g.tracking_identifier: g for g in groups}
+    by_id = {tracked_name(g.tracking_identifier): g for g in groups}
     assert list(by_id) == ["Liver", "Lesion_Liver", "Lesion 1", "Lesion 2", "Lesion 3"]
     tumour = by_id["Lesion_Liver"]
     assert tumour.get_measurements(name=codes.SCT.NumberOfLesions)[0].value == 3
@@ -264,7 +265,7 @@ def test_sr_and_pipeline_json_give_the_same_lesion_figures(
     seg = build_seg(volume.datasets, labels, ABDOMEN, algorithm)
     sr = write(build_segmentation_sr(volume.datasets, seg, labels, ABDOMEN, algorithm),
                tmp_path / "sr.dcm")
-    groups = {g.tracking_identifier: g
+    groups = {tracked_name(g.tracking_identifier): g
               for g in _report(hd.sr.srread(sr)).get_planar_roi_measurement_groups()}
     assert len(report["lesions"]) == 3
     for lesion in report["lesions"]:
@@ -384,3 +385,40 @@ def test_ich_and_no_result_reports_carry_a_multi_valued_patient_name_as_sent(
     none = build_no_result_sr(awkward.images, "AI liver", "No liver was found.", algorithm)
     for name, sr in (("ich", ich), ("none", none)):
         assert_awkward_values_kept(pydicom.dcmread(write(sr, tmp_path / f"{name}.dcm")))
+
+
+def test_every_group_carries_what_ohif_needs_to_list_and_draw_it(
+        axial: CtSeries, algorithm: AlgorithmInfo, tmp_path: Path) -> None:
+    """OHIF's SR loader: a cornerstone tracking identifier naming the tool (outline or
+    line) and the structure, the group's SCOORD also under its first NUM, whose value
+    is the drawing's own figure (area of the outline, length of the line), and the
+    structure's name as the group's Comment (the panel's label)."""
+    labels = _abdomen_labels(axial)
+    seg = build_seg(axial.images, labels, ABDOMEN, algorithm)
+    path = write(build_segmentation_sr(axial.images, seg, labels, ABDOMEN, algorithm),
+                 tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    spacing = [float(v) for v in axial.images[0].PixelSpacing]
+    for group in _groups(pydicom.dcmread(path)):
+        text = next(str(i.TextValue) for i in group.ContentSequence
+                    if i.ConceptNameCodeSequence[0].CodeValue == "112039")
+        name = tracked_name(text)
+        scoord = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+        first = next(i for i in group.ContentSequence if i.ValueType == "NUM")
+        (inferred,) = [i for i in first.ContentSequence if i.ValueType == "SCOORD"]
+        assert inferred.RelationshipType == "INFERRED FROM"
+        assert list(inferred.GraphicData) == list(scoord.GraphicData)
+        comment = [str(i.TextValue) for i in group.ContentSequence
+                   if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        assert comment == [name]
+        xy = np.asarray(scoord.GraphicData, float).reshape(-1, 2) * [spacing[1], spacing[0]]
+        value = float(first.MeasuredValueSequence[0].NumericValue)
+        if len(xy) == 2:
+            assert text == f"Cornerstone3DTools@^0.1.0:Length:{name}"
+            assert value == pytest.approx(float(np.linalg.norm(xy[1] - xy[0])), abs=0.05)
+        else:
+            assert text == f"Cornerstone3DTools@^0.1.0:PlanarFreehandROI:{name}"
+            x, y = xy[:, 0], xy[:, 1]
+            area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
+            assert first.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+            assert value == pytest.approx(area, abs=0.05)

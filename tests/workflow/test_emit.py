@@ -225,3 +225,22 @@ def test_a_haemorrhage_result_with_blood_gives_its_seg_the_report_sr_and_key_ima
     assert "Probability" in str(sr)
     seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
     assert seg.SegmentSequence[0].SegmentLabel == "Hemorrhage_Intracranial"
+
+
+def test_with_burned_in_series_each_slice_with_a_structure_follows_the_sr_as_an_sc_image(
+        liver_result: tuple[PipelineResult, Volume], tmp_path: Path) -> None:
+    from tests.results.conftest import dciodvfy_errors
+
+    result, volume = liver_result
+    emits = (ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR)
+    plain = write_result_objects(result, volume, tmp_path / "plain", emits)
+    assert [p.name for p in plain] == ["seg.dcm", "rtstruct.dcm", "sr.dcm"]  # off by default
+    files = write_result_objects(result, volume, tmp_path / "out", emits,
+                                 burned_in_series=True)
+    assert [p.name for p in files[:3]] == ["seg.dcm", "rtstruct.dcm", "sr.dcm"]
+    burned = [pydicom.dcmread(p) for p in files[3:]]
+    assert len(burned) == 20  # slices 10 to 29 hold the liver
+    assert {ds.SOPClassUID for ds in burned} == {"1.2.840.10008.5.1.4.1.1.7"}
+    assert {ds.SeriesDescription for ds in burned} == {"AI liver overlay, not for diagnosis"}
+    assert {ds.StudyInstanceUID for ds in burned} == {volume.study_instance_uid}
+    assert dciodvfy_errors(files[3]) == [] and dciodvfy_errors(files[-1]) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import subprocess
 import threading
 import time
@@ -120,6 +121,46 @@ def test_no_result_is_reported_to_the_sender_when_the_site_wants_it(
     assert report.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
     text = report.ContentSequence[-1].ContentSequence[0].TextValue
     assert text.startswith("AI liver: no result. No liver found")
+
+
+def test_results_are_queued_only_in_the_transaction_that_ends_their_job(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by the fault campaign: deliveries were committed before the job's own state,
+    # so a node killed between the two ran the job again after its restart and sent a
+    # second set of results for the same study version. Here the job's commit fails
+    # after its deliveries were queued: nothing may be left queued.
+    monkeypatch.setattr(liver_tumor, "MIN_LIVER_ML", 1e9)   # quick: "no result" + its SR
+    phantom = make_phantom("abdomen", seed=7, matrix=128, spacing=(2.5, 3.2, 3.2))
+    files = [f for f in write_phantom(phantom, tmp_path / "ct") if f.suffix == ".dcm"]
+    settings.peers = {"PACS": Peer(host="127.0.0.1", port=9)}
+    settings.no_result_report = True
+    settings.workers = 0        # the test runs the jobs itself
+    real_audit = jobs.AuditEvent
+
+    def audit(**values: Any) -> Any:
+        if values.get("event") == "job.no_result":
+            raise RuntimeError("the node died before the job's commit")
+        return real_audit(**values)
+
+    monkeypatch.setattr(jobs, "AuditEvent", audit)
+    node = Node(settings)
+    node.start()
+    try:
+        sent = subprocess.run(["storescu", "-aet", "PACS", "-aec", settings.ae_title,
+                               "127.0.0.1", str(node.scp.port), *map(str, files)],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 120
+        with pytest.raises(RuntimeError, match="died before"):
+            while time.monotonic() < deadline:
+                if not node.runner.run_one():
+                    time.sleep(0.2)
+        status = node_status(node.db)
+    finally:
+        node.stop()
+    assert status["deliveries"] == []
+    (liver,) = [j for j in status["jobs"] if j["pipeline"] == "liver_tumor"]
+    assert liver["state"] == "running"       # run again after a restart, as if killed
 
 
 # --- urgent work: ahead of the queue, and beside running jobs ---------------------------
@@ -249,6 +290,11 @@ def test_an_urgent_study_starts_at_once_while_every_normal_worker_runs_a_long_jo
     normal = [r for r in rows if r["pipeline"] == LONG_JOB]
     assert not [r for r in normal if "-urgent-" in r["worker"]]
     assert max(r["started_at"] for r in normal) > urgent["started_at"]
+    # the urgent study finished before either job that was running when it arrived
+    urgent_done = next(r for r in rows if r["id"] == urgent["id"])["finished_at"]
+    running_then = [r for r in normal if r["started_at"] < urgent["started_at"]]
+    assert len(running_then) == 2
+    assert all(r["finished_at"] > urgent_done for r in running_then)
 
 
 def test_an_urgent_study_takes_the_next_free_worker_ahead_of_five_queued_studies(
@@ -331,3 +377,57 @@ def test_an_urgent_job_short_of_memory_beside_a_running_job_runs_again_once_alon
         node.stop()
     assert len(urgent.runs) == 2 and urgent.runs[1] >= released
     assert [r["reason"] for r in rows if r["pipeline"] == urgent.name] == ["ran alone"]
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def test_job_workers_run_nicer_than_the_listener(settings: Settings,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Receiving must keep priority over the models on a busy CPU.
+    levels: list[int] = []
+
+    class _Pipeline(_RecordingPipeline):
+        def warm_up(self) -> None:
+            levels.append(_nice(threading.get_native_id()))
+
+    monkeypatch.setattr(jobs, "availability", lambda context=None: {"recording": "ok"})
+    monkeypatch.setattr(jobs, "get_pipeline", lambda name, context=None: _Pipeline())
+    settings.warm_up, settings.job_nice = True, 7
+    node = Node(settings)
+    node.start()
+    try:
+        assert node.runner.warmed.wait(60)
+    finally:
+        node.stop()
+    here = _nice(threading.get_native_id())
+    assert levels and set(levels) == {min(19, here + 7)}
+
+
+def test_the_threads_torch_starts_for_a_nicer_worker_are_as_nice() -> None:
+    import torch
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("torch starts no pool on one core")
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        before = set(os.listdir("/proc/self/task"))
+        seen["level"] = jobs.lower_thread_priority(5)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            a = torch.rand(512, 512)
+            for _ in range(5):
+                a = a @ a / 512
+            seen["levels"] = {_nice(int(t)) for t in set(os.listdir("/proc/self/task")) - before}
+        finally:
+            torch.set_num_threads(previous)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert seen["level"] is not None
+    assert seen["levels"], "torch started no thread"
+    assert seen["levels"] == {seen["level"]}
