@@ -36,6 +36,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 _UID = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
 PIXEL_DATA = 0x7FE00010
@@ -263,9 +264,28 @@ def _parse(fp: BinaryIO, size: int, expected_sop_uid: str | None,
     if not any(tag.group >= 0x0008 for tag in ds._dict):
         raise InstanceRejectedError("Dataset cannot be decoded: it holds no data element",
                                     "undecodable")
+    for tag in _WANTED:
+        # the node reads these raw, but every later reader (the pipelines' pydicom) fails
+        # on a VR it does not know (a "KI", seen in the fuzz campaign): refuse, not store
+        elem = ds._dict.get(Tag(tag))
+        vr = getattr(elem, "VR", None)
+        if elem is not None and vr is not None and vr.encode("latin-1") not in _KNOWN_VRS:
+            raise InstanceRejectedError(
+                f"Dataset cannot be decoded: {Tag(tag)} has the unknown VR '{vr}'",
+                "undecodable")
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
-    header = _header(_dataset_text(ds), ts, expected_sop_uid, expected_sop_class_uid)
-    _check_image(ds, ts)
+    try:
+        header = _header(_dataset_text(ds), ts, expected_sop_uid, expected_sop_class_uid)
+        _check_image(ds, ts)
+    except InstanceRejectedError:
+        raise
+    except Exception as exc:
+        # pydicom reads values when they are used: an attribute the node needs whose
+        # value or VR cannot be read (a VR of "KI", seen in the fuzz campaign) would
+        # fail every later reader too, so the instance is refused, not stored
+        raise InstanceRejectedError(
+            f"Dataset cannot be decoded: {type(exc).__name__} reading its header",
+            "undecodable") from exc
     return header
 
 
@@ -358,6 +378,8 @@ _MAX_DEPTH = 32
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
                        b"UN", b"UR", b"UT", b"UV"})
+#: The VRs of PS3.5 (pydicom's list): anything else goes to pydicom, which reads it raw.
+_KNOWN_VRS = frozenset(vr.value.encode() for vr in VR)
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 #: Transfer syntaxes whose dataset pydicom must read (byte order, compression of the
 #: whole dataset).
@@ -499,7 +521,7 @@ def _walk(buf: bytes | memoryview, pos: int, end: int, explicit: bool, stop: int
         vr = b""
         if explicit:
             vr = bytes(buf[pos + 4:pos + 6])
-            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            if vr not in _KNOWN_VRS:
                 raise _FallbackError      # not a VR: pydicom guesses the encoding
             if vr in _LONG_VRS:
                 if pos + 12 > end and stop is None:

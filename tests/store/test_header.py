@@ -294,3 +294,13 @@ def test_images_at_the_limits_are_still_taken_by_the_fast_reader() -> None:
         data = _encode(ds)
         _walk_file(data, len(data))
         assert parse_header(data).sop_uid == ds.SOPInstanceUID
+
+
+def test_a_header_attribute_with_an_unknown_vr_is_refused_not_stored(tmp_path: Path) -> None:
+    # Found by the fuzz campaign: SOP Instance UID with the VR "KI" passed the fast reader,
+    # was stored and acknowledged, and no reader could open the file afterwards.
+    data = bytearray(_encode(ct_slice(generate_uid(), generate_uid(), 0.0, 0)))
+    at = data.index(b"\x08\x00\x18\x00UI")
+    data[at + 4:at + 6] = b"KI"
+    for error in _refusal(bytes(data), tmp_path):
+        assert error.code == "undecodable", error.reason
