@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicomnode.logs import fields
@@ -38,6 +38,11 @@ from dicomnode.store.models import (
 from dicomnode.store.spool import Spool, SpooledFile
 
 log = logging.getLogger(__name__)
+
+
+def _retryable(exc: OperationalError) -> bool:
+    """A deadlock or serialization failure: the server rolled back, running again is safe."""
+    return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
 
 
 class _NeedsFullPathError(Exception):
@@ -414,8 +419,9 @@ class InstanceStore:
                     return self._index_full(header, calling_aet, placed[-1].path,
                                             lambda: placed[-1])
                 return self._index_full(header, calling_aet, tmp, place)
-            except IntegrityError:
-                if attempt == attempts:
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == attempts or (isinstance(exc, OperationalError)
+                                           and not _retryable(exc)):
                     raise
                 log.info("instance.index_retried", extra=fields(
                     study=header.study_uid, sop=header.sop_uid, attempt=attempt))
@@ -468,14 +474,20 @@ class InstanceStore:
                                 duplicate=False, reopened=False, study_version=version)
         try:
             with self.db.engine.begin() as conn:
-                conn.execute(_INSERT_INSTANCE, row)
+                # the study row first, as the full path locks it first: taken the other
+                # way round, two listeners filing the same instance deadlocked (PostgreSQL)
                 if _rowcount(conn.execute(_TOUCH_STUDY, study)) != 1:
                     raise _NeedsFullPathError
+                conn.execute(_INSERT_INSTANCE, row)
                 conn.execute(_TOUCH_SERIES, {"pk": series_pk})
                 if before_commit is not None:
                     before_commit()
         except (IntegrityError, _NeedsFullPathError):
             return None  # rolled back: a duplicate or a study that is not receiving
+        except OperationalError as exc:
+            if not _retryable(exc):
+                raise
+            return None  # rolled back by the server: the full path files it again
         return StoreOutcome(header.sop_uid, header.study_uid, header.series_uid,
                             duplicate=False, reopened=False, study_version=version)
 
