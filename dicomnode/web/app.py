@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicomnode.config import Settings, WebSettings
@@ -60,6 +60,22 @@ def create_app(settings: Settings, db: Database, node: Node | None = None) -> Fa
     app.state.wake = node.runner.wake if node is not None else None
     app.include_router(api.router)
     app.include_router(pages.router)
+
+    @app.middleware("http")
+    async def refuse_nul(request: Request, call_next: Any) -> Response:
+        # No DICOM value holds a NUL character and PostgreSQL refuses one in a text
+        # parameter (a server error): refused as a validation error, as FastAPI answers
+        # any other invalid parameter.
+        where = [("path", "path")] if "\x00" in request.scope.get("path", "") else []
+        where += [("query", key) for key, value in request.query_params.multi_items()
+                  if "\x00" in key or "\x00" in value]
+        if where:
+            return JSONResponse(status_code=422, content={"detail": [
+                {"type": "string_pattern_mismatch", "loc": list(loc),
+                 "msg": "NUL characters are not accepted", "input": None}
+                for loc in where]})
+        response: Response = await call_next(request)
+        return response
 
     def openapi() -> dict[str, Any]:
         # the pipelines installed and the peers configured, as enums: a client (and a

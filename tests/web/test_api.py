@@ -219,3 +219,13 @@ def test_a_running_job_shows_its_progress_against_the_pipelines_typical_run(
     assert 0.35 <= running["progress"] <= 0.6
     assert study_out["status"] == "running"
     assert "<progress" in client.get("/studies").text
+
+
+def test_a_nul_character_in_a_parameter_is_refused_as_invalid_not_a_server_error(
+        client: TestClient) -> None:
+    # Found by the schema run on PostgreSQL, which refuses NUL in a text parameter.
+    for url in ("/api/v1/studies?calling_aet=%00", "/api/v1/studies/1.2%003",
+                "/studies?q=a%00b"):
+        answer = client.get(url)
+        assert answer.status_code == 422, (url, answer.status_code)
+        assert answer.json()["detail"][0]["msg"] == "NUL characters are not accepted"
