@@ -94,6 +94,14 @@ def create_app(settings: Settings, db: Database, node: Node | None = None) -> Fa
                     prop.update({"type": "string", "enum": values})
                     if model == "RerunIn":
                         prop.update({"type": ["string", "null"], "enum": [*values, None]})
+            # the refusal of NUL characters (refuse_nul below), written into the schema
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    for parameter in operation.get("parameters", []):
+                        schema = parameter.get("schema", {})
+                        for variant in [schema, *schema.get("anyOf", [])]:
+                            if variant.get("type") == "string" and "pattern" not in variant:
+                                variant["pattern"] = "^[^\\x00]*$"
             app.openapi_schema = document
         return app.openapi_schema
 
