@@ -229,6 +229,18 @@ def install_receive_files(spool: Spool, on_created: Callable[[ReceiveFile], None
     return uninstall
 
 
+# PS3.8 states in which an A-ABORT request is valid: the request is in (Sta3), the
+# association is up (Sta6) or being released (Sta7-Sta12).
+_ABORTABLE_STATES = frozenset({"Sta3", "Sta6", "Sta7", "Sta8", "Sta9", "Sta10", "Sta11",
+                               "Sta12"})
+
+
+def _state(assoc: Any) -> str:
+    """The association's PS3.8 state ("" once its DUL is gone)."""
+    machine = getattr(getattr(assoc, "dul", None), "state_machine", None)
+    return str(getattr(machine, "current_state", ""))
+
+
 def _log_unanswered(path: Path, future: Future[StoreOutcome]) -> None:
     """An early store whose association ended before its answer: say how it ended.
 
@@ -402,7 +414,9 @@ class StorageSCP:
         established = []
         for server in servers:
             for assoc in server.active_associations:
-                if assoc.is_established:
+                # By the DUL's state, not is_established: pynetdicom sets that flag only
+                # after its accept handlers ran, while the peer may be sending already.
+                if assoc.is_established or _state(assoc) in _ABORTABLE_STATES:
                     assoc.abort()    # nothing in flight is acknowledged after this
                     established.append(assoc)
                 else:                # never associated, or already ending: no data in flight

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from dicomnode.config import Settings
+from dicomnode.net.scp import StorageSCP
 from dicomnode.node import Node
 from dicomnode.store.models import AuditEvent
 from tests.factories import ct_slice
@@ -344,6 +345,30 @@ def test_an_event_the_state_machine_does_not_expect_aborts_the_association(
     answer, _ = read_until_closed(sock, 10)
     assert answer[:1] == b"\x07"
     assert wait_for(lambda: idle(node))
+    assert not thread_errors
+
+
+def test_stopping_aborts_an_association_whose_accept_handlers_are_still_running(
+        limited: Callable[..., Node], monkeypatch: pytest.MonkeyPatch,
+        thread_errors: list[str]) -> None:
+    # pynetdicom sends the A-ASSOCIATE-AC, runs the accept handlers, and only then says
+    # the association is established; a peer may be sending its first store meanwhile.
+    accepting = threading.Event()
+    original = StorageSCP._on_accepted
+
+    def slow_accept(self: StorageSCP, event: Any) -> None:
+        accepting.set()
+        time.sleep(3)
+        original(self, event)
+
+    monkeypatch.setattr(StorageSCP, "_on_accepted", slow_accept)
+    node = limited(association_timeout_s=8)
+    sending = raw_association(node)
+    sending.sendall(p_data(1, 3, STORE_RQ) + p_data(1, 0, b"\0" * 1000))
+    assert accepting.wait(5)
+    node.stop()
+    assert read_until_closed(sending, 6)[0][:1] == b"\x07"   # told: aborted, not cut off
+    assert not list(node.spool.tmp_dir.iterdir())
     assert not thread_errors
 
 
