@@ -293,8 +293,8 @@ class RadiomicsSettings(BaseModel):
     aggregation: str = Field(default="3d_volume_merge", description=(
         "Texture aggregation: 3d_volume_merge, 3d_average, 2.5d_volume_merge or "
         "2.5d_direction_merge."))
-    organs: bool = Field(default=True, description=(
-        "Features of organs too (the liver, organs at risk); false: lesions and "
+    organs: bool = Field(default=False, description=(
+        "Features of organs too (the liver, organs at risk); off by default: lesions and "
         "haemorrhages only (a liver at 1 mm costs ~25 s of CPU, a lesion ~1 s)."))
 
     @model_validator(mode="after")

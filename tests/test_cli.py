@@ -148,7 +148,6 @@ def test_process_with_radiomics_gives_lesion_groups_features_the_radiomics_table
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     env["OMP_NUM_THREADS"] = "1"
-    env["DICOMNODE_RADIOMICS__ORGANS"] = "false"  # lesions only: the liver takes ~25 s more
     res = _cli("phantom", "abdomen", "--out", str(tmp_path / "study"), "--seed", "3",
                "--matrix", "192", "--slices", "100", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
@@ -211,7 +210,8 @@ def test_radiomics_of_a_study_uid_reads_the_sr_the_node_recorded(tmp_path: Path)
     hu = np.stack([ds.pixel_array for ds in series.images]).astype(np.float32)
     report = compute_radiomics(hu, labels, {1: "BrainStem", 6: "Parotid_L"},
                                (geometry.slice_spacing, *geometry.spacing),
-                               RadiomicsParameters(resample_mm=None, families=("morphology",)))
+                               RadiomicsParameters(resample_mm=None, families=("morphology",),
+                                                   organs=True))
     algorithm = AlgorithmInfo("test", "1", "0" * 64, "test")
     table = [s for s in HEADNECK if s.name in ("BrainStem", "Parotid_L")]
     seg = build_seg(series.images, labels, table, algorithm)

@@ -109,8 +109,8 @@ class RadiomicsParameters:
         estimates them by Monte Carlo sampling of voxel pairs, about a minute of CPU for
         a liver at 1 mm; off by default.
     organs
-        Features of organs too (the liver, each organ at risk); false: of lesions and
-        haemorrhages only (a liver at 1 mm costs ~25 s of CPU, a lesion ~1 s).
+        Features of organs too (the liver, each organ at risk); off by default: of
+        lesions and haemorrhages only (a liver at 1 mm costs ~25 s of CPU, a lesion ~1 s).
     """
 
     families: tuple[str, ...] = tuple(FAMILIES)
@@ -120,7 +120,7 @@ class RadiomicsParameters:
     aggregation: str = "3d_volume_merge"
     margin_mm: float = 5.0
     spatial_autocorrelation: bool = False
-    organs: bool = True
+    organs: bool = False
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]

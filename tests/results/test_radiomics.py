@@ -40,7 +40,7 @@ PHANTOM_SETTINGS = RadiomicsParameters(bin_width_hu=1.0, bin_lower_bound_hu=1.0,
                                        resample_mm=None, margin_mm=0.0,
                                        spatial_autocorrelation=True)
 #: Fast settings for the small test series (no resampling).
-FAST = RadiomicsParameters(resample_mm=None)
+FAST = RadiomicsParameters(resample_mm=None, organs=True)
 
 
 def _ibsi_rounded(value: float) -> float:
