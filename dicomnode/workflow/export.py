@@ -1,21 +1,19 @@
 """The export outbox: results queued per destination, sent with retries and back-off.
 
 Every delivery is a row; the exporter thread claims due rows, sends their files over
-C-STORE and records the outcome. A failed attempt is retried after
-``backoff_initial_s * 2**(attempts-1)`` seconds (capped at ``backoff_max_s``) until
-``max_attempts``; rows survive restarts (``sending`` goes back to ``pending``).
+C-STORE and records the outcome, retrying with back-off as
+:mod:`dicomnode.workflow.retry` does for every such queue; rows survive restarts
+(``sending`` goes back to ``pending``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomnode.config import PeerTls, Settings
@@ -23,7 +21,8 @@ from dicomnode.logs import fields
 from dicomnode.metrics import NodeMetrics
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Database
-from dicomnode.store.models import AuditEvent, Delivery, DeliveryState, utcnow
+from dicomnode.store.models import Delivery, DeliveryState, utcnow
+from dicomnode.workflow.retry import RetryingSender, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +107,7 @@ def tls_for(settings: Settings, ae_title: str, host: str, port: int) -> PeerTls 
     return None
 
 
-def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Delay before the next attempt after ``attempts`` failed ones."""
-    return float(min(maximum, initial * 2 ** max(0, attempts - 1)))
-
-
-class Outbox:
+class Outbox(RetryingSender[Delivery]):
     """Queue and send results.
 
     Parameters
@@ -129,15 +123,16 @@ class Outbox:
         Where attempts and failures are counted (default: a registry of its own).
     """
 
+    model = Delivery
+    name = "export"
+    event = "delivery"
+
     def __init__(self, db: Database, settings: Settings, sender: Sender | None = None,
                  metrics: NodeMetrics | None = None) -> None:
-        self.db = db
+        super().__init__(db)
         self.settings = settings
         self.sender = sender or send_files
         self.metrics = metrics or NodeMetrics()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def enqueue(self, files: Sequence[Path], target: Target, *, study_uid: str = "",
                 job_pk: int | None = None, session: Session | None = None) -> int:
@@ -167,110 +162,45 @@ class Outbox:
             self.wake()
         return delivery.id
 
-    def wake(self) -> None:
-        """Look for due deliveries now."""
-        self._wake.set()
-
-    def _claim(self) -> Delivery | None:
-        with self.db.transaction() as session:
-            delivery = session.execute(
-                select(Delivery)
-                .where(Delivery.state == DeliveryState.PENDING.value,
-                       Delivery.next_attempt_at <= utcnow())
-                .order_by(Delivery.next_attempt_at, Delivery.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)  # PostgreSQL: another node's is skipped
-            ).scalar_one_or_none()
-            if delivery is not None:
-                delivery.state = DeliveryState.SENDING.value
-                delivery.attempts += 1
-            return delivery
-
-    def process_due(self) -> int:
-        """Attempt every delivery that is due now; returns how many were attempted."""
-        count = 0
-        while not self._stop.is_set():
-            delivery = self._claim()
-            if delivery is None:
-                break
-            count += 1
-            self._attempt(delivery)
-        return count
-
-    def _attempt(self, delivery: Delivery) -> None:
-        files = [Path(f) for f in delivery.files]
-        missing = [str(f) for f in files if not f.is_file()]
-        error: str | None = None
-        if missing:
-            error = f"{len(missing)} result file(s) missing"
-            final = True
-        else:
-            final = False
-            tls = tls_for(self.settings, delivery.destination_ae, delivery.host, delivery.port)
-            try:
-                result = self.sender(
-                    files, host=delivery.host, port=delivery.port,
-                    called_aet=delivery.destination_ae, calling_aet=self.settings.ae_title,
-                    timeout_s=self.settings.export.connect_timeout_s,
-                    **({"tls": tls} if tls is not None else {}),
-                )
-                if not result.ok:
-                    error = f"{len(result.failed)} of {len(files)} refused: " + "; ".join(
-                        sorted(set(result.failed.values()))[:3])
-            except (SendError, OSError, ValueError) as exc:   # ValueError: a TLS file
-                error = str(exc)
-            except Exception as exc:  # never let one delivery stop the outbox
-                log.exception("export.unexpected_error")
-                error = f"{type(exc).__name__}: {exc}"
+    @property
+    def policy(self) -> RetryPolicy:
+        """Attempts and back-off from ``export``; one delivery at a time."""
         exp = self.settings.export
-        with self.db.transaction() as session:
-            row = session.get(Delivery, delivery.id)
-            assert row is not None
-            if error is None:
-                row.state = DeliveryState.DONE.value
-                row.sent_at = utcnow()
-                row.last_error = None
-                event = "delivery.done"
-            elif final or row.attempts >= exp.max_attempts:
-                row.state = DeliveryState.FAILED.value
-                row.last_error = error
-                event = "delivery.failed"
-            else:
-                row.state = DeliveryState.PENDING.value
-                row.last_error = error
-                delay = backoff_seconds(row.attempts, exp.backoff_initial_s, exp.backoff_max_s)
-                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                event = "delivery.retry"
-            session.add(AuditEvent(
-                event=event, study_uid=row.study_uid, calling_aet=row.destination_ae,
-                detail={"delivery": row.id, "attempts": row.attempts, "error": error},
-            ))
-            attempts = row.attempts
-        self.metrics.delivery_attempts.labels(event.removeprefix("delivery.")).inc()
+        return RetryPolicy(exp.max_attempts, exp.backoff_initial_s, exp.backoff_max_s,
+                           exp.poll_interval_s)
+
+    def send(self, row: Delivery) -> tuple[str | None, bool]:
+        """C-STORE the delivery's files to its destination (TLS where its peer has it)."""
+        files = [Path(f) for f in row.files]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            return f"{len(missing)} result file(s) missing", True
+        tls = tls_for(self.settings, row.destination_ae, row.host, row.port)
+        try:
+            result = self.sender(
+                files, host=row.host, port=row.port,
+                called_aet=row.destination_ae, calling_aet=self.settings.ae_title,
+                timeout_s=self.settings.export.connect_timeout_s,
+                **({"tls": tls} if tls is not None else {}),
+            )
+        except (SendError, OSError, ValueError) as exc:   # ValueError: a TLS file
+            return str(exc), False
+        if not result.ok:
+            return f"{len(result.failed)} of {len(files)} refused: " + "; ".join(
+                sorted(set(result.failed.values()))[:3]), False
+        return None, False
+
+    def audit(self, row: Delivery, error: str | None) -> dict[str, Any]:
+        """The destination's AE title, the attempts and the error."""
+        return {"calling_aet": row.destination_ae,
+                "detail": {"delivery": row.id, "attempts": row.attempts, "error": error}}
+
+    def log_fields(self, row: Delivery) -> dict[str, Any]:
+        """The delivery id and the destination's AE title."""
+        return {"delivery": row.id, "peer": row.destination_ae}
+
+    def settled(self, outcome: str, error: str | None) -> None:
+        """Count the attempt (and the failure) in the node's metrics."""
+        self.metrics.delivery_attempts.labels(outcome).inc()
         if error is not None:
             self.metrics.delivery_failures.inc()
-        level = logging.INFO if error is None else logging.WARNING
-        log.log(level, event, extra=fields(delivery=delivery.id, peer=delivery.destination_ae,
-                                           attempts=attempts, error=error or ""))
-
-    def start(self) -> None:
-        """Start the exporter thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="export", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the exporter thread (an attempt in progress finishes first)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.process_due()
-            except Exception:
-                log.exception("export.poll_failed")
-            self._wake.wait(self.settings.export.poll_interval_s)
-            self._wake.clear()

@@ -7,10 +7,10 @@ job's result, so an acknowledged study's alarm survives a crash as its results d
 The :class:`Notifier` thread claims due rows and POSTs them (stdlib ``urllib``, a short
 timeout, several requests in flight so one slow endpoint holds up no other), retrying a
 failed attempt after ``backoff_initial_s * 2**(attempts-1)`` seconds (capped at
-``backoff_max_s``) until ``max_attempts``; ``sending`` rows go back to ``pending`` at
-start-up (:meth:`Notifier.recover`). It shares nothing with the export outbox but the
-database: a webhook that is down, slow or failing never delays the results going back
-to the PACS.
+``backoff_max_s``) until ``max_attempts`` (:mod:`dicomnode.workflow.retry`); ``sending``
+rows go back to ``pending`` at start-up (:meth:`Notifier.recover`). It shares the retry
+logic with the export outbox but neither its thread nor its rows: a webhook that is
+down, slow or failing never delays the results going back to the PACS.
 
 The payload names the study by UIDs and accession number; the patient's name, ID and
 birth date only where the webhook says ``include_patient: true``.
@@ -20,23 +20,20 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from dicomnode.config import Settings, Webhook
 from dicomnode.logs import fields
 from dicomnode.store.db import Database
 from dicomnode.store.models import AuditEvent, DeliveryState, Notification, utcnow
-from dicomnode.workflow.export import backoff_seconds
+from dicomnode.workflow.retry import RetryingSender, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +289,7 @@ def notifications_for(settings: Settings, *, study_uid: str, study_version: int,
     return rows
 
 
-class Notifier:
+class Notifier(RetryingSender[Notification]):
     """Send pending notifications, with retries and back-off, on threads of its own.
 
     Parameters
@@ -300,19 +297,19 @@ class Notifier:
     db : Database
         Where notifications are kept.
     settings : Settings
-        ``notify`` (webhooks, retries, timeout).
+        ``notify`` (webhooks, retries, timeout, senders).
     poster : callable, optional
         Replaces :func:`post_json` (same arguments).
     """
 
+    model = Notification
+    name = "notify"
+    event = "notification"
+
     def __init__(self, db: Database, settings: Settings, poster: Poster | None = None) -> None:
-        self.db = db
+        super().__init__(db)
         self.settings = settings
         self.poster = poster or post_json
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._slots = threading.Semaphore(settings.notify.senders)
 
     def enqueue(self, webhook: Webhook, payload: Mapping[str, Any], *, study_uid: str = "",
                 job_pk: int | None = None) -> int:
@@ -344,125 +341,42 @@ class Notifier:
             log.info("notify.recovered", extra=fields(requeued=count))
         return count
 
-    def wake(self) -> None:
-        """Look for due notifications now (called when a job queued some)."""
-        self._wake.set()
-
-    def _claim(self) -> Notification | None:
-        with self.db.transaction() as session:
-            row = session.execute(
-                select(Notification)
-                .where(Notification.state == DeliveryState.PENDING.value,
-                       Notification.next_attempt_at <= utcnow())
-                .order_by(Notification.next_attempt_at, Notification.id)
-                .limit(1)
-            ).scalar_one_or_none()
-            if row is not None:
-                row.state = DeliveryState.SENDING.value
-                row.attempts += 1
-            return row
-
-    def process_due(self) -> int:
-        """Attempt every notification due now, one after the other; returns how many."""
-        count = 0
-        while not self._stop.is_set():
-            row = self._claim()
-            if row is None:
-                break
-            count += 1
-            self._attempt(row)
-        return count
-
-    def _webhook(self, url: str) -> Webhook | None:
-        return next((w for w in self.settings.notify.webhooks if w.url == url), None)
-
-    def _attempt(self, row: Notification) -> None:
+    @property
+    def policy(self) -> RetryPolicy:
+        """Attempts, back-off and requests in flight from ``notify``."""
         cfg = self.settings.notify
-        webhook = self._webhook(row.target)
-        error: str | None = None
-        final = False
+        return RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s,
+                           cfg.poll_interval_s, senders=cfg.senders,
+                           stop_timeout_s=cfg.timeout_s + 30)
+
+    def send(self, row: Notification) -> tuple[str | None, bool]:
+        """POST the payload to its webhook (headers from the configuration)."""
+        webhook = next((w for w in self.settings.notify.webhooks if w.url == row.target), None)
         if webhook is None:
             # its headers (a token) come from the configuration, which no longer has it
-            error, final = "webhook no longer configured", True
-        else:
-            from dicomnode import __version__
+            return "webhook no longer configured", True
+        from dicomnode import __version__
 
-            headers = {"Content-Type": "application/json",
-                       "User-Agent": f"dicomnode/{__version__}",
-                       "X-Dicomnode-Notification": str(row.id),  # the same on a retry
-                       **webhook.headers}
-            body = json.dumps(row.payload).encode("utf-8")
-            try:
-                self.poster(row.target, body, headers, cfg.timeout_s)
-            except NotifyError as exc:
-                error = str(exc)
-            except Exception as exc:  # never let one notification stop the others
-                log.exception("notify.unexpected_error")
-                error = f"{type(exc).__name__}: {exc}"
-        with self.db.transaction() as session:
-            current = session.get(Notification, row.id)
-            assert current is not None
-            if error is None:
-                current.state = DeliveryState.DONE.value
-                current.sent_at = utcnow()
-                current.last_error = None
-                event = "notification.done"
-            elif final or current.attempts >= cfg.max_attempts:
-                current.state = DeliveryState.FAILED.value
-                current.last_error = error
-                event = "notification.failed"
-            else:
-                current.state = DeliveryState.PENDING.value
-                current.last_error = error
-                delay = backoff_seconds(current.attempts, cfg.backoff_initial_s,
-                                        cfg.backoff_max_s)
-                current.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                event = "notification.retry"
-            session.add(AuditEvent(event=event, study_uid=current.study_uid, detail={
-                "notification": current.id, "target": shown_target(current.target),
-                "attempts": current.attempts, "error": error}))
-            attempts = current.attempts
-        level = logging.INFO if error is None else logging.WARNING
-        log.log(level, event, extra=fields(notification=row.id, study=row.study_uid,
-                                           target=shown_target(row.target),
-                                           attempts=attempts, error=error or ""))
+        headers = {"Content-Type": "application/json",
+                   "User-Agent": f"dicomnode/{__version__}",
+                   "X-Dicomnode-Notification": str(row.id),  # the same on a retry
+                   **webhook.headers}
+        body = json.dumps(row.payload).encode("utf-8")
+        try:
+            self.poster(row.target, body, headers, self.settings.notify.timeout_s)
+        except NotifyError as exc:
+            return str(exc), False
+        return None, False
 
-    def start(self) -> None:
-        """Start the notifier thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-        self._thread.start()
+    def audit(self, row: Notification, error: str | None) -> dict[str, Any]:
+        """The notification, its target (without credentials), attempts and error."""
+        return {"detail": {"notification": row.id, "target": shown_target(row.target),
+                           "attempts": row.attempts, "error": error}}
 
-    def stop(self) -> None:
-        """Stop the notifier (requests in flight end within ``timeout_s``)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=self.settings.notify.timeout_s + 30)
-            self._thread = None
-
-    def _done(self, future: Future[None]) -> None:
-        self._slots.release()
-        self._wake.set()
-        if future.exception() is not None:
-            log.error("notify.attempt_failed", exc_info=future.exception())
-
-    def _run(self) -> None:
-        cfg = self.settings.notify
-        with ThreadPoolExecutor(max_workers=cfg.senders,
-                                thread_name_prefix="notify-send") as pool:
-            while not self._stop.is_set():
-                try:
-                    while not self._stop.is_set() and self._slots.acquire(blocking=False):
-                        row = self._claim()
-                        if row is None:
-                            self._slots.release()
-                            break
-                        pool.submit(self._attempt, row).add_done_callback(self._done)
-                except Exception:
-                    log.exception("notify.poll_failed")
-                self._wake.wait(cfg.poll_interval_s)
-                self._wake.clear()
+    def log_fields(self, row: Notification) -> dict[str, Any]:
+        """The notification id, the study UID and the target (without credentials)."""
+        return {"notification": row.id, "study": row.study_uid,
+                "target": shown_target(row.target)}
 
 
 def record_queued(session: Any, rows: Sequence[Notification]) -> None:

@@ -11,7 +11,8 @@ from sqlalchemy import select
 from dicomnode.config import Destination, Peer, Settings
 from dicomnode.store.db import Database
 from dicomnode.store.models import Delivery
-from dicomnode.workflow.export import Outbox, Target, backoff_seconds, resolve_targets
+from dicomnode.workflow.export import Outbox, Target, resolve_targets
+from dicomnode.workflow.retry import backoff_seconds
 from tests.conftest import free_port
 from tests.factories import write_series
 from tests.peers import storescp

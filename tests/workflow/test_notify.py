@@ -33,6 +33,7 @@ from dicomnode.store.models import AuditEvent, DeliveryState, Notification
 from dicomnode.store.status import node_status
 from dicomnode.workflow.notify import Notifier, notifications_for, wanted_by
 from tests.conftest import free_port
+from tests.postgres import PostgresServer
 from tests.peers import storescp
 from tests.webhook import WebhookReceiver, webhook_receiver
 
@@ -395,3 +396,25 @@ def test_pending_notifications_survive_a_restart(settings: Settings) -> None:
             after.stop()
     assert [(r.state, r.attempts) for r in rows] == [("done", 1), ("done", 2)]
     assert sorted(r.body["n"] for r in receiver.requests) == [1, 2]
+
+
+def test_a_notification_another_node_holds_is_not_claimed_again(
+        postgres: PostgresServer, settings: Settings) -> None:
+    # two nodes on one PostgreSQL index: a row one of them is claiming is skipped by the
+    # other (SKIP LOCKED), not waited for and then sent a second time
+    url = postgres.create_database()
+    Database(url).upgrade()
+    webhook = Webhook(url="http://127.0.0.1:9/hook")
+    settings.notify = settings.notify.model_copy(update={"webhooks": [webhook]})
+    first, second = Notifier(Database(url), settings), Notifier(Database(url), settings)
+    row_id = first.enqueue(webhook, {"event": "test"}, study_uid="1.2.3")
+    with first.db.transaction() as session:   # the first node, mid-claim
+        session.execute(select(Notification).where(Notification.id == row_id)
+                        .with_for_update())
+        assert second._claim() is None
+    claimed = second._claim()
+    assert claimed is not None and claimed.id == row_id and claimed.attempts == 1
+    assert second._claim() is None   # now it is sending: nobody claims it again
+    for notifier in (first, second):
+        notifier.db.dispose()
+    postgres.drop_database(url.rsplit("/", 1)[1])
