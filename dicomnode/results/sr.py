@@ -128,12 +128,13 @@ def _for_viewers(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, na
     """
     items = group[0].ContentSequence  # a template is a list: its one container
     scoord = next(item for item in items if item.ValueType == "SCOORD")
-    first_num = next(item for item in items if item.ValueType == "NUM")
-    inferred = copy.deepcopy(scoord)
-    inferred.RelationshipType = "INFERRED FROM"
-    if "ContentSequence" not in first_num:
-        first_num.ContentSequence = DicomSequence()
-    first_num.ContentSequence.append(inferred)
+    first_num = next((item for item in items if item.ValueType == "NUM"), None)
+    if first_num is not None:  # without a NUM, the adapters take the top-level SCOORD
+        inferred = copy.deepcopy(scoord)
+        inferred.RelationshipType = "INFERRED FROM"
+        if "ContentSequence" not in first_num:
+            first_num.ContentSequence = DicomSequence()
+        first_num.ContentSequence.append(inferred)
     items.append(hd.sr.TextContentItem(
         name=COMMENT, value=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
@@ -570,13 +571,14 @@ def build_ich_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of the six ICH findings.
 
-    Each finding is a planar ROI group (TID 1410) with its probability (DCM 122157) and
-    a qualitative evaluation Present/Absent, whose region is the whole of a slice (a
-    slice classifier does not localise): one group per flagged slice, all with the
-    finding's tracking identifier, the first carrying the probability; a finding with
-    no flagged slice is shown on its peak slice, else the middle slice of the series.
-    Where given, each flagged slice's own probability is a further Probability measurement
-    of that slice's group, referencing the slice.
+    Each finding is one planar ROI group (TID 1410) with its probability (DCM 122157)
+    and a qualitative evaluation Present/Absent, whose region is the whole of one slice
+    (a slice classifier does not localise): the peak flagged slice, else the peak slice,
+    else the middle slice of the series. Where given, each flagged slice's own
+    probability follows as a further Probability measurement referencing that slice.
+    One group per finding is one measurement in a viewer's panel (OHIF lists each
+    group), drawn on its slice and labelled with the finding, the decision and the
+    probability (:func:`_for_viewers`); the flagged slices are also the KOS's.
 
     Parameters
     ----------
@@ -617,33 +619,31 @@ def build_ich_sr(
             raise ValueError(f"Invalid 'slice_indices' value '{bad[0]}' for '{result.key}' - "
                              f"the series has {len(source_images)} slices")
         slices = _ich_slices(result, len(source_images))
-        shown.update(slices)
+        shown.add(slices[0])  # the Image Library lists the slices drawn on
         code = findings[result.key].code
-        decision = hd.sr.QualitativeEvaluation(
-            name=code, value=codes.SCT.Present if result.present else codes.SCT.Absent)
         per_slice = dict(zip(result.slice_indices if result.slice_probabilities else (),
                              (float(p) for p in result.slice_probabilities), strict=True))
-        tracking = hd.sr.TrackingIdentifier(uid=new_uid(), identifier=result.key)
-        for n, z in enumerate(slices):
-            # One group per slice, all under the finding's tracking identifier (a viewer
-            # shows them as one finding); the first carries the probability.
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_region=_whole_slice(source_images[z]),
-                finding_type=code,
-                algorithm_id=algorithm_id,
-                measurements=[*([] if n else [hd.sr.Measurement(
-                    name=codes.DCM.Probability, value=round(result.probability, 4),
-                    unit=NO_UNITS, algorithm_id=algorithm_id)]), *([hd.sr.Measurement(
-                        name=codes.DCM.Probability, value=round(per_slice[z], 4),
-                        unit=NO_UNITS, algorithm_id=algorithm_id,
-                        referenced_images=[hd.sr.SourceImageForMeasurement(
-                            source_images[z].SOPClassUID, source_images[z].SOPInstanceUID)])]
-                        if z in per_slice else []),
-                    *(_radiomics_measurements(radiomics, "Hemorrhage_Intracranial")
-                      if result.key == "any" and not n else [])] or None,
-                qualitative_evaluations=[decision],
-            ))
+        label = (f"{code.meaning}: {'present' if result.present else 'absent'} "
+                 f"(probability {result.probability:.2f})")
+        groups.append(_for_viewers(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=new_uid(), identifier=tracking_identifier(OUTLINE_TOOL, result.key)),
+            referenced_region=_whole_slice(source_images[slices[0]]),
+            finding_type=code,
+            algorithm_id=algorithm_id,
+            measurements=[
+                hd.sr.Measurement(name=codes.DCM.Probability, value=round(result.probability, 4),
+                                  unit=NO_UNITS, algorithm_id=algorithm_id),
+                *(hd.sr.Measurement(
+                    name=codes.DCM.Probability, value=round(per_slice[z], 4), unit=NO_UNITS,
+                    referenced_images=[hd.sr.SourceImageForMeasurement(
+                        source_images[z].SOPClassUID, source_images[z].SOPInstanceUID)])
+                  for z in slices if z in per_slice),
+                *(_radiomics_measurements(radiomics, "Hemorrhage_Intracranial")
+                  if result.key == "any" else [])],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=code, value=codes.SCT.Present if result.present else codes.SCT.Absent)],
+        ), label))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,

@@ -294,37 +294,35 @@ def test_ich_report_shows_every_finding_on_a_whole_slice(
     assert_every_group_is_drawn_on_the_source_series(back, axial.images)
     index = {str(im.SOPInstanceUID): k for k, im in enumerate(axial.images)}
     shown: dict[str, list[int]] = {}
-    uids: dict[str, set[str]] = {}
     for group in _groups(back):
-        key, uid = _tracking(group)
+        key, _ = _tracking(group)
         scoord, image = _drawn(group)
         shown.setdefault(key, []).append(index[image])
-        uids.setdefault(key, set()).add(uid)
         # the region is the whole slice: a slice classifier does not localise
         assert np.asarray(scoord.GraphicData, float).reshape(-1, 2).tolist() == [
             [0, 0], [96, 0], [96, 96], [0, 96], [0, 0]]
     middle = len(axial.images) // 2
-    assert shown == {"any": [11, 10, 12], "epidural": [middle], "intraparenchymal": [3],
+    # one group (one measurement in a viewer) per finding, on its peak flagged slice
+    assert shown == {"any": [11], "epidural": [middle], "intraparenchymal": [3],
                      "intraventricular": [middle], "subarachnoid": [middle],
-                     "subdural": [12, 11]}
-    assert all(len(u) == 1 for u in uids.values())  # one finding, one tracking UID
+                     "subdural": [12]}
     findings = {f.key: f.code for f in ICH_FINDINGS}
     groups = _report(back).get_planar_roi_measurement_groups()
     for result in results:
-        mine = [g for g in groups if g.tracking_identifier == result.key]
-        assert all(g.finding_type == findings[result.key] for g in mine)
-        studywide = [m for g in mine for m in g.get_measurements(name=codes.DCM.Probability)
-                     if not m.referenced_images]
-        assert [m.value for m in studywide] == pytest.approx([result.probability])
-        assert mine[0].get_measurements(name=codes.DCM.Probability)  # the first group
-        decision = {g.get_qualitative_evaluations()[0].value for g in mine}
-        assert decision == {codes.SCT.Present if result.present else codes.SCT.Absent}
+        [mine] = [g for g in groups if tracked_name(g.tracking_identifier) == result.key]
+        assert mine.finding_type == findings[result.key]
+        first, *others = mine.get_measurements(name=codes.DCM.Probability)
+        assert first.value == pytest.approx(result.probability) and not first.referenced_images
+        assert all(m.referenced_images for m in others)   # the flagged slices' own
+        decision = mine.get_qualitative_evaluations()[0].value
+        assert decision == (codes.SCT.Present if result.present else codes.SCT.Absent)
     text = dsr2html_text(path)
     assert "Probability" in text and "Subdural hemorrhage" in text
-    # each flagged slice's own probability, in that slice's group, referencing it
-    subdural = [g for g in groups if g.tracking_identifier == "subdural"]
+    assert "Subdural hemorrhage: present (probability 0.88)" in text   # the viewer's label
+    # each flagged slice's own probability, in the finding's group, referencing the slice
+    [subdural] = [g for g in groups if tracked_name(g.tracking_identifier) == "subdural"]
     per_slice = {m.referenced_images[0].referenced_sop_instance_uid: m.value
-                 for g in subdural for m in g.get_measurements(name=codes.DCM.Probability)
+                 for m in subdural.get_measurements(name=codes.DCM.Probability)
                  if m.referenced_images}
     assert per_slice == pytest.approx({axial.images[11].SOPInstanceUID: 0.81,
                                        axial.images[12].SOPInstanceUID: 0.88})

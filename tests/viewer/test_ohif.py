@@ -1,7 +1,8 @@
 """Acceptance: the results open in OHIF, in a real browser, on the right pixels.
 
 A liver and a head-and-neck phantom CT series and the SEG, RTSTRUCT and SR that
-``dicomnode encode`` makes for their ground truth are stored in Orthanc (with its
+``dicomnode encode`` makes for their ground truth, and a 5 mm head CT with the SR, KOS
+and SEG the brain_ich pipeline makes of it, are stored in Orthanc (with its
 DICOMweb plugin); OHIF, from npm at the version pinned in ``package.json``, is served on
 loopback with ``/dicom-web`` forwarded to Orthanc (same origin), and Debian's headless
 Chromium opens each study as a radiologist would: double-click a result series, answer
@@ -12,7 +13,8 @@ the viewer's prompt. Checked for each object:
   with it hidden) against the mask in the file mapped through the viewer's own
   canvas-to-world transform: precision and recall >= 0.99 (the contour line within 2
   screen pixels for RTSTRUCT), while the left-right mirrored mask does not match.
-- SR: every measurement group is listed in the measurement panel under its name,
+- SR (liver, head and neck, haemorrhage): every measurement group is listed in the
+  measurement panel under its label,
   the viewport is not black, and nothing "not rehydratable", no TypeError, in the console.
 - The burned-in overlay series (``results.burned_in_series``) opens as an ordinary
   image series, every image of it, with the outlines in colour.
@@ -64,6 +66,14 @@ DESCRIPTIONS = {
     "abdomen": ("AI liver segmentation", "AI liver contours", "AI liver measurements"),
     "headneck": ("AI OAR segmentation", "AI OAR contours", "AI OAR volumes"),
 }
+#: Each study's SR series; the head's is the haemorrhage pipeline's own report.
+SR_DESCRIPTIONS = {**{region: names[2] for region, names in DESCRIPTIONS.items()},
+                   "head": "AI haemorrhage report: haemorrhage suspected"}
+#: A series the study browser lists once the study is open.
+FIRST_SERIES = {**{region: names[0] for region, names in DESCRIPTIONS.items()},
+                "head": "AI haemorrhage segmentation"}
+#: A positive held-out head phantom (as in tests/e2e/test_orthanc_ich.py).
+HEAD_SEED = 3003
 BURNED_IN = "AI liver overlay, not for diagnosis"
 #: Console lines that mean a result object did not load (issue #18's failure).
 BAD_CONSOLE = ("not rehydratable", "TypeError", "no SCOORD", "Unable to generate tool state")
@@ -82,7 +92,7 @@ class Study:
     study_uid: str
     ct: dict[str, Dataset]
     seg: Path
-    rtstruct: Path
+    rtstruct: Path | None
     sr: Path
     extra: list[Path] = field(default_factory=list)
 
@@ -129,6 +139,22 @@ def _make_study(region: str, work: Path) -> Study:
     return study
 
 
+def _ich_study(work: Path) -> Study:
+    """A 5 mm head CT and what the brain_ich pipeline makes of it: SR, KOS and SEG."""
+    from dicomnode.workflow.jobs import process_study
+
+    ct_dir = work / "head" / "ct"
+    write_phantom(make_phantom("head", HEAD_SEED, matrix=256, slices=40, spacing=5.0), ct_dir)
+    paths = sorted(ct_dir.glob("*.dcm"))
+    run = process_study(paths, work / "head" / "out", "", "brain_ich")
+    assert run.state.value == "done", run.reason
+    out = work / "head" / "out" / "brain_ich"
+    ct = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in paths)}
+    study_uid = str(next(iter(ct.values())).StudyInstanceUID)
+    return Study("head", study_uid, ct, out / "seg.dcm", None, out / "sr.dcm",
+                 extra=[out / "kos.dcm"])
+
+
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     if not (DIST / "index.html").is_file():
@@ -140,10 +166,11 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     shots = Path(os.environ.get("DICOMNODE_VIEWER_SCREENSHOTS") or work / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     studies = {region: _make_study(region, work) for region in DESCRIPTIONS}
+    studies["head"] = _ich_study(work)
     with orthanc(work / "orthanc", dicomweb=True) as pacs:
         for study in studies.values():
-            _store(str(pacs["url"]), [*study.ct_paths(), study.seg, study.rtstruct, study.sr,
-                                      *study.extra])
+            _store(str(pacs["url"]), [*study.ct_paths(), study.seg, study.sr, *study.extra,
+                                      *([study.rtstruct] if study.rtstruct else [])])
         with serve_viewer(str(pacs["dicomweb"])) as base, \
                 playwright_api.sync_playwright() as play:
             browser = play.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -167,7 +194,7 @@ class Session:
         self.page.add_init_script(
             "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
         self.page.goto(f"{viewer.base}/viewer?StudyInstanceUIDs={study.study_uid}")
-        self.page.get_by_text(DESCRIPTIONS[study.region][0]).wait_for(timeout=90_000)
+        self.page.get_by_text(FIRST_SERIES[study.region]).wait_for(timeout=90_000)
         self.wait_until("() => cornerstone.getRenderingEngines()[0]?.getViewports()[0]"
                         "?.getCurrentImageId?.() != null")
         skip = self.page.get_by_text("Skip all")  # a tour the viewer adds later
@@ -416,6 +443,7 @@ def test_rtstruct_opens_with_its_roi_names_and_each_contour_is_drawn_on_the_file
     session = session_for(region)
     description = DESCRIPTIONS[region][1]
     session.load(description)
+    assert study.rtstruct is not None
     rtstruct = pydicom.dcmread(study.rtstruct)
     names = {int(item.ROINumber): str(item.ROIName)
              for item in rtstruct.StructureSetROISequence}
@@ -448,24 +476,27 @@ def test_rtstruct_opens_with_its_roi_names_and_each_contour_is_drawn_on_the_file
 
 
 def _measurement_groups(path: Path) -> list[str]:
-    """The names of the SR's measurement groups (the last part of their tracking id)."""
+    """The labels a viewer lists, one per measurement group: its Comment, else the
+    name in its tracking identifier."""
     report = pydicom.dcmread(path)
     measurements = next(item for item in report.ContentSequence
                         if item.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements")
     names = []
     for group in measurements.ContentSequence:
-        tracking = next(item for item in group.ContentSequence
-                        if item.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier")
-        names.append(tracked_name(str(tracking.TextValue)))
+        by_name = {item.ConceptNameCodeSequence[0].CodeMeaning: item
+                   for item in group.ContentSequence}
+        comment = by_name.get("Comment")
+        names.append(str(comment.TextValue) if comment is not None else
+                     tracked_name(str(by_name["Tracking Identifier"].TextValue)))
     return names
 
 
-@pytest.mark.parametrize("region", list(DESCRIPTIONS))
+@pytest.mark.parametrize("region", list(SR_DESCRIPTIONS))
 def test_sr_lists_every_measurement_in_the_panel_and_draws_on_a_visible_slice(
         region: str, viewer: Viewer, session_for: Any) -> None:
     study = viewer.studies[region]
     session = session_for(region)
-    session.load(DESCRIPTIONS[region][2])
+    session.load(SR_DESCRIPTIONS[region])
     expected = _measurement_groups(study.sr)
     listed = session.wait_until(
         f"""() => {{

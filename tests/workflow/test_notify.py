@@ -33,8 +33,8 @@ from dicomnode.store.models import AuditEvent, DeliveryState, Notification
 from dicomnode.store.status import node_status
 from dicomnode.workflow.notify import Notifier, notifications_for, wanted_by
 from tests.conftest import free_port
-from tests.postgres import PostgresServer
 from tests.peers import storescp
+from tests.postgres import PostgresServer
 from tests.webhook import WebhookReceiver, webhook_receiver
 
 #: Held-out seeds of the shipped weights (models/brain_ich.md), as in the pipeline tests:
