@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Job stage latency buckets in seconds: a routing pass (~1 s) to a long CPU inference.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
@@ -54,6 +54,14 @@ class NodeMetrics:
         self.delivery_failures = Counter(
             "dicomnode_delivery_failures", "Delivery attempts that failed (retried or given "
             "up).", registry=self.registry)
+        self.tls_handshake_failures = Counter(
+            "dicomnode_tls_handshake_failures", "Connections to the TLS port whose handshake "
+            "failed (all of them; the log and audit trail are rate-limited per address).",
+            registry=self.registry)
+        self.tls_certificate_expiry = Gauge(
+            "dicomnode_tls_certificate_expiry_timestamp_seconds", "When the listener's TLS "
+            "certificate expires (Unix time): alert on it minus time().",
+            registry=self.registry)
 
     def job_finished(self, pipeline: str | None, state: str, timings: Mapping[str, float],
                      seconds: float | None) -> None:

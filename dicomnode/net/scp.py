@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -39,7 +40,7 @@ from dicomnode.config import Settings
 from dicomnode.logs import fields
 from dicomnode.metrics import NodeMetrics
 from dicomnode.net import direct_encoding
-from dicomnode.net.tls import server_context
+from dicomnode.net.tls import certificate_expiry, server_context
 from dicomnode.net.transport import (
     AssociationSlots,
     ConnectionLimits,
@@ -241,6 +242,36 @@ def _state(assoc: Any) -> str:
     return str(getattr(machine, "current_state", ""))
 
 
+#: Failed TLS handshakes from one address are logged at most this often.
+HANDSHAKE_LOG_INTERVAL_S = 60.0
+
+
+class _PerAddressLog:
+    """At most one log line per address per interval; counts the ones left out."""
+
+    def __init__(self, interval_s: float, max_addresses: int = 4096) -> None:
+        self.interval_s = interval_s
+        self.max_addresses = max_addresses
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}   # address -> (logged at, left out)
+
+    def admit(self, address: str) -> int | None:
+        """None to leave this one out; else log it, with this many left out before it."""
+        now = time.monotonic()
+        with self._lock:
+            logged, left_out = self._last.get(address, (-self.interval_s, 0))
+            if now - logged < self.interval_s:
+                self._last[address] = (logged, left_out + 1)
+                return None
+            if len(self._last) >= self.max_addresses:   # forget the quiet ones
+                self._last = {a: v for a, v in self._last.items()
+                              if now - v[0] < self.interval_s}
+                if len(self._last) >= self.max_addresses:   # a flood from everywhere
+                    self._last.clear()
+            self._last[address] = (now, 0)
+            return left_out
+
+
 def _log_unanswered(path: Path, future: Future[StoreOutcome]) -> None:
     """An early store whose association ended before its answer: say how it ended.
 
@@ -291,6 +322,7 @@ class StorageSCP:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or NodeMetrics()
+        self._handshake_log = _PerAddressLog(HANDSHAKE_LOG_INTERVAL_S)
         self.store = store
         self.on_released = on_released
         self.accepted = frozenset(accepted_sop_classes or CT_STUDY_SOP_CLASSES)
@@ -348,6 +380,9 @@ class StorageSCP:
         """
         s = self.settings
         tls_context = server_context(s.tls) if s.tls is not None else None
+        expiry = certificate_expiry(s.tls.certificate) if s.tls is not None else None
+        if expiry is not None:
+            self.metrics.tls_certificate_expiry.set(expiry)
         if s.chunked_receive:
             # pynetdicom then writes each dataset into a file as its fragments arrive; made
             # in the spool's tmp/ (ReceiveFile), it is renamed into place without a copy.
@@ -488,12 +523,23 @@ class StorageSCP:
         reason : str
             Why, in OpenSSL's words (a certificate not trusted, no certificate, not TLS,
             no handshake in time).
+
+        Each failure is counted; the log line and audit row come at most once per
+        ``HANDSHAKE_LOG_INTERVAL_S`` per address, the next one saying how many were left
+        out (a scanner or a misconfigured modality retrying would fill both).
         """
-        log.warning("tls.handshake_failed", extra=fields(address=address, reason=reason))
+        self.metrics.tls_handshake_failures.inc()
+        suppressed = self._handshake_log.admit(address)
+        if suppressed is None:   # logged and audited for this address a moment ago
+            return
+        log.warning("tls.handshake_failed", extra=fields(address=address, reason=reason,
+                                                         **({"suppressed": suppressed}
+                                                            if suppressed else {})))
         try:
             with self.store.db.transaction() as session:
                 session.add(AuditEvent(event="tls.handshake_failed", calling_aet="",
-                                       detail={"address": address, "reason": reason}))
+                                       detail={"address": address, "reason": reason,
+                                               "suppressed": suppressed}))
         except SQLAlchemyError:
             log.exception("audit.failed")
 

@@ -16,6 +16,7 @@ as the association request (``association_timeout_s``, counted from the connecti
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import ssl
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 
 from dicomnode.config import ListenerTls, PeerTls
+from dicomnode.logs import fields
+
+log = logging.getLogger(__name__)
 
 #: TLS 1.2 suites of the non-downgrading BCP 195 profile (RFC 9325 4.2): forward secrecy
 #: and AEAD only. TLS 1.3 suites are OpenSSL's (all AEAD).
@@ -32,6 +36,12 @@ BCP195_CIPHERS = ":".join([
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384",
 ])
+#: A certificate of the node's that expires within this many days is warned about.
+EXPIRY_WARNING_DAYS = 30
+#: Each certificate's expiry is logged at most this often (a client context is made
+#: for every delivery).
+_EXPIRY_LOG_INTERVAL_S = 86400.0
+_expiry_logged: dict[tuple[str, str], float] = {}
 #: The first byte of a TLS handshake record, and of an A-ASSOCIATE-RQ PDU.
 _TLS_HANDSHAKE, _ASSOCIATE_RQ = 0x16, 0x01
 
@@ -69,6 +79,60 @@ def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path) -
                          f"with private key '{private_key}': {_reason(exc)}") from None
 
 
+def certificate_expiry(certificate: Path) -> float | None:
+    """When the first certificate of a PEM file stops being valid (Unix time).
+
+    Read with CPython's own certificate decoder (the ``ssl`` module has no public
+    reader of a certificate file); None where it is missing or cannot read the file.
+    """
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(decode(str(certificate))["notAfter"]))
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return None
+
+
+def check_expiry(certificate: Path, setting: str, now: float | None = None) -> float | None:
+    """Log an error for an expired certificate, a warning for one that expires soon.
+
+    Peers refuse an expired certificate in every handshake, with nothing in the node's
+    own log to say why; this says it at start, and ``EXPIRY_WARNING_DAYS`` ahead (once
+    a day per certificate and setting).
+
+    Parameters
+    ----------
+    certificate : Path
+        The PEM file (its first certificate is the node's own).
+    setting : str
+        The setting that names it, for the log line (``tls.certificate``, ...).
+    now : float, optional
+        Unix time to compare with (default: the clock).
+
+    Returns
+    -------
+    float or None
+        Days left (negative once expired); None where the expiry cannot be read.
+    """
+    expiry = certificate_expiry(certificate)
+    if expiry is None:
+        return None
+    days = (expiry - (time.time() if now is None else now)) / 86400
+    where = fields(setting=setting, certificate=str(certificate), days_left=round(days, 1),
+                   not_after=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)))
+    key, clock = (str(certificate), setting), time.monotonic()
+    if days > EXPIRY_WARNING_DAYS or clock - _expiry_logged.get(
+            key, -_EXPIRY_LOG_INTERVAL_S) < _EXPIRY_LOG_INTERVAL_S:
+        return days
+    _expiry_logged[key] = clock
+    if days <= 0:
+        log.error("tls.certificate_expired", extra=where)
+    else:
+        log.warning("tls.certificate_expires_soon", extra=where)
+    return days
+
+
 def _load_cas(context: ssl.SSLContext, ca_certificates: Path) -> None:
     try:
         context.load_verify_locations(cafile=ca_certificates)
@@ -97,6 +161,7 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
     context = _base(ssl.PROTOCOL_TLS_SERVER)
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     _load_chain(context, tls.certificate, tls.private_key)
+    check_expiry(tls.certificate, "tls.certificate")
     if tls.ca_certificates is not None:
         _load_cas(context, tls.ca_certificates)
         context.verify_mode = (ssl.CERT_REQUIRED if tls.require_client_certificate
@@ -131,6 +196,7 @@ def client_context(tls: PeerTls) -> ssl.SSLContext:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.certificate is not None and tls.private_key is not None:
         _load_chain(context, tls.certificate, tls.private_key)
+        check_expiry(tls.certificate, "peers.tls.certificate")
     return context
 
 

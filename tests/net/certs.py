@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+#: Valid for longer than the node's expiry warning (30 days) looks ahead.
+DAYS = 400
+SERVER_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+              "extendedKeyUsage=serverAuth,clientAuth\n"
+              "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+CLIENT_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+              "extendedKeyUsage=clientAuth\n")
 
 
 @dataclass(frozen=True)
@@ -37,11 +44,12 @@ def _openssl(*args: str) -> None:
 def _ca(folder: Path, name: str) -> KeyPair:
     pair = KeyPair(folder / f"{name}.pem", folder / f"{name}.key")
     _openssl("req", "-x509", *_EC, "-keyout", str(pair.private_key), "-out",
-             str(pair.certificate), "-days", "2", "-subj", f"/CN={name}")
+             str(pair.certificate), "-days", str(DAYS), "-subj", f"/CN={name}")
     return pair
 
 
-def _issue(folder: Path, ca: KeyPair, name: str, days: int, extensions: str) -> KeyPair:
+def issue(folder: Path, ca: KeyPair, name: str, days: int, extensions: str) -> KeyPair:
+    """A certificate issued by ``ca``, valid for ``days`` (-1: expired a day ago)."""
     pair = KeyPair(folder / f"{name}.pem", folder / f"{name}.key")
     request, ext = folder / f"{name}.csr", folder / f"{name}.ext"
     ext.write_text(extensions)
@@ -68,17 +76,12 @@ def make_pki(folder: Path) -> Pki:
     """
     folder.mkdir(parents=True, exist_ok=True)
     ca, other = _ca(folder, "testca"), _ca(folder, "otherca")
-    server_ext = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                  "extendedKeyUsage=serverAuth,clientAuth\n"
-                  "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    client_ext = ("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
-                  "extendedKeyUsage=clientAuth\n")
     return Pki(
         ca=ca.certificate,
-        server=_issue(folder, ca, "server", 2, server_ext),
-        expired_server=_issue(folder, ca, "expired_server", -1, server_ext),
-        client=_issue(folder, ca, "client", 2, client_ext),
-        expired_client=_issue(folder, ca, "expired", -1, client_ext),
+        server=issue(folder, ca, "server", DAYS, SERVER_EXT),
+        expired_server=issue(folder, ca, "expired_server", -1, SERVER_EXT),
+        client=issue(folder, ca, "client", DAYS, CLIENT_EXT),
+        expired_client=issue(folder, ca, "expired", -1, CLIENT_EXT),
         other_ca=other.certificate,
-        stranger=_issue(folder, other, "stranger", 2, client_ext),
+        stranger=issue(folder, other, "stranger", DAYS, CLIENT_EXT),
     )

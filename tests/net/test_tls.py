@@ -21,13 +21,14 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
 from dicomnode.config import PeerTls, Settings
+from dicomnode.net import tls as tls_module
 from dicomnode.net.scu import SendError, send_files
 from dicomnode.node import Node
 from dicomnode.store.models import AuditEvent, Delivery, Instance
 from dicomnode.workflow.export import Outbox, Target
 from tests.conftest import free_port
 from tests.factories import ct_slice, write_series
-from tests.net.certs import KeyPair, Pki, make_pki
+from tests.net.certs import SERVER_EXT, KeyPair, Pki, issue, make_pki
 from tests.net.rawpeer import associate_rq, read_until_closed
 from tests.peers import wait_port
 
@@ -42,9 +43,11 @@ def tls_node(settings: Settings, pki: Pki) -> Iterator[Callable[..., Node]]:
     """Start a node with a TLS port (mutual authentication required unless changed)."""
     started: list[Node] = []
 
-    def start(*, require: bool = True, ca: Path | None = None, **changes: Any) -> Node:
-        tls = {"port": free_port(), "certificate": pki.server.certificate,
-               "private_key": pki.server.private_key, "ca_certificates": ca or pki.ca,
+    def start(*, require: bool = True, ca: Path | None = None,
+              certificate: KeyPair | None = None, **changes: Any) -> Node:
+        own = certificate or pki.server
+        tls = {"port": free_port(), "certificate": own.certificate,
+               "private_key": own.private_key, "ca_certificates": ca or pki.ca,
                "require_client_certificate": require}
         node = Node(Settings.model_validate({**settings.model_dump(), "tls": tls, **changes}))
         node.start()
@@ -402,3 +405,47 @@ def test_a_tls_client_on_the_plain_port_is_refused_with_a_hint(
     assert time.monotonic() - started < 5
     assert wait_for(lambda: idle(node))
     assert [r.getMessage() for r in node_lines(caplog)] == ["association.tls_on_plain_port"]
+
+
+# --- the operator's view: certificate expiry, a sender failing over and over ------------
+
+
+def test_a_certificate_about_to_expire_is_warned_about_and_its_expiry_exported(
+        tls_node: Callable[..., Node], pki: Pki, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    soon = issue(tmp_path, KeyPair(pki.ca, pki.ca.with_suffix(".key")), "soon", 5, SERVER_EXT)
+    node = tls_node(certificate=soon)
+    [warning] = [r for r in node_lines(caplog)
+                 if r.getMessage() == "tls.certificate_expires_soon"]
+    assert 4 < warning.dn_fields["days_left"] <= 5
+    expiry = node.metrics.registry.get_sample_value(
+        "dicomnode_tls_certificate_expiry_timestamp_seconds")
+    assert expiry is not None and 4 * 86400 < expiry - time.time() <= 5 * 86400
+    assert dcmtk("echoscu", node, *with_key(pki.client, pki.ca)).returncode == 0
+
+
+def test_an_expired_certificate_is_an_error_in_the_log_at_start(
+        tls_node: Callable[..., Node], pki: Pki, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    monkeypatch.setattr(tls_module, "_expiry_logged", {})   # logged once a day per process
+    node = tls_node(certificate=pki.expired_server)
+    assert node.scp.tls_port is not None   # the plain port and the rest keep running
+    [error] = [r for r in node_lines(caplog) if r.getMessage() == "tls.certificate_expired"]
+    assert error.levelno == logging.ERROR and error.dn_fields["days_left"] < 0
+
+
+def test_a_sender_failing_the_handshake_over_and_over_is_logged_once_and_counted(
+        tls_node: Callable[..., Node], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicomnode")
+    node = tls_node(association_timeout_s=5)
+    for _ in range(12):
+        sock = socket.create_connection(("127.0.0.1", node.scp.tls_port), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        read_until_closed(sock, 5)
+        sock.close()
+    assert wait_for(lambda: idle(node) and node.metrics.registry.get_sample_value(
+        "dicomnode_tls_handshake_failures_total") == 12)
+    assert len(refusals(node)) == 1
+    assert [r.getMessage() for r in node_lines(caplog)] == ["tls.handshake_failed"]
