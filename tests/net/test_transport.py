@@ -367,7 +367,8 @@ def test_stopping_aborts_an_association_whose_accept_handlers_are_still_running(
     sending.sendall(p_data(1, 3, STORE_RQ) + p_data(1, 0, b"\0" * 1000))
     assert accepting.wait(5)
     node.stop()
-    assert read_until_closed(sending, 6)[0][:1] == b"\x07"   # told: aborted, not cut off
+    answer, closed_after = read_until_closed(sending, 6)
+    assert answer[:1] == b"\x07" and closed_after < 6   # told: aborted, not left waiting
     assert not list(node.spool.tmp_dir.iterdir())
     assert not thread_errors
 
@@ -386,7 +387,10 @@ def test_stopping_does_not_wait_for_connections_that_never_associated(
     started = time.monotonic()
     node.stop()
     assert time.monotonic() - started < 6, "stop waited out the association timeout"
-    assert read_until_closed(sending, 6)[0][:1] == b"\x07"   # the store under way: aborted
+    # The store under way is not acknowledged: an A-ABORT, or (when pynetdicom's DUL
+    # thread finds the connection closed under it before it sends one) just the close.
+    answer, closed_after = read_until_closed(sending, 6)
+    assert answer[:1] in (b"\x07", b"") and closed_after < 6, answer[:12]
     assert read_until_closed(waiting, 6)[1] < 6
     assert not list(node.spool.tmp_dir.iterdir())
     assert not thread_errors
