@@ -128,13 +128,12 @@ def _for_viewers(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, na
     """
     items = group[0].ContentSequence  # a template is a list: its one container
     scoord = next(item for item in items if item.ValueType == "SCOORD")
-    first_num = next((item for item in items if item.ValueType == "NUM"), None)
-    if first_num is not None:  # without a NUM, the adapters take the top-level SCOORD
-        inferred = copy.deepcopy(scoord)
-        inferred.RelationshipType = "INFERRED FROM"
-        if "ContentSequence" not in first_num:
-            first_num.ContentSequence = DicomSequence()
-        first_num.ContentSequence.append(inferred)
+    first_num = next(item for item in items if item.ValueType == "NUM")
+    inferred = copy.deepcopy(scoord)
+    inferred.RelationshipType = "INFERRED FROM"
+    if "ContentSequence" not in first_num:
+        first_num.ContentSequence = DicomSequence()
+    first_num.ContentSequence.append(inferred)
     items.append(hd.sr.TextContentItem(
         name=COMMENT, value=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
