@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,6 +50,45 @@ class PhiFilter(logging.Filter):
                 if not any(p in k.lower() for p in _PHI_KEYS)
             })
         return True
+
+
+class LogLimit:
+    """At most one log line per key (an address, a certificate) per interval.
+
+    A scanner retrying a refused connection, or a client context made for every
+    delivery, would otherwise write the same line many times a second; :meth:`admit`
+    says when to write it and how many were left out since the last one.
+
+    Parameters
+    ----------
+    interval_s : float
+        Seconds between two lines of one key.
+    max_keys : int
+        Keys remembered; past it the quiet ones are forgotten (and all of them in a
+        flood from everywhere), so that memory stays bounded.
+    """
+
+    def __init__(self, interval_s: float, max_keys: int = 4096) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._last: dict[Hashable, tuple[float, int]] = {}   # key -> (logged at, left out)
+
+    def admit(self, key: Hashable) -> int | None:
+        """None to leave this line out; else write it, with this many left out before it."""
+        now = time.monotonic()
+        with self._lock:
+            logged, left_out = self._last.get(key, (now - self.interval_s, 0))
+            if now - logged < self.interval_s:
+                self._last[key] = (logged, left_out + 1)
+                return None
+            if len(self._last) >= self.max_keys:   # forget the quiet ones
+                self._last = {k: v for k, v in self._last.items()
+                              if now - v[0] < self.interval_s}
+                if len(self._last) >= self.max_keys:
+                    self._last.clear()
+            self._last[key] = (now, 0)
+            return left_out
 
 
 _quiet = threading.local()

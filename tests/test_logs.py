@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from dicomnode import logs
 from dicomnode.logs import configure_logging, fields, quiet_info
 
 # the handler writes to whatever sys.stderr is when a record comes: capsys sees it;
@@ -47,3 +48,19 @@ def test_quiet_info_leaves_out_only_this_threads_routine_records(
     log.info("after")
     assert [e["event"] for e in _events(capsys)] == ["warm_up.slow", "instance.stored",
                                                     "after"]
+
+
+def test_a_log_limit_admits_one_line_per_key_per_interval_and_counts_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    limit = logs.LogLimit(60.0, max_keys=2)
+    assert limit.admit("10.0.0.1") == 0
+    assert limit.admit("10.0.0.1") is None
+    assert limit.admit("10.0.0.1") is None
+    assert limit.admit("10.0.0.2") == 0          # another key has its own interval
+    clock[0] += 61
+    assert limit.admit("10.0.0.1") == 2          # the next line says how many were left out
+    clock[0] += 61
+    assert limit.admit("10.0.0.3") == 0          # past max_keys the quiet keys are forgotten
+    assert len(limit._last) <= 2

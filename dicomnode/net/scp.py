@@ -17,7 +17,6 @@ import os
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -37,7 +36,7 @@ from pynetdicom import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.config import Settings
-from dicomnode.logs import fields
+from dicomnode.logs import LogLimit, fields
 from dicomnode.metrics import NodeMetrics
 from dicomnode.net import direct_encoding
 from dicomnode.net.tls import certificate_expiry, server_context
@@ -246,32 +245,6 @@ def _state(assoc: Any) -> str:
 HANDSHAKE_LOG_INTERVAL_S = 60.0
 
 
-class _PerAddressLog:
-    """At most one log line per address per interval; counts the ones left out."""
-
-    def __init__(self, interval_s: float, max_addresses: int = 4096) -> None:
-        self.interval_s = interval_s
-        self.max_addresses = max_addresses
-        self._lock = threading.Lock()
-        self._last: dict[str, tuple[float, int]] = {}   # address -> (logged at, left out)
-
-    def admit(self, address: str) -> int | None:
-        """None to leave this one out; else log it, with this many left out before it."""
-        now = time.monotonic()
-        with self._lock:
-            logged, left_out = self._last.get(address, (-self.interval_s, 0))
-            if now - logged < self.interval_s:
-                self._last[address] = (logged, left_out + 1)
-                return None
-            if len(self._last) >= self.max_addresses:   # forget the quiet ones
-                self._last = {a: v for a, v in self._last.items()
-                              if now - v[0] < self.interval_s}
-                if len(self._last) >= self.max_addresses:   # a flood from everywhere
-                    self._last.clear()
-            self._last[address] = (now, 0)
-            return left_out
-
-
 def _log_unanswered(path: Path, future: Future[StoreOutcome]) -> None:
     """An early store whose association ended before its answer: say how it ended.
 
@@ -322,7 +295,7 @@ class StorageSCP:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or NodeMetrics()
-        self._handshake_log = _PerAddressLog(HANDSHAKE_LOG_INTERVAL_S)
+        self._handshake_log = LogLimit(HANDSHAKE_LOG_INTERVAL_S)
         self.store = store
         self.on_released = on_released
         self.accepted = frozenset(accepted_sop_classes or CT_STUDY_SOP_CLASSES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import ssl
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from dicomnode.config import ListenerTls, PeerTls
-from dicomnode.logs import fields
+from dicomnode.logs import LogLimit, fields
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ EXPIRY_WARNING_DAYS = 30
 #: Each certificate's expiry is logged at most this often (a client context is made
 #: for every delivery).
 _EXPIRY_LOG_INTERVAL_S = 86400.0
-_expiry_logged: dict[tuple[str, str], float] = {}
+_expiry_log = LogLimit(_EXPIRY_LOG_INTERVAL_S)
+#: Expiry read per certificate file, by (path) -> ((mtime, size), expiry).
+_expiry_read: dict[str, tuple[tuple[int, int], float | None]] = {}
 #: The first byte of a TLS handshake record, and of an A-ASSOCIATE-RQ PDU.
 _TLS_HANDSHAKE, _ASSOCIATE_RQ = 0x16, 0x01
 
@@ -84,14 +87,27 @@ def certificate_expiry(certificate: Path) -> float | None:
 
     Read with CPython's own certificate decoder (the ``ssl`` module has no public
     reader of a certificate file); None where it is missing or cannot read the file.
+    The file is read again only when its modification time or size changed (a client
+    context is made for every delivery).
     """
+    try:
+        stat = os.stat(certificate)
+    except OSError:
+        return None
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    known = _expiry_read.get(str(certificate))
+    if known is not None and known[0] == stamp:
+        return known[1]
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is None:
         return None
     try:
-        return float(ssl.cert_time_to_seconds(decode(str(certificate))["notAfter"]))
+        expiry: float | None = float(ssl.cert_time_to_seconds(
+            decode(str(certificate))["notAfter"]))
     except (ssl.SSLError, OSError, KeyError, ValueError):
-        return None
+        expiry = None
+    _expiry_read[str(certificate)] = (stamp, expiry)
+    return expiry
 
 
 def check_expiry(certificate: Path, setting: str, now: float | None = None) -> float | None:
@@ -119,13 +135,10 @@ def check_expiry(certificate: Path, setting: str, now: float | None = None) -> f
     if expiry is None:
         return None
     days = (expiry - (time.time() if now is None else now)) / 86400
+    if days > EXPIRY_WARNING_DAYS or _expiry_log.admit((str(certificate), setting)) is None:
+        return days
     where = fields(setting=setting, certificate=str(certificate), days_left=round(days, 1),
                    not_after=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)))
-    key, clock = (str(certificate), setting), time.monotonic()
-    if days > EXPIRY_WARNING_DAYS or clock - _expiry_logged.get(
-            key, -_EXPIRY_LOG_INTERVAL_S) < _EXPIRY_LOG_INTERVAL_S:
-        return days
-    _expiry_logged[key] = clock
     if days <= 0:
         log.error("tls.certificate_expired", extra=where)
     else:

@@ -53,7 +53,7 @@ from pynetdicom.fsm import TRANSITION_TABLE, InvalidEventError
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Settings
-from dicomnode.logs import fields
+from dicomnode.logs import LogLimit, fields
 from dicomnode.net.tls import HandshakeError, server_handshake
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class AssociationSlots:
         self.accepted: dict[Any, _Connection] = {}
         self.pending: Counter[str] = Counter()
         self.associated: Counter[str] = Counter()
-        self.refusals: dict[str, tuple[float, int]] = {}
+        self.refusals = LogLimit(_REFUSAL_LOG_INTERVAL_S)   # log lines per address
         self.associations = 0
 
 
@@ -488,16 +488,11 @@ class ListenerServer(ThreadedAssociationServer):
                 self.slots.pending[ip] += 1
                 self.slots.accepted[request] = _Connection(self, ip)
                 return True
-            now = time.monotonic()
-            if len(self.slots.refusals) > 1024:
-                self.slots.refusals.clear()
-            last, count = self.slots.refusals.get(ip, (0.0, 0))
-            due = now - last >= _REFUSAL_LOG_INTERVAL_S
-            self.slots.refusals[ip] = (now, 0) if due else (last, count + 1)
-        if due:
+        left_out = self.slots.refusals.admit(ip)
+        if left_out is not None:
             log.warning("association.connection_refused", extra=fields(
                 address=ip, reason="too many connections from this address awaiting "
-                "association (max_associations_per_ip)", refused_since_last=count))
+                "association (max_associations_per_ip)", refused_since_last=left_out))
         return False
 
     def take_connection(self, request: Any, client_address: Any) -> _Connection:

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
 from dicomnode.config import PeerTls, Settings
+from dicomnode.logs import LogLimit
 from dicomnode.net import tls as tls_module
 from dicomnode.net.scu import SendError, send_files
 from dicomnode.node import Node
@@ -425,11 +426,33 @@ def test_a_certificate_about_to_expire_is_warned_about_and_its_expiry_exported(
     assert dcmtk("echoscu", node, *with_key(pki.client, pki.ca)).returncode == 0
 
 
+def test_a_certificate_file_is_read_again_only_when_it_changes(
+        pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = KeyPair(pki.ca, pki.ca.with_suffix(".key"))
+    path = issue(tmp_path, ca, "node", 5, SERVER_EXT).certificate
+    first = tls_module.certificate_expiry(path)
+    assert first is not None and 4 * 86400 < first - time.time() <= 5 * 86400
+    reads: list[str] = []
+    decode = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+
+    def counting(name: str) -> dict[str, object]:
+        reads.append(name)
+        return decode(name)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ssl._ssl, "_test_decode_cert", counting)  # type: ignore[attr-defined]
+    assert tls_module.certificate_expiry(path) == first   # a delivery's context: no read
+    assert reads == []
+    renewed = issue(tmp_path, ca, "renewed", 400, SERVER_EXT).certificate
+    path.write_bytes(renewed.read_bytes())                 # renewed in place
+    later = tls_module.certificate_expiry(path)
+    assert later is not None and later - first > 390 * 86400 and reads == [str(path)]
+
+
 def test_an_expired_certificate_is_an_error_in_the_log_at_start(
         tls_node: Callable[..., Node], pki: Pki, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="dicomnode")
-    monkeypatch.setattr(tls_module, "_expiry_logged", {})   # logged once a day per process
+    monkeypatch.setattr(tls_module, "_expiry_log", LogLimit(86400))   # once a day per process
     node = tls_node(certificate=pki.expired_server)
     assert node.scp.tls_port is not None   # the plain port and the rest keep running
     [error] = [r for r in node_lines(caplog) if r.getMessage() == "tls.certificate_expired"]
