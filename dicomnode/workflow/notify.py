@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from sqlalchemy import update
-
 from dicomnode.config import Settings, Webhook
 from dicomnode.logs import fields
 from dicomnode.store.db import Database
@@ -329,17 +327,6 @@ class Notifier(RetryingSender[Notification]):
             row_id = row.id
         self.wake()
         return row_id
-
-    def recover(self) -> int:
-        """Put notifications that were being sent when the node stopped back in the queue."""
-        with self.db.transaction() as session:
-            result = session.execute(
-                update(Notification).where(Notification.state == DeliveryState.SENDING.value)
-                .values(state=DeliveryState.PENDING.value))
-            count = int(getattr(result, "rowcount", 0) or 0)
-        if count:
-            log.info("notify.recovered", extra=fields(requeued=count))
-        return count
 
     @property
     def policy(self) -> RetryPolicy:

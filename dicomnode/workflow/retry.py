@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicomnode.logs import fields
 from dicomnode.store.db import Database
@@ -99,6 +99,18 @@ class RetryingSender(Generic[Row]):
     def wake(self) -> None:
         """Look for due rows now (called after rows were queued)."""
         self._wake.set()
+
+    def recover(self) -> int:
+        """Put rows that were being sent when the node stopped back in the queue (at
+        start, before the loop runs); returns how many."""
+        with self.db.transaction() as session:
+            result = session.execute(
+                update(self.model).where(self.model.state == DeliveryState.SENDING.value)
+                .values(state=DeliveryState.PENDING.value))
+            count = int(getattr(result, "rowcount", 0) or 0)
+        if count:
+            log.info(f"{self.name}.recovered", extra=fields(requeued=count))
+        return count
 
     def _claim(self) -> Row | None:
         model = self.model
