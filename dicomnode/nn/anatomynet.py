@@ -187,6 +187,22 @@ class AnatomyNet(nn.Module):
         return self.classify(h)
 
 
+def mirrored(volume: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``[C, Z, Y, X]`` mirrored left to right, channels of each pair swapped.
+
+    The side channel (:func:`side_map` about the box's centre) mirrors into its own
+    negative, which is what a mirrored patient has: the mirrored input is one the fine
+    network knows, and its left organ's output is the original's right organ.
+    """
+    out = torch.flip(volume, dims=[-1])
+    if pairs:
+        order = list(range(out.shape[0]))
+        for left, right in pairs:
+            order[left], order[right] = right, left
+        out = out[order]
+    return out
+
+
 def side_map(shape: Sequence[int], spacing_x: float, centre_x: float,
              device: torch.device | None = None) -> torch.Tensor:
     """The side channel: signed distance from ``centre_x`` (an x index) in 100 mm units.
@@ -335,13 +351,19 @@ class HeadNeckSegmenter:
         Organ label -> probability at which a background voxel becomes that organ
         (chosen on validation cases for the small organs; none: the most probable
         class).
+    mirror : bool
+        Average stage 2 with its reading of the box mirrored left to right (pairs
+        swapped back): left and right organs then get the same evidence, where a
+        network trained without flips can learn one side better than the other.
     """
 
     def __init__(self, coarse_net: AnatomyNet, fine_net: AnatomyNet, device: torch.device,
                  *, roi_coarse: tuple[int, int, int] = (32, 80, 80),
                  roi_fine: tuple[int, int, int] = (24, 96, 96),
                  batch_size: int | None = None,
-                 thresholds: Mapping[int, float] | None = None) -> None:
+                 thresholds: Mapping[int, float] | None = None,
+                 mirror: bool = True) -> None:
+        self.mirror = mirror
         self.coarse_net = coarse_net.to(device).eval()
         self.fine_net = fine_net.to(device).eval()
         self.device = device
@@ -458,6 +480,9 @@ class HeadNeckSegmenter:
             side = side_map(fine.shape, FINE_SPACING[2], (fine.shape[2] - 1) / 2, fine.device)
             image = torch.cat([image, side[None]])
         probs = self._predict(self.fine_net, image, self.roi_fine)
+        if self.mirror:
+            probs = 0.5 * (probs + mirrored(self._predict(
+                self.fine_net, mirrored(image, ()), self.roi_fine), PAIRS))
         timings["stage2_fine"] = self._done() - t
         t = time.perf_counter()
         probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")

@@ -452,6 +452,7 @@ class HeadNeckRecipe(ModelRecipe):
                    "roi_fine": tuple(config.get("roi_fine", (24, 96, 96))),
                    "thresholds": {int(k): float(v)
                                   for k, v in (config.get("thresholds") or {}).items()},
+                   "mirror": bool(config.get("mirror", True)),
                    **overrides}
         return HeadNeckSegmenter(coarse, fine, device, **options)
 
@@ -470,17 +471,19 @@ class HeadNeckRecipe(ModelRecipe):
         return {"thresholds": dict(previous["thresholds"])}
 
     def operating_point(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """The sliding-window sizes (the training patch sizes) and the small organs'
-        thresholds the weights ship with."""
+        """The sliding-window sizes (the training patch sizes), whether stage 2 also reads
+        the box mirrored, and the small organs' thresholds the weights ship with."""
         return {"roi_coarse": list(config.get("roi_coarse", (32, 80, 80))),
+                "mirror": bool(config.get("mirror", True)),
                 "roi_fine": list(config.get("roi_fine", (24, 96, 96))),
                 "thresholds": {str(k): float(v)
                                for k, v in (config.get("thresholds") or {}).items()}}
 
     def train_config(self, options: Options) -> dict[str, Any]:
-        """The patch sizes, recorded so that inference uses windows of the same size."""
+        """The patch sizes, recorded so that inference uses windows of the same size, and
+        the mirrored reading the thresholds are chosen with."""
         assert isinstance(options, HeadNeckOptions)
-        return {"roi_coarse": [options.coarse_slices, options.coarse_patch,
+        return {"mirror": True, "roi_coarse": [options.coarse_slices, options.coarse_patch,
                                options.coarse_patch],
                 "roi_fine": [options.fine_slices, options.fine_patch, options.fine_patch]}
 

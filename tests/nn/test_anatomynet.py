@@ -8,12 +8,14 @@ import torch
 
 from dicomnode.nn import anatomynet
 from dicomnode.nn.anatomynet import (
+    PAIRS,
     AnatomyNet,
     HeadNeckSegmenter,
     assign_sides,
     canonical_flips,
     keep_largest,
     midline,
+    mirrored,
     postprocess,
 )
 
@@ -101,6 +103,7 @@ def test_segmenter_returns_labels_on_the_input_grid_in_its_orientation(
         return probs
 
     monkeypatch.setattr(seg, "_predict", coarse)
+    seg.mirror = False   # the fake fine stage answers "right" whichever way it reads
     out = seg.segment(hu, (5.0, 4.0, 4.0))
     assert out.labels.shape == hu.shape and out.box is not None
     # no midline organ: the network's side is kept
@@ -109,6 +112,47 @@ def test_segmenter_returns_labels_on_the_input_grid_in_its_orientation(
                           np.array([[-1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float))
     assert np.array_equal(flipped.labels, out.labels[:, :, ::-1])
     assert "stage2_fine" in out.timings
+
+
+def test_a_mirrored_reading_swaps_each_pair_and_undoes_itself() -> None:
+    volume = torch.rand(10, 3, 4, 6)
+    out = mirrored(volume, PAIRS)
+    for left, right in PAIRS:
+        assert torch.equal(out[left], torch.flip(volume[right], dims=[-1]))
+        assert torch.equal(out[right], torch.flip(volume[left], dims=[-1]))
+    assert torch.equal(out[1], torch.flip(volume[1], dims=[-1]))
+    assert torch.equal(mirrored(out, PAIRS), volume)
+    side = anatomynet.side_map((2, 3, 6), 1.0, 2.5)
+    assert torch.equal(mirrored(side[None], ())[0], -side)   # the side channel mirrors
+
+
+def test_stage_two_averages_its_reading_with_the_mirrored_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seg = _toy_segmenter()
+    hu = np.full((24, 64, 64), -1000, dtype=np.int16)
+    hu[:, 16:48, 16:48] = 40
+    fine_inputs: list[torch.Tensor] = []
+
+    def fake(net: AnatomyNet, image: torch.Tensor, roi: tuple[int, int, int]
+             ) -> torch.Tensor:
+        probs = torch.zeros((10, *image.shape[-3:]))
+        if net is seg.coarse_net:
+            probs[1] = 1                    # an organ everywhere: the box is the volume
+            return probs
+        fine_inputs.append(image.clone())
+        probs[0] = 0.2
+        probs[4] = 0.8 if len(fine_inputs) == 1 else 0.0   # "left" only when read as given
+        probs[5] = 0.0 if len(fine_inputs) == 1 else 0.8
+        return probs
+
+    monkeypatch.setattr(seg, "_predict", fake)
+    found = seg.probabilities(hu, (5.0, 4.0, 4.0))
+    assert len(fine_inputs) == 2
+    assert torch.equal(fine_inputs[1], torch.flip(fine_inputs[0], dims=[-1]))
+    assert found.probs is not None
+    # the mirrored reading's "right" is the given reading's "left": they agree
+    assert torch.allclose(found.probs[4], torch.full_like(found.probs[4], 0.8))
+    assert torch.allclose(found.probs[5], torch.zeros_like(found.probs[5]))
 
 
 def test_nothing_found_gives_an_empty_map() -> None:
