@@ -315,6 +315,28 @@ def threshold_youden(scores: Sequence[float], truth: Sequence[int]) -> float:
     return best_t
 
 
+def threshold_in_gap(scores: Sequence[float], chosen: float) -> float:
+    """``chosen`` moved down to halfway (on the logit scale) to the next lower score.
+
+    A threshold found on validation sits on one validation case's score, so a new case
+    scoring a hair lower falls on the other side. Any threshold between that score and
+    the next lower one makes the same validation decisions; the middle of the gap keeps
+    a margin on both sides (the logit scale, because probabilities crowd near 0 and 1).
+    Rounded down to 1e-5 where that stays inside the gap.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    lower = s[s < chosen]
+    if not len(lower):
+        return float(chosen)
+    eps = 1e-6
+    a, b = np.clip([chosen, float(lower.max())], eps, 1 - eps)
+    middle = float(1.0 / (1.0 + np.exp(-0.5 * (np.log(a / (1 - a)) + np.log(b / (1 - b))))))
+    rounded = float(np.floor(middle * 1e5) / 1e5)
+    if rounded > lower.max():
+        return rounded
+    return middle if middle > lower.max() else float(chosen)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (1.0 when both are empty)."""
     total = int(a.sum()) + int(b.sum())
@@ -390,7 +412,8 @@ def choose_operating_point(classifier: IchClassifier, cases: Iterable[datasets.C
     ``any`` (the triage decision) gets the highest threshold with ``target``
     sensitivity; each subtype the one with the highest sensitivity + specificity: with a
     dozen positives of a subtype, the sensitivity rule sets its threshold at the one
-    lowest positive and the specificity falls with it.
+    lowest positive and the specificity falls with it. Each is then moved into the gap
+    below it (:func:`threshold_in_gap`): the same validation decisions, with a margin.
     """
     probs: dict[str, list[float]] = {k: [] for k in FINDINGS}
     truth: dict[str, list[int]] = {k: [] for k in FINDINGS}
@@ -403,11 +426,10 @@ def choose_operating_point(classifier: IchClassifier, cases: Iterable[datasets.C
             truth[key].append(int(study[k]))
         if has_voxel_labels(case) and study[0]:
             dices.append(dice(result.labels > 0, case.labels > 0))
-    # rounded down: a threshold rounded up would drop the lowest positive it was chosen for
     chosen = {key: (threshold_for_sensitivity(probs[key], truth[key], target)
                     if key == "any" else threshold_youden(probs[key], truth[key]))
               for key in FINDINGS}
-    thresholds = {key: float(np.floor(value * 1e5) / 1e5) for key, value in chosen.items()}
+    thresholds = {key: threshold_in_gap(probs[key], value) for key, value in chosen.items()}
     seg_dice = float(np.mean(dices)) if dices else 0.0
     measured = {}
     for key in FINDINGS:

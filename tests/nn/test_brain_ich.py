@@ -20,6 +20,7 @@ from dicomnode.nn.brain_ich import (
     read_rsna_labels,
     summarise,
     threshold_for_sensitivity,
+    threshold_in_gap,
     threshold_youden,
 )
 from dicomnode.nn.ichnet import FINDINGS, IchTarget
@@ -189,3 +190,17 @@ def test_a_subtypes_threshold_balances_sensitivity_and_specificity() -> None:
     # stops at 0.8 (sensitivity 2/3, specificity 1)
     assert threshold_youden(scores, truth) == pytest.approx(0.8)
     assert threshold_youden(scores, [0] * 7) == 0.5
+
+
+def test_a_threshold_moves_into_the_gap_below_the_validation_case_it_sits_on() -> None:
+    scores = [0.99997, 0.9999, 0.2, 0.1, 0.05]
+    moved = threshold_in_gap(scores, 0.99997)
+    # the same decisions on these scores: 0.99997 in, 0.9999 out ...
+    assert 0.9999 < moved < 0.99997
+    # ... halfway on the logit scale, and the gap can be wide
+    wide = threshold_in_gap(scores, 0.9999)
+    assert 0.2 < wide < 0.99
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731 - a one-line formula
+    assert logit(wide) == pytest.approx((logit(0.9999) + logit(0.2)) / 2, abs=1e-3)
+    # nothing lower: unchanged
+    assert threshold_in_gap(scores, 0.05) == 0.05

@@ -66,19 +66,25 @@ def test_the_network_gives_six_logits_per_slab_and_a_blood_map_per_slab() -> Non
     assert IchNet(8, hidden=16, segmentation=False)(torch.rand(1, 3, 3, 64, 64)).seg is None
 
 
-def test_reading_the_slabs_reversed_gives_the_same_probabilities_reversed() -> None:
+@pytest.mark.parametrize("dims", [[1], [-1]], ids=["slabs reversed", "head mirrored"])
+def test_a_reversed_or_mirrored_study_gives_the_same_findings_on_the_same_slabs(
+        dims: list[int]) -> None:
     torch.manual_seed(0)
     net = IchNet(8, hidden=16).eval()
     x = torch.rand(1, 6, 3, 64, 64)
     with torch.inference_mode():
-        forward, seg = predict(net, x)
-        backward, seg_back = predict(net, torch.flip(x, dims=[1]))
+        slices, seg = predict(net, x)
+        other, seg_other = predict(net, torch.flip(x, dims=dims))
         plain = torch.sigmoid(net(x).slices)
-    assert torch.allclose(forward, torch.flip(backward, dims=[1]), atol=1e-6)
-    assert seg is not None and seg_back is not None
-    assert torch.allclose(seg, torch.flip(seg_back, dims=[1]), atol=1e-6)
-    # the bidirectional GRU's two readings differ, and the mean is neither of them
-    assert not torch.allclose(forward, plain, atol=1e-6)
+        reversed_only = 0.5 * (plain + torch.flip(
+            torch.sigmoid(net(torch.flip(x, dims=[1])).slices), dims=[1]))
+    assert torch.allclose(slices, torch.flip(other, dims=[1]) if 1 in dims else other,
+                          atol=1e-6)
+    assert seg is not None and seg_other is not None
+    assert torch.allclose(seg, torch.flip(seg_other, dims=dims), atol=1e-6)
+    # the four readings differ, and their mean is none of them nor the unmirrored mean
+    assert not torch.allclose(slices, plain, atol=1e-6)
+    assert not torch.allclose(slices, reversed_only, atol=1e-6)
 
 
 def test_the_weighted_log_loss_is_the_rsna_metric_computed_by_hand() -> None:
