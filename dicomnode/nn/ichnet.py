@@ -289,11 +289,9 @@ def study_logits(slices: torch.Tensor) -> torch.Tensor:
 def predict(net: IchNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Slab probabilities ``[B, S, 6]`` and blood probabilities ``[B, S, H, W]``: the mean
     of four readings (test-time augmentation), the slabs in order and reversed, each as
-    given and mirrored left to right.
-
-    The mirrored readings were chosen on validation phantoms 2000-2099 (brain_ich 1.1.0:
-    weighted log loss 0.128 -> 0.108, epidural AUC 0.928 -> 0.951); the network was
-    trained with both flips, so none of the four is out of its training distribution.
+    given and mirrored left to right. The network is trained with both flips, so none of
+    the four readings is new to it; their mean is steadier than any one (the model card
+    has the validation figures that chose it).
     """
     slices = torch.zeros((), device=x.device)
     seg: torch.Tensor | None = None
