@@ -114,10 +114,11 @@ def test_a_processed_abdomen_study_is_shown_previewed_and_rerun_in_chromium(
 
                     page.locator("#rerun").click()
                     expect(page.locator(".flash.ok")).to_contain_text("queued 1 job")
-                    _wait_liver_jobs_done(node, 2)
-                    # a new tab of the same signed-in context: the old one sat idle for
-                    # the whole job, and a loaded machine has had its renderer go away
+                    # closed while its renderer answers: a tab left idle for the whole job
+                    # on a loaded machine has had its renderer go away (and then neither
+                    # reloads nor closes); a new tab of the same signed-in context follows
                     page.close()
+                    _wait_liver_jobs_done(node, 2)
                     page = context.new_page()
                     page.goto(f"{url}/studies/{uid}")
                     expect(page.locator('#jobs tr[data-state="done"]')).to_have_count(3)
