@@ -49,6 +49,9 @@ ORGANS: dict[int, str] = {
     6: "Parotid_L", 7: "Parotid_R", 8: "Glnd_Submand_L", 9: "Glnd_Submand_R",
 }
 NUM_CLASSES = len(ORGANS) + 1
+#: Whether stage 2 also reads the organs' box mirrored left to right (see
+#: :class:`HeadNeckSegmenter`): the default, and what weights without the setting get.
+MIRROR = True
 #: Left/right pairs (left label, right label).
 PAIRS: tuple[tuple[int, int], ...] = ((4, 5), (6, 7), (8, 9))
 #: CT window the networks see (HU): soft tissue to trabecular bone.
@@ -362,7 +365,7 @@ class HeadNeckSegmenter:
                  roi_fine: tuple[int, int, int] = (24, 96, 96),
                  batch_size: int | None = None,
                  thresholds: Mapping[int, float] | None = None,
-                 mirror: bool = True) -> None:
+                 mirror: bool = MIRROR) -> None:
         self.mirror = mirror
         self.coarse_net = coarse_net.to(device).eval()
         self.fine_net = fine_net.to(device).eval()

@@ -41,6 +41,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def rowcount(result: object) -> int:
+    """Rows an UPDATE or DELETE touched (a CursorResult's rowcount, which SQLAlchemy
+    types as Result)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine for ``url``; SQLite gets its directory created and its pragmas.
 

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicomnode.logs import fields
-from dicomnode.store.db import Database
+from dicomnode.store.db import Database, rowcount
 from dicomnode.store.duplicate import same_instance
 from dicomnode.store.header import InstanceHeader, InstanceRejectedError, parse_header
 from dicomnode.store.models import (
@@ -476,7 +476,7 @@ class InstanceStore:
             with self.db.engine.begin() as conn:
                 # the study row first, as the full path locks it first: taken the other
                 # way round, two listeners filing the same instance deadlocked (PostgreSQL)
-                if _rowcount(conn.execute(_TOUCH_STUDY, study)) != 1:
+                if rowcount(conn.execute(_TOUCH_STUDY, study)) != 1:
                     raise _NeedsFullPathError
                 conn.execute(_INSERT_INSTANCE, row)
                 conn.execute(_TOUCH_SERIES, {"pk": series_pk})
@@ -643,11 +643,11 @@ class InstanceStore:
                 continue
             orphans += 1
         with self.db.transaction() as session:
-            jobs = _rowcount(session.execute(
+            jobs = rowcount(session.execute(
                 update(Job).where(Job.state == JobState.RUNNING.value)
                 .values(state=JobState.QUEUED.value)
             )) if requeue_jobs else 0
-            deliveries = _rowcount(session.execute(
+            deliveries = rowcount(session.execute(
                 update(Delivery).where(Delivery.state == DeliveryState.SENDING.value)
                 .values(state=DeliveryState.PENDING.value)
             ))
@@ -656,11 +656,6 @@ class InstanceStore:
                 session.add(AuditEvent(event="node.recovered", detail=report.__dict__))
         log.info("node.recovered", extra=fields(**report.__dict__))
         return report
-
-
-def _rowcount(result: object) -> int:
-    """Rows an UPDATE touched (a CursorResult's rowcount; typed as Result by SQLAlchemy)."""
-    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _identify(data: bytes) -> tuple[str, str, str] | None:
@@ -768,7 +763,7 @@ def _study_for(session: Session, header: InstanceHeader, calling_aet: str,
         study.version += 1
         study.completion_trigger = None
         study.completed_at = None
-        superseded = _rowcount(session.execute(
+        superseded = rowcount(session.execute(
             update(Job)
             .where(Job.study_pk == study.id, Job.state == JobState.QUEUED.value)
             .values(state=JobState.SUPERSEDED.value, reason="a later instance re-opened the study")

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from dicomnode.config import Settings
 from dicomnode.logs import fields
 from dicomnode.pipelines.base import registered
-from dicomnode.store.db import Database
+from dicomnode.store.db import Database, rowcount
 from dicomnode.store.models import AuditEvent, Job, JobState, Study, StudyState, utcnow
 from dicomnode.web.schemas import ActionOut
 from dicomnode.workflow.completion import ROUTING_PRIORITY
@@ -228,10 +228,10 @@ def cancel(db: Database, job_id: int, user: str) -> ActionOut:
         if job is None:
             raise ActionError(f"Invalid 'job' value '{job_id}' - no such job", 404)
         study_uid = job.study.study_uid
-        changed = session.execute(
+        changed = rowcount(session.execute(
             update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
             .values(state=JobState.CANCELLED.value, reason=f"cancelled by {user}",
-                    finished_at=utcnow())).rowcount  # type: ignore[attr-defined]
+                    finished_at=utcnow())))
         if not changed:
             raise ActionError(f"job {job_id} is {job.state}, not queued; only a queued job "
                               "can be cancelled")

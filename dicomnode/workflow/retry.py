@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from sqlalchemy import select, update
 
 from dicomnode.logs import fields
-from dicomnode.store.db import Database
+from dicomnode.store.db import Database, rowcount
 from dicomnode.store.models import AuditEvent, DeliveryState, utcnow
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class RetryingSender(Generic[Row]):
             result = session.execute(
                 update(self.model).where(self.model.state == DeliveryState.SENDING.value)
                 .values(state=DeliveryState.PENDING.value))
-            count = int(getattr(result, "rowcount", 0) or 0)
+            count = rowcount(result)
         if count:
             log.info(f"{self.name}.recovered", extra=fields(requeued=count))
         return count
