@@ -40,6 +40,7 @@ from dicomnode.nn.anatomynet import (
     COARSE_SPACING,
     FINE_SPACING,
     HU_WINDOW,
+    MIRROR,
     NUM_CLASSES,
     ORGANS,
     AnatomyNet,
@@ -66,6 +67,8 @@ SYNONYMS: dict[int, tuple[str, ...]] = {
 }
 #: The small organs the model card reports on their own (target Dice >= 0.70).
 SMALL_ORGANS = (2, 4, 5)
+#: The submandibular glands, drawn more often with ``gland_weight``.
+GLANDS = (8, 9)
 #: At most this many voxels of one organ are kept for centring patches on it.
 _VOXELS_PER_ORGAN = 2000
 
@@ -85,6 +88,9 @@ class HeadNeckOptions(Options):
     small_organ_weight: float = field(default=2.0, metadata={
         "help": "How much more often the chiasm and optic nerves are drawn than the other "
                 "organs."})
+    gland_weight: float = field(default=1.0, metadata={
+        "help": "How much more often the submandibular glands are drawn than the other "
+                "organs."})
     hu_shift: float = field(default=40.0, metadata={
         "help": "Largest shift of a training patch's HU (augmentation)."})
     focal_weight: float = field(default=0.5, metadata={
@@ -103,9 +109,10 @@ class HeadNeckOptions(Options):
                              "be 0-1")
         if not 0 <= self.hu_shift <= 200:
             raise ValueError(f"Invalid 'hu_shift' value '{self.hu_shift}' - must be 0-200 HU")
-        if not self.small_organ_weight > 0:
-            raise ValueError(f"Invalid 'small_organ_weight' value '{self.small_organ_weight}'"
-                             " - must be positive")
+        for key in ("small_organ_weight", "gland_weight"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"Invalid '{key}' value '{getattr(self, key)}' - must be "
+                                 "positive")
         if self.focal_weight < 0 or self.focal_gamma < 0:
             raise ValueError(f"Invalid 'focal_weight' value '{self.focal_weight}' - focal "
                              "weight and gamma must be >= 0")
@@ -184,6 +191,12 @@ class _PatchSampler:
             return case.coarse, case.coarse_labels
         return case.fine, case.fine_labels
 
+    def _weight(self, value: int) -> float:
+        """How often patches are centred on organ ``value``, relative to the others."""
+        if value in SMALL_ORGANS:
+            return self.options.small_organ_weight
+        return self.options.gland_weight if value in GLANDS else 1.0
+
     def __call__(self, rng: np.random.Generator
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``([B, C, D, H, W] image, ([B, D, H, W] labels, [B, classes] present))``.
@@ -195,7 +208,7 @@ class _PatchSampler:
         for _ in range(self.batch_size):
             case = self.cases[int(rng.integers(len(self.cases)))]
             image, target = self._grids(case)
-            organs = [(v, self.options.small_organ_weight if value in SMALL_ORGANS else 1.0)
+            organs = [(v, self._weight(value))
                       for value, v in zip(ORGANS, case.organ_voxels, strict=True) if len(v)]
             if self.stage == "fine" and organs and rng.random() < self.options.organ_fraction:
                 weights = np.array([w for _, w in organs])
@@ -452,7 +465,7 @@ class HeadNeckRecipe(ModelRecipe):
                    "roi_fine": tuple(config.get("roi_fine", (24, 96, 96))),
                    "thresholds": {int(k): float(v)
                                   for k, v in (config.get("thresholds") or {}).items()},
-                   "mirror": bool(config.get("mirror", True)),
+                   "mirror": bool(config.get("mirror", MIRROR)),
                    **overrides}
         return HeadNeckSegmenter(coarse, fine, device, **options)
 
@@ -474,7 +487,7 @@ class HeadNeckRecipe(ModelRecipe):
         """The sliding-window sizes (the training patch sizes), whether stage 2 also reads
         the box mirrored, and the small organs' thresholds the weights ship with."""
         return {"roi_coarse": list(config.get("roi_coarse", (32, 80, 80))),
-                "mirror": bool(config.get("mirror", True)),
+                "mirror": bool(config.get("mirror", MIRROR)),
                 "roi_fine": list(config.get("roi_fine", (24, 96, 96))),
                 "thresholds": {str(k): float(v)
                                for k, v in (config.get("thresholds") or {}).items()}}
@@ -483,7 +496,7 @@ class HeadNeckRecipe(ModelRecipe):
         """The patch sizes, recorded so that inference uses windows of the same size, and
         the mirrored reading the thresholds are chosen with."""
         assert isinstance(options, HeadNeckOptions)
-        return {"mirror": True, "roi_coarse": [options.coarse_slices, options.coarse_patch,
+        return {"mirror": MIRROR, "roi_coarse": [options.coarse_slices, options.coarse_patch,
                                options.coarse_patch],
                 "roi_fine": [options.fine_slices, options.fine_patch, options.fine_patch]}
 

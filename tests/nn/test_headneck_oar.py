@@ -89,6 +89,27 @@ def test_patches_centre_on_organs_and_carry_the_annotated_classes() -> None:
     assert float(loss(torch.zeros((6, NUM_CLASSES, 8, 16, 16)), (labels, present))) > 0
 
 
+def test_the_gland_weight_centres_more_patches_on_the_submandibular_glands() -> None:
+    recipe = HeadNeckRecipe()
+    case = _toy_case()
+    case.labels[22:28, 40:46, 15:21] = 8        # a small gland beside the 'mandible'
+    case.labels[case.labels == 2] = 0
+    fine = next(s for s in recipe.stages if s.name == "fine")
+
+    def gland_patches(weight: float) -> int:
+        options = make_options(recipe, {"fine_slices": 4, "fine_patch": 16, "coarse_slices": 8,
+                                        "coarse_patch": 16, "organ_fraction": 1.0,
+                                        "gland_weight": weight})
+        prepared = recipe.prepare(case, options)
+        assert prepared is not None
+        sampler = recipe.sampler(fine, [prepared], options, 50)
+        _, (labels, _) = sampler(np.random.default_rng(0))
+        return int((labels == 8).flatten(1).any(1).sum())
+
+    plain, weighted = gland_patches(1.0), gland_patches(9.0)
+    assert weighted > plain and weighted >= 40     # 9 of 10 draws centre on the gland
+
+
 def test_scores_are_perfect_for_the_truth_and_distances_in_millimetres() -> None:
     case = _toy_case()
     row = score_case(case.labels.copy(), case)
@@ -112,6 +133,8 @@ def test_options_refuse_bad_values_by_name() -> None:
     recipe = HeadNeckRecipe()
     with pytest.raises(ValueError, match="'fine_patch'"):
         make_options(recipe, {"fine_patch": 15})
+    with pytest.raises(ValueError, match="'gland_weight'"):
+        make_options(recipe, {"gland_weight": 0})
     with pytest.raises(ValueError, match="'hu_shift'"):
         make_options(recipe, {"hu_shift": 500})
     with pytest.raises(ValueError, match="option 'tumour_class_weight'"):
