@@ -364,6 +364,8 @@ def phantom(
     body_part: str = typer.Option("default", help="BodyPartExamined text, or 'none'"),
     descriptions: bool = typer.Option(True, help="Write Study/Series Description"),
     preview: bool = typer.Option(False, help="Also write preview.png with labels outlined"),
+    resected: str | None = typer.Option(
+        None, help="Head and neck: glands left out, e.g. Parotid_L,Glnd_Submand_R"),
 ) -> None:
     """Write a synthetic CT series with ground truth (labels.nii.gz, truth.json)."""
     from dicomnode.phantoms.command import run_phantom, summary_json
@@ -373,7 +375,7 @@ def phantom(
             region, out, seed=seed, slices=slices, matrix=matrix, spacing=spacing,
             noise=noise, transfer_syntax=transfer_syntax, slice_order=slice_order,
             body_part=None if body_part.lower() == "none" else body_part,
-            descriptions=descriptions, preview=preview)
+            descriptions=descriptions, preview=preview, resected=resected)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(summary_json(summary))

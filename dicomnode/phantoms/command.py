@@ -34,15 +34,17 @@ def run_phantom(region: str, out: Path, *, seed: int = 0, slices: int | None = N
                 matrix: int = 512, spacing: str | None = None, noise: float | None = None,
                 transfer_syntax: str | None = None, slice_order: str = "ascending",
                 body_part: str | None = "default", descriptions: bool | str = True,
-                preview: bool = False) -> dict[str, Any]:
+                preview: bool = False, resected: str | None = None) -> dict[str, Any]:
     """Make and write one phantom; return a summary (printed as JSON by the CLI).
 
     ``preview`` also writes ``out/preview.png``: a montage of slices with the labels
-    outlined.
+    outlined. ``resected`` names head-and-neck glands left out (comma-separated), as
+    after their surgery: a case for the "organ absent" path and for training it.
     """
     started = time.perf_counter()
+    left_out = [name.strip() for name in (resected or "").split(",") if name.strip()]
     phantom = make_phantom(region, seed, slices=slices, matrix=matrix,
-                           spacing=parse_spacing(spacing), noise=noise)
+                           spacing=parse_spacing(spacing), noise=noise, resected=left_out)
     made = time.perf_counter()
     paths = write_phantom(phantom, out, transfer_syntax=transfer_syntax,
                           slice_order=slice_order, body_part=body_part,
@@ -60,6 +62,8 @@ def run_phantom(region: str, out: Path, *, seed: int = 0, slices: int | None = N
         "generate_s": round(made - started, 2),
         "total_s": round(time.perf_counter() - started, 2),
     }
+    if left_out:
+        summary["resected"] = sorted(left_out)
     if phantom.lesions:
         summary["lesions"] = len(phantom.lesions)
     if phantom.truth is not None:

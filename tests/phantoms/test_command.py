@@ -25,6 +25,19 @@ def test_cli_writes_series_truth_and_preview(tmp_path: Path) -> None:
     assert len(list(out.glob("*.dcm"))) == 12
 
 
+def test_cli_leaves_out_the_resected_glands_and_says_so(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["phantom", "headneck", "--out", str(tmp_path / "op"),
+                                      "--seed", "4", "--matrix", "96", "--slices", "48",
+                                      "--resected", "Parotid_L, Glnd_Submand_R"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["resected"] == ["Glnd_Submand_R", "Parotid_L"]
+    assert "Parotid_L" not in summary["labels"] and "Parotid_R" in summary["labels"]
+    refused = CliRunner().invoke(app, ["phantom", "headneck", "--out", str(tmp_path / "x"),
+                                       "--resected", "BrainStem"])
+    assert refused.exit_code != 0 and "resected" in refused.output
+
+
 def test_cli_reports_bad_options(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["phantom", "knee", "--out", str(tmp_path)])
     assert result.exit_code != 0
