@@ -39,6 +39,7 @@ from torch import nn
 
 from dicomnode.imaging import morphology
 from dicomnode.nn import runtime
+from dicomnode.nn.runtime import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -327,16 +328,7 @@ def postprocess(labels: np.ndarray) -> np.ndarray:
 # Two-stage inference
 
 
-@dataclass
-class Segmentation:
-    """Output of :meth:`HeadNeckSegmenter.segment` (on the input grid and orientation)."""
-
-    labels: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-    box: tuple[slice, slice, slice] | None = None
-
-
-class HeadNeckSegmenter:
+class HeadNeckSegmenter(runtime.SlidingWindowSegmenter):
     """Stage 1 (whole volume, coarse) then stage 2 (the organs' box, fine).
 
     Parameters
@@ -366,43 +358,26 @@ class HeadNeckSegmenter:
                  batch_size: int | None = None,
                  thresholds: Mapping[int, float] | None = None,
                  mirror: bool = MIRROR) -> None:
+        super().__init__(device, batch_size)
         self.mirror = mirror
         self.coarse_net = coarse_net.to(device).eval()
         self.fine_net = fine_net.to(device).eval()
-        self.device = device
         self.roi_coarse = roi_coarse
         self.roi_fine = roi_fine
-        self.batch_size = batch_size or (8 if device.type == "cuda" else 2)
         for value, threshold in (thresholds or {}).items():
             if value not in ORGANS or not 0 < threshold < 1:
                 raise ValueError(f"Invalid 'thresholds' value '{value}: {threshold}' - an "
                                  "organ label and a probability in (0, 1)")
         self.thresholds = dict(thresholds or {})
 
-    def _predict(self, net: AnatomyNet, image: torch.Tensor,
-                 roi: tuple[int, int, int]) -> torch.Tensor:
-        if image.ndim == 3:
-            image = image[None]
-        return runtime.sliding_window_inference(
-            net, image, roi, net.num_classes, overlap=0.25,
-            batch_size=self.batch_size, device=self.device, output_device=image.device)
+    def windows(self) -> list[tuple[nn.Module, tuple[int, int, int], int]]:
+        """Both stages with their window sizes and input channels (the side channel)."""
+        return [(net, roi, net.in_channels + int(net.side_channel))
+                for net, roi in ((self.coarse_net, self.roi_coarse),
+                                 (self.fine_net, self.roi_fine))]
 
-    def _done(self) -> float:
-        """``time.perf_counter()`` once the device has finished (GPU work is asynchronous)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def warm_up(self) -> None:
-        """Run each network once on a blank window of its size."""
-        for net, roi in ((self.coarse_net, self.roi_coarse), (self.fine_net, self.roi_fine)):
-            channels = net.in_channels + int(net.side_channel)
-            self._predict(net, torch.full((channels, *roi), -1.0, device=self.device), roi)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def organ_box(self, coarse_labels: np.ndarray, scale: Sequence[float],
-                  shape: Sequence[int], spacing: Sequence[float]
+    def organ_box(self, coarse_labels: np.ndarray, shape: Sequence[int],
+                  spacing: Sequence[float]
                   ) -> tuple[slice, slice, slice] | None:
         """The box of the organs found on the coarse grid, on the input grid, with margin.
 
@@ -424,14 +399,7 @@ class HeadNeckSegmenter:
             if not len(keep):
                 keep = np.array([int(np.argmax(sizes))])
             organs &= np.isin(joined, keep)
-        idx = np.nonzero(organs)
-        box = []
-        for axis in range(3):
-            margin = BOX_MARGIN_MM / spacing[axis]
-            lo = int(np.floor(idx[axis].min() * scale[axis] - margin))
-            hi = int(np.ceil((idx[axis].max() + 1) * scale[axis] + margin))
-            box.append(slice(max(0, lo), min(int(shape[axis]), hi)))
-        return tuple(box)  # type: ignore[return-value]
+        return runtime.box_on_input(organs, shape, spacing, BOX_MARGIN_MM)
 
     def probabilities(self, hu: np.ndarray, spacing: Sequence[float],
                       direction: np.ndarray | None = None) -> OrganProbabilities:
@@ -466,8 +434,7 @@ class HeadNeckSegmenter:
         t = time.perf_counter()
         probs = self._predict(self.coarse_net, normalise_hu(coarse), self.roi_coarse)
         coarse_labels = probs.argmax(0).cpu().numpy()  # 0 background, >0 organs
-        scale = [n / m for n, m in zip(shape, coarse_labels.shape, strict=True)]
-        box = self.organ_box(coarse_labels, scale, shape, spacing)
+        box = self.organ_box(coarse_labels, shape, spacing)
         timings["stage1_coarse"] = time.perf_counter() - t
         if box is None:
             return OrganProbabilities(None, None, flips, shape, timings)

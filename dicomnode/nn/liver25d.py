@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 
 from dicomnode.imaging import morphology
 from dicomnode.nn import runtime
+from dicomnode.nn.runtime import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -274,16 +274,7 @@ def postprocess(labels: np.ndarray, spacing: Sequence[float], *,
 # Two-stage inference
 
 
-@dataclass
-class Segmentation:
-    """Output of :meth:`LiverTumorSegmenter.segment`."""
-
-    labels: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-    liver_box: tuple[slice, slice, slice] | None = None
-
-
-class LiverTumorSegmenter:
+class LiverTumorSegmenter(runtime.SlidingWindowSegmenter):
     """Stage 1 (liver, coarse) then stage 2 (liver + tumours in the liver box, fine).
 
     Parameters
@@ -314,38 +305,17 @@ class LiverTumorSegmenter:
                              "be in (0, 1)")
         if min_tumour_ml < 0:
             raise ValueError(f"Invalid 'min_tumour_ml' value '{min_tumour_ml}' - must be >= 0")
+        super().__init__(device, batch_size)
         self.tumour_threshold = tumour_threshold
         self.liver_net = liver_net.to(device).eval()
         self.tumour_net = tumour_net.to(device).eval()
-        self.device = device
         self.roi_liver = roi_liver
         self.roi_tumour = roi_tumour
-        self.batch_size = batch_size or (8 if device.type == "cuda" else 2)
         self.min_tumour_ml = min_tumour_ml
 
-    def _predict(self, net: Liver25DNet, image: torch.Tensor,
-                 roi: tuple[int, int, int]) -> torch.Tensor:
-        # on a GPU the probabilities stay there for resampling and labelling
-        return runtime.sliding_window_inference(
-            net, image[None], roi, net.num_classes, overlap=0.25,
-            batch_size=self.batch_size, device=self.device, output_device=image.device)
-
-    def _done(self) -> float:
-        """``time.perf_counter()`` once the device has finished (GPU work is asynchronous)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def warm_up(self) -> None:
-        """Run each network once on a blank window of its size.
-
-        On a GPU this creates the CUDA context and selects the convolution kernels, so
-        that the first study does not pay for them (seconds); on a CPU it is cheap.
-        """
-        for net, roi in ((self.liver_net, self.roi_liver), (self.tumour_net, self.roi_tumour)):
-            self._predict(net, torch.full(roi, -1.0, device=self.device), roi)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def windows(self) -> list[tuple[nn.Module, tuple[int, int, int], int]]:
+        """Both stages with their window sizes (one input channel each)."""
+        return [(self.liver_net, self.roi_liver, 1), (self.tumour_net, self.roi_tumour, 1)]
 
     def segment(self, hu: np.ndarray, spacing: Sequence[float]) -> Segmentation:
         """Segment liver and tumours of one ``[z, y, x]`` HU volume.
@@ -397,15 +367,8 @@ class LiverTumorSegmenter:
 
         # the liver box on the input grid, dilated by the margin
         t = time.perf_counter()
-        scale = [n / m for n, m in zip(shape, liver_coarse.shape, strict=True)]
-        idx = np.nonzero(liver_coarse)
-        box = []
-        for axis in range(3):
-            margin = BOX_MARGIN_MM / spacing[axis]
-            lo = int(np.floor(idx[axis].min() * scale[axis] - margin))
-            hi = int(np.ceil((idx[axis].max() + 1) * scale[axis] + margin))
-            box.append(slice(max(0, lo), min(shape[axis], hi)))
-        region = image[tuple(box)]
+        box = runtime.box_on_input(liver_coarse, shape, spacing, BOX_MARGIN_MM)
+        region = image[box]
         fine, _ = runtime.resample_to_spacing(region, spacing, TUMOUR_SPACING)
         timings["crop_resample"] = self._done() - t
 
@@ -426,11 +389,10 @@ class LiverTumorSegmenter:
             if (threshold is None) not in organs:
                 organs[threshold is None] = clean_organ(in_box > 0)
             # everything outside the box is background: clean only the box
-            labels[tuple(box)] = postprocess(in_box, spacing, min_tumour_ml=min_tumour_ml,
-                                             organ=organs[threshold is None])
+            labels[box] = postprocess(in_box, spacing, min_tumour_ml=min_tumour_ml,
+                                      organ=organs[threshold is None])
             out.append(Segmentation(labels, {**timings,
-                                             "postprocess": time.perf_counter() - t},
-                                    tuple(box)))  # type: ignore[arg-type]
+                                             "postprocess": time.perf_counter() - t}, box))
         return out
 
 

@@ -7,6 +7,9 @@
   (the nnU-Net recipe), mixed precision on GPU only, under ``torch.inference_mode()``.
 - :func:`resample_to_spacing` / :func:`resample_to_shape`: spacing-aware resampling in and
   out of the network's grid (trilinear for images, nearest or probabilities for labels).
+- :class:`SlidingWindowSegmenter` and :class:`Segmentation`: what the two-stage
+  segmenters share (windows per pass, timing on an asynchronous device, warm-up, the
+  organs' box of stage 1 on the input grid).
 
 Only torch >= 2.2 APIs are used.
 """
@@ -17,7 +20,9 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -291,3 +296,92 @@ def resample_to_spacing(volume: torch.Tensor | np.ndarray, spacing: Sequence[flo
     new_shape = shape_for_spacing(shape, spacing, target)
     exact = tuple(float(n * s / m) for n, s, m in zip(shape, spacing, new_shape, strict=True))
     return resample_to_shape(volume, new_shape, mode=mode), exact  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------
+# What the two-stage segmenters share
+
+
+@dataclass
+class Segmentation:
+    """A segmenter's output: uint8 labels on the input grid, seconds per step, and the
+    box stage 2 read (None when stage 1 found nothing)."""
+
+    labels: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    box: tuple[slice, slice, slice] | None = None
+
+
+def box_on_input(mask: np.ndarray, shape: Sequence[int], spacing: Sequence[float],
+                 margin_mm: float) -> tuple[slice, slice, slice]:
+    """The box of a coarse-grid mask's voxels on the input grid, widened by ``margin_mm``.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        Boolean ``[z, y, x]`` on the coarse grid, at least one voxel set.
+    shape, spacing : sequence
+        The input grid's shape and ``(dz, dy, dx)`` mm (the coarse grid spans the same
+        extent).
+    margin_mm : float
+        Margin on every side, clipped to the volume.
+    """
+    idx = np.nonzero(mask)
+    box = []
+    for axis in range(3):
+        scale = shape[axis] / mask.shape[axis]
+        margin = margin_mm / spacing[axis]
+        lo = int(np.floor(idx[axis].min() * scale - margin))
+        hi = int(np.ceil((idx[axis].max() + 1) * scale + margin))
+        box.append(slice(max(0, lo), min(int(shape[axis]), hi)))
+    return tuple(box)  # type: ignore[return-value]
+
+
+class SlidingWindowSegmenter:
+    """Networks run by overlapping windows on one device.
+
+    Subclasses list their networks with :meth:`windows`; this class runs a network over
+    an image, times work on an asynchronous device and warms every network up.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the networks run.
+    batch_size : int, optional
+        Windows per forward pass (default 2 on a CPU, 8 on a GPU).
+    """
+
+    def __init__(self, device: torch.device, batch_size: int | None = None) -> None:
+        self.device = device
+        self.batch_size = batch_size or (8 if device.type == "cuda" else 2)
+
+    def windows(self) -> Sequence[tuple[torch.nn.Module, tuple[int, int, int], int]]:
+        """Each network with its window size and input channels."""
+        raise NotImplementedError
+
+    def _predict(self, net: torch.nn.Module, image: torch.Tensor,
+                 roi: tuple[int, int, int]) -> torch.Tensor:
+        """Class probabilities ``[classes, z, y, x]`` of a ``[C, z, y, x]`` (or
+        ``[z, y, x]``) image, left on the image's device (on a GPU they stay there for
+        resampling and labelling)."""
+        if image.ndim == 3:
+            image = image[None]
+        return sliding_window_inference(
+            net, image, roi, int(net.num_classes), overlap=0.25,  # type: ignore[arg-type]
+            batch_size=self.batch_size, device=self.device, output_device=image.device)
+
+    def _done(self) -> float:
+        """``time.perf_counter()`` once the device has finished (GPU work is asynchronous)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def warm_up(self) -> None:
+        """Run each network once on a blank window of its size.
+
+        On a GPU this creates the CUDA context and selects the convolution kernels, so
+        that the first study does not pay for them (seconds); on a CPU it is cheap.
+        """
+        for net, roi, channels in self.windows():
+            self._predict(net, torch.full((channels, *roi), -1.0, device=self.device), roi)
+        self._done()

@@ -73,7 +73,7 @@ class LiverTumorPipeline(ModelPipeline):
         """Liver and tumour label map with the SR's measurements, or "no liver found"."""
         t = time.perf_counter()
         labels = segmentation.labels
-        box = segmentation.liver_box or tuple(slice(0, n) for n in labels.shape)
+        box = segmentation.box or tuple(slice(0, n) for n in labels.shape)
         crop = labels[box]
         measurements = measure_liver(crop == 1, crop == 2, VoxelGrid(
             tuple(float(s) for s in volume.spacing)),  # type: ignore[arg-type]

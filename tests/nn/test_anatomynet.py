@@ -171,7 +171,7 @@ def test_the_organs_box_keeps_every_sizeable_group_and_drops_strays() -> None:
     coarse[5:15, 10:30, 15:45] = 3           # mandible and glands: 6000 voxels, 480 ml
     coarse[25:35, 35:42, 27:33] = 1          # brainstem, 8 slices above: 420 voxels, 34 ml
     coarse[2, 55, 2] = 6                     # one stray voxel (0.08 ml)
-    box = seg.organ_box(coarse, (1.0, 1.0, 1.0), coarse.shape, anatomynet.COARSE_SPACING)
+    box = seg.organ_box(coarse, coarse.shape, anatomynet.COARSE_SPACING)
     assert box is not None
     margin = [int(np.ceil(anatomynet.BOX_MARGIN_MM / s)) for s in anatomynet.COARSE_SPACING]
     assert box[0] == slice(5 - margin[0], 35 + margin[0])
