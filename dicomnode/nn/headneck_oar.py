@@ -43,8 +43,10 @@ from dicomnode.nn.anatomynet import (
     MIRROR,
     NUM_CLASSES,
     ORGANS,
+    PAIRS,
     AnatomyNet,
     HeadNeckSegmenter,
+    midline,
     normalise_hu,
     side_map,
 )
@@ -128,6 +130,10 @@ class PreparedHeadNeckCase:
     fine_labels: torch.Tensor
     present: np.ndarray
     organ_voxels: list[np.ndarray] = field(default_factory=list)
+    #: Per organ, where it would lie when the case says it is absent (a resected gland:
+    #: its partner's voxels mirrored about the midline), so that patches show the empty
+    #: bed as background; an empty array otherwise.
+    empty_beds: list[np.ndarray] = field(default_factory=list)
 
 
 def _organ_voxels(labels: np.ndarray) -> list[np.ndarray]:
@@ -140,6 +146,26 @@ def _organ_voxels(labels: np.ndarray) -> list[np.ndarray]:
             voxels = voxels[rng.choice(len(voxels), _VOXELS_PER_ORGAN, replace=False)]
         out.append(voxels)
     return out
+
+
+def _empty_beds(organ_voxels: list[np.ndarray], present: np.ndarray,
+                labels: np.ndarray) -> list[np.ndarray]:
+    """Where each annotated-but-absent organ of a pair would lie: its partner's voxels
+    mirrored about the midline (:func:`~dicomnode.nn.anatomynet.midline`)."""
+    beds = [np.zeros((0, 3), dtype=np.int64) for _ in ORGANS]
+    centre = midline(labels)
+    if centre is None:
+        return beds
+    index = {value: i for i, value in enumerate(ORGANS)}
+    for left, right in PAIRS:
+        for value, partner in ((left, right), (right, left)):
+            own, other = organ_voxels[index[value]], organ_voxels[index[partner]]
+            if present[value] and not len(own) and len(other):
+                mirrored = other.copy()
+                mirrored[:, 2] = np.clip(np.rint(2 * centre - other[:, 2]), 0,
+                                         labels.shape[2] - 1)
+                beds[index[value]] = mirrored
+    return beds
 
 
 def _kernel(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -208,8 +234,11 @@ class _PatchSampler:
         for _ in range(self.batch_size):
             case = self.cases[int(rng.integers(len(self.cases)))]
             image, target = self._grids(case)
-            organs = [(v, self._weight(value))
-                      for value, v in zip(ORGANS, case.organ_voxels, strict=True) if len(v)]
+            # an empty bed is drawn as often as its organ would be
+            beds = case.empty_beds or [np.zeros((0, 3))] * len(ORGANS)
+            organs = [(v if len(v) else bed, self._weight(value))
+                      for value, v, bed in zip(ORGANS, case.organ_voxels, beds, strict=True)
+                      if len(v) or len(bed)]
             if self.stage == "fine" and organs and rng.random() < self.options.organ_fraction:
                 weights = np.array([w for _, w in organs])
                 voxels = organs[int(rng.choice(len(organs), p=weights / weights.sum()))][0]
@@ -435,9 +464,10 @@ class HeadNeckRecipe(ModelRecipe):
         fine, _ = runtime.resample_to_spacing(hu[crop], case.spacing, FINE_SPACING)
         fine_labels = patches.labels_to_grid(case.labels[crop], case.spacing, FINE_SPACING,
                                              NUM_CLASSES)
+        voxels = _organ_voxels(fine_labels.numpy())
         return PreparedHeadNeckCase(normalise_hu(coarse).half(), coarse_labels,
-                                    normalise_hu(fine).half(), fine_labels, present,
-                                    _organ_voxels(fine_labels.numpy()))
+                                    normalise_hu(fine).half(), fine_labels, present, voxels,
+                                    _empty_beds(voxels, present, fine_labels.numpy()))
 
     def network(self, stage: Stage, width: int) -> nn.Module:
         """An :class:`~dicomnode.nn.anatomynet.AnatomyNet` of ``width`` (the fine stage's

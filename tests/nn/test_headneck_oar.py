@@ -91,7 +91,7 @@ def test_patches_centre_on_organs_and_carry_the_annotated_classes() -> None:
 
 def test_the_gland_weight_centres_more_patches_on_the_submandibular_glands() -> None:
     recipe = HeadNeckRecipe()
-    case = _toy_case()
+    case = _toy_case(present=(3, 8))            # no empty bed of the other gland to draw
     case.labels[22:28, 40:46, 15:21] = 8        # a small gland beside the 'mandible'
     case.labels[case.labels == 2] = 0
     fine = next(s for s in recipe.stages if s.name == "fine")
@@ -108,6 +108,27 @@ def test_the_gland_weight_centres_more_patches_on_the_submandibular_glands() -> 
 
     plain, weighted = gland_patches(1.0), gland_patches(9.0)
     assert weighted > plain and weighted >= 40     # 9 of 10 draws centre on the gland
+
+
+def test_a_resected_glands_empty_bed_is_sampled_where_its_partner_lies_mirrored() -> None:
+    recipe = HeadNeckRecipe()
+    case = _toy_case()
+    case.labels[case.labels == 2] = 0
+    case.labels[8:16, 25:35, 14:20] = 7       # a right parotid; the left one resected
+    options = make_options(recipe, {"fine_slices": 4, "fine_patch": 16, "coarse_slices": 8,
+                                    "coarse_patch": 16})
+    prepared = recipe.prepare(case, options)
+    assert prepared is not None
+    fine_labels = prepared.fine_labels.numpy()
+    centre = float(np.nonzero(fine_labels == 3)[2].mean())       # the mandible: midline
+    right = np.argwhere(fine_labels == 7)[:, 2].mean()
+    bed = prepared.empty_beds[5]                                  # label 6, Parotid_L
+    assert len(bed) and abs((bed[:, 2].mean() - centre) + (right - centre)) < 1.0
+    assert not (fine_labels[tuple(bed.T)] == 6).any()
+    assert all(not len(b) for i, b in enumerate(prepared.empty_beds) if i != 5)
+    # a gland the case does not contour is unknown, not absent: no bed
+    unknown = recipe.prepare(_toy_case(present=(3, 7)), options)
+    assert unknown is not None and not any(len(b) for b in unknown.empty_beds)
 
 
 def test_scores_are_perfect_for_the_truth_and_distances_in_millimetres() -> None:
