@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 from scipy import ndimage
 
 from dicomnode.imaging.series import load_series
-from dicomnode.nn.liver25d import Segmentation
+from dicomnode.nn.runtime import Segmentation
 from dicomnode.pipelines.liver_tumor import LiverTumorPipeline
 from dicomnode.results.algorithm import AlgorithmInfo
 from dicomnode.results.codes import ABDOMEN, HEADNECK, ICH_FINDINGS
@@ -258,7 +258,7 @@ def test_sr_and_pipeline_json_give_the_same_lesion_figures(
     assert [str(u) for u in volume.sop_instance_uids] == [
         str(im.SOPInstanceUID) for im in axial.images]
     box = (slice(2, 22), slice(5, 90), slice(4, 92))
-    result = LiverTumorPipeline().report(Segmentation(labels, liver_box=box), volume, {},
+    result = LiverTumorPipeline().report(Segmentation(labels, box=box), volume, {},
                                          {"name": "t"})
     assert result.ok, result.reason
     report = result.measurements
