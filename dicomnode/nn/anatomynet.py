@@ -328,6 +328,43 @@ def postprocess(labels: np.ndarray) -> np.ndarray:
 # Two-stage inference
 
 
+def organ_box(coarse_labels: np.ndarray, shape: Sequence[int], spacing: Sequence[float]
+              ) -> tuple[slice, slice, slice] | None:
+    """The box of the organs found on the coarse grid, on the input grid, with margin.
+
+    Organ voxels are grouped (dilated by two coarse voxels so that neighbouring
+    organs join); every group of at least :data:`MIN_GROUP_ML` decides, so that stray
+    voxels do not widen the box while the brainstem and optic pathway, which can
+    form a group apart from the mandible and glands, stay inside it.
+
+    Parameters
+    ----------
+    coarse_labels : numpy.ndarray
+        Stage 1's labels on :data:`COARSE_SPACING` (0 background).
+    shape, spacing : sequence
+        The input volume's ``[z, y, x]`` shape and spacing in mm.
+
+    Returns
+    -------
+    tuple of slice or None
+        The box on the input grid, or None when stage 1 found no organ.
+    """
+    organs = coarse_labels > 0
+    if not organs.any():
+        return None
+    joined, count = ndimage.label(ndimage.binary_dilation(organs, iterations=2),
+                                  structure=np.ones((3, 3, 3), dtype=bool))
+    if count > 1:
+        sizes = np.bincount(joined[organs], minlength=count + 1)
+        sizes[0] = 0
+        coarse_ml = float(np.prod(COARSE_SPACING)) / 1000.0
+        keep = np.flatnonzero(sizes * coarse_ml >= MIN_GROUP_ML)
+        if not len(keep):
+            keep = np.array([int(np.argmax(sizes))])
+        organs &= np.isin(joined, keep)
+    return runtime.box_on_input(organs, shape, spacing, BOX_MARGIN_MM)
+
+
 class HeadNeckSegmenter(runtime.SlidingWindowSegmenter):
     """Stage 1 (whole volume, coarse) then stage 2 (the organs' box, fine).
 
@@ -376,31 +413,6 @@ class HeadNeckSegmenter(runtime.SlidingWindowSegmenter):
                 for net, roi in ((self.coarse_net, self.roi_coarse),
                                  (self.fine_net, self.roi_fine))]
 
-    def organ_box(self, coarse_labels: np.ndarray, shape: Sequence[int],
-                  spacing: Sequence[float]
-                  ) -> tuple[slice, slice, slice] | None:
-        """The box of the organs found on the coarse grid, on the input grid, with margin.
-
-        Organ voxels are grouped (dilated by two coarse voxels so that neighbouring
-        organs join); every group of at least :data:`MIN_GROUP_ML` decides, so that stray
-        voxels do not widen the box while the brainstem and optic pathway, which can
-        form a group apart from the mandible and glands, stay inside it.
-        """
-        organs = coarse_labels > 0
-        if not organs.any():
-            return None
-        joined, count = ndimage.label(ndimage.binary_dilation(organs, iterations=2),
-                                      structure=np.ones((3, 3, 3), dtype=bool))
-        if count > 1:
-            sizes = np.bincount(joined[organs], minlength=count + 1)
-            sizes[0] = 0
-            coarse_ml = float(np.prod(COARSE_SPACING)) / 1000.0
-            keep = np.flatnonzero(sizes * coarse_ml >= MIN_GROUP_ML)
-            if not len(keep):
-                keep = np.array([int(np.argmax(sizes))])
-            organs &= np.isin(joined, keep)
-        return runtime.box_on_input(organs, shape, spacing, BOX_MARGIN_MM)
-
     def probabilities(self, hu: np.ndarray, spacing: Sequence[float],
                       direction: np.ndarray | None = None) -> OrganProbabilities:
         """Both stages on one ``[z, y, x]`` HU volume: the organs' probabilities in their box.
@@ -434,7 +446,7 @@ class HeadNeckSegmenter(runtime.SlidingWindowSegmenter):
         t = time.perf_counter()
         probs = self._predict(self.coarse_net, normalise_hu(coarse), self.roi_coarse)
         coarse_labels = probs.argmax(0).cpu().numpy()  # 0 background, >0 organs
-        box = self.organ_box(coarse_labels, shape, spacing)
+        box = organ_box(coarse_labels, shape, spacing)
         timings["stage1_coarse"] = time.perf_counter() - t
         if box is None:
             return OrganProbabilities(None, None, flips, shape, timings)

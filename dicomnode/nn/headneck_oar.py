@@ -129,11 +129,12 @@ class PreparedHeadNeckCase:
     fine: torch.Tensor
     fine_labels: torch.Tensor
     present: np.ndarray
-    organ_voxels: list[np.ndarray] = field(default_factory=list)
+    #: Per organ (``ORGANS`` order), up to ``_VOXELS_PER_ORGAN`` of its voxels.
+    organ_voxels: list[np.ndarray]
     #: Per organ, where it would lie when the case says it is absent (a resected gland:
     #: its partner's voxels mirrored about the midline), so that patches show the empty
     #: bed as background; an empty array otherwise.
-    empty_beds: list[np.ndarray] = field(default_factory=list)
+    empty_beds: list[np.ndarray]
 
 
 def _organ_voxels(labels: np.ndarray) -> list[np.ndarray]:
@@ -156,15 +157,15 @@ def _empty_beds(organ_voxels: list[np.ndarray], present: np.ndarray,
     centre = midline(labels)
     if centre is None:
         return beds
-    index = {value: i for i, value in enumerate(ORGANS)}
     for left, right in PAIRS:
         for value, partner in ((left, right), (right, left)):
-            own, other = organ_voxels[index[value]], organ_voxels[index[partner]]
+            # ORGANS are 1..9, so an organ's index is its value - 1
+            own, other = organ_voxels[value - 1], organ_voxels[partner - 1]
             if present[value] and not len(own) and len(other):
                 mirrored = other.copy()
                 mirrored[:, 2] = np.clip(np.rint(2 * centre - other[:, 2]), 0,
                                          labels.shape[2] - 1)
-                beds[index[value]] = mirrored
+                beds[value - 1] = mirrored
     return beds
 
 
@@ -235,9 +236,9 @@ class _PatchSampler:
             case = self.cases[int(rng.integers(len(self.cases)))]
             image, target = self._grids(case)
             # an empty bed is drawn as often as its organ would be
-            beds = case.empty_beds or [np.zeros((0, 3))] * len(ORGANS)
             organs = [(v if len(v) else bed, self._weight(value))
-                      for value, v, bed in zip(ORGANS, case.organ_voxels, beds, strict=True)
+                      for value, v, bed in zip(ORGANS, case.organ_voxels, case.empty_beds,
+                                               strict=True)
                       if len(v) or len(bed)]
             if self.stage == "fine" and organs and rng.random() < self.options.organ_fraction:
                 weights = np.array([w for _, w in organs])

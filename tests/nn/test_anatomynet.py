@@ -166,12 +166,11 @@ def test_nothing_found_gives_an_empty_map() -> None:
 def test_the_organs_box_keeps_every_sizeable_group_and_drops_strays() -> None:
     """The brainstem and optic pathway can form a group apart from the mandible and
     glands on the coarse grid; the box must hold both, but not a stray voxel."""
-    seg = _toy_segmenter()
     coarse = np.zeros((40, 60, 60), dtype=np.uint8)
     coarse[5:15, 10:30, 15:45] = 3           # mandible and glands: 6000 voxels, 480 ml
     coarse[25:35, 35:42, 27:33] = 1          # brainstem, 8 slices above: 420 voxels, 34 ml
     coarse[2, 55, 2] = 6                     # one stray voxel (0.08 ml)
-    box = seg.organ_box(coarse, coarse.shape, anatomynet.COARSE_SPACING)
+    box = anatomynet.organ_box(coarse, coarse.shape, anatomynet.COARSE_SPACING)
     assert box is not None
     margin = [int(np.ceil(anatomynet.BOX_MARGIN_MM / s)) for s in anatomynet.COARSE_SPACING]
     assert box[0] == slice(5 - margin[0], 35 + margin[0])
