@@ -51,12 +51,8 @@ BACKGROUND, LIVER, TUMOUR = 0, 1, 2
 
 def normalise_hu(hu: torch.Tensor | np.ndarray,
                  window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:
-    """Clip HU to ``window`` and scale linearly to [-1, 1] (float32 tensor)."""
-    lo, hi = window
-    if not hi > lo:
-        raise ValueError(f"Invalid 'window' value '{window}' - upper must exceed lower")
-    x = torch.as_tensor(hu).float().clamp(lo, hi)
-    return (x - (lo + hi) / 2) / ((hi - lo) / 2)
+    """:func:`~dicomnode.nn.runtime.normalise_hu` with this model's window."""
+    return runtime.normalise_hu(hu, window)
 
 
 def _fold(x: torch.Tensor) -> tuple[torch.Tensor, int]:

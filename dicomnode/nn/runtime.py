@@ -221,6 +221,28 @@ def sliding_window_inference(predict: Predictor, image: torch.Tensor,
     return out.to(output_device or torch.device("cpu"))
 
 
+def normalise_hu(hu: torch.Tensor | np.ndarray, window: tuple[float, float]) -> torch.Tensor:
+    """Clip HU to ``window`` and scale linearly to [-1, 1].
+
+    Parameters
+    ----------
+    hu : torch.Tensor or numpy.ndarray
+        Hounsfield units, any shape.
+    window : (float, float)
+        Lowest and highest HU kept; they map to -1 and 1.
+
+    Returns
+    -------
+    torch.Tensor
+        float32, the shape of ``hu``.
+    """
+    lo, hi = window
+    if not hi > lo:
+        raise ValueError(f"Invalid 'window' value '{window}' - upper must exceed lower")
+    x = torch.as_tensor(hu).float().clamp(lo, hi)
+    return (x - (lo + hi) / 2) / ((hi - lo) / 2)
+
+
 def shape_for_spacing(shape: Sequence[int], spacing: Sequence[float],
                       target: Sequence[float]) -> tuple[int, int, int]:
     """Grid shape that covers the same extent at the target spacing."""
