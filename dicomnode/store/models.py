@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 
@@ -193,18 +193,15 @@ class Job(Base):
     __table_args__ = (Index("ix_job_state_priority", "state", "priority"),)
 
 
-class Delivery(Base):
-    """One outbox entry: a set of files for one destination."""
+class _Outbox:
+    """Columns of an outbox row: retried with back-off until sent or given up.
 
-    __tablename__ = "delivery"
+    A mixin (no table of its own): :class:`Delivery` and :class:`Notification` keep
+    their state, attempts and schedule the same way.
+    """
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_pk: Mapped[int | None] = mapped_column(ForeignKey("job.id"), nullable=True, index=True)
     study_uid: Mapped[str] = mapped_column(String(64), default="")
-    destination_ae: Mapped[str] = mapped_column(String(16))
-    host: Mapped[str] = mapped_column(String(255))
-    port: Mapped[int] = mapped_column(Integer)
-    files: Mapped[list[str]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -212,10 +209,26 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
+    @declared_attr
+    def job_pk(cls) -> Mapped[int | None]:  # noqa: N805 - SQLAlchemy passes the class
+        """The job whose results (or finding) this row sends, if any."""
+        return mapped_column(ForeignKey("job.id"), nullable=True, index=True)
+
+
+class Delivery(_Outbox, Base):
+    """One outbox entry: a set of files for one destination."""
+
+    __tablename__ = "delivery"
+
+    destination_ae: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    files: Mapped[list[str]] = mapped_column(JSON)
+
     __table_args__ = (Index("ix_delivery_state_next", "state", "next_attempt_at"),)
 
 
-class Notification(Base):
+class Notification(_Outbox, Base):
     """One urgent notification (a webhook call) in the notification outbox.
 
     Kept like a delivery: retried with back-off, surviving a restart, and never in the way
@@ -224,18 +237,9 @@ class Notification(Base):
 
     __tablename__ = "notification"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_pk: Mapped[int | None] = mapped_column(ForeignKey("job.id"), nullable=True, index=True)
-    study_uid: Mapped[str] = mapped_column(String(64), default="")
     channel: Mapped[str] = mapped_column(String(16), default="webhook")
     target: Mapped[str] = mapped_column(String(1024), doc="Where it goes (the webhook URL).")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (Index("ix_notification_state_next", "state", "next_attempt_at"),)
 
