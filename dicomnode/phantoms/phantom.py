@@ -196,8 +196,8 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
         level scaled by ``sqrt(reference thickness / dz)``.
     resected
         Head and neck only: glands left out, as after their surgery (``Parotid_L``,
-        ``Parotid_R``, ``Glnd_Submand_L``, ``Glnd_Submand_R``); their bed keeps its fat
-        and muscle and everything else is drawn as without the option.
+        ``Parotid_R``, ``Glnd_Submand_L``, ``Glnd_Submand_R``); their bed is drawn as
+        post-operative fat and scar, everything else as without the option.
 
     Returns
     -------
