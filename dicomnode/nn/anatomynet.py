@@ -190,9 +190,10 @@ class AnatomyNet(nn.Module):
 def mirrored(volume: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
     """``[C, Z, Y, X]`` mirrored left to right, channels of each pair swapped.
 
-    The side channel (:func:`side_map` about the box's centre) mirrors into its own
-    negative, which is what a mirrored patient has: the mirrored input is one the fine
-    network knows, and its left organ's output is the original's right organ.
+    Used on the image channel of stage 2's input (a mirrored patient) and on its
+    output, whose left organ is the original's right organ. Not on the side channel:
+    a mirrored patient has the same one (:func:`side_map` says where the patient's left
+    lies), while a flipped side channel would tell the network left is right.
     """
     out = torch.flip(volume, dims=[-1])
     if pairs:
@@ -459,8 +460,10 @@ class HeadNeckSegmenter(runtime.SlidingWindowSegmenter):
             image = torch.cat([image, side[None]])
         probs = self._predict(self.fine_net, image, self.roi_fine)
         if self.mirror:
+            # a mirrored patient: the image flipped, the side channel (if any) as it is
+            patient = torch.cat([mirrored(image[:1], ()), image[1:]])
             probs = 0.5 * (probs + mirrored(self._predict(
-                self.fine_net, mirrored(image, ()), self.roi_fine), PAIRS))
+                self.fine_net, patient, self.roi_fine), PAIRS))
         timings["stage2_fine"] = self._done() - t
         t = time.perf_counter()
         probs = runtime.resample_to_shape(probs, region.shape, mode="trilinear")

@@ -123,12 +123,14 @@ def test_a_mirrored_reading_swaps_each_pair_and_undoes_itself() -> None:
     assert torch.equal(out[1], torch.flip(volume[1], dims=[-1]))
     assert torch.equal(mirrored(out, PAIRS), volume)
     side = anatomynet.side_map((2, 3, 6), 1.0, 2.5)
-    assert torch.equal(mirrored(side[None], ())[0], -side)   # the side channel mirrors
+    # flipped, the side channel would say left is right: stage 2 keeps it as it is
+    assert torch.equal(mirrored(side[None], ())[0], -side)
 
 
 def test_stage_two_averages_its_reading_with_the_mirrored_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     seg = _toy_segmenter()
+    seg.fine_net = AnatomyNet(10, 4, side_channel=True)
     hu = np.full((24, 64, 64), -1000, dtype=np.int16)
     hu[:, 16:48, 16:48] = 40
     fine_inputs: list[torch.Tensor] = []
@@ -148,7 +150,9 @@ def test_stage_two_averages_its_reading_with_the_mirrored_one(
     monkeypatch.setattr(seg, "_predict", fake)
     found = seg.probabilities(hu, (5.0, 4.0, 4.0))
     assert len(fine_inputs) == 2
-    assert torch.equal(fine_inputs[1], torch.flip(fine_inputs[0], dims=[-1]))
+    # the image mirrored, the side channel not: a mirrored patient
+    assert torch.equal(fine_inputs[1][0], torch.flip(fine_inputs[0][0], dims=[-1]))
+    assert len(fine_inputs[0]) == 2 and torch.equal(fine_inputs[1][1], fine_inputs[0][1])
     assert found.probs is not None
     # the mirrored reading's "right" is the given reading's "left": they agree
     assert torch.allclose(found.probs[4], torch.full_like(found.probs[4], 0.8))
