@@ -139,24 +139,23 @@ def build(canvas: Canvas, rng: np.random.Generator) -> dict[str, Any]:
     parotid_hu = u(-35, 30)
     parotid = c.tissue("parotid", parotid_hu, u(10, 18))
     submand = c.tissue("submandibular", u(35, 55) + (u(20, 40) if contrast else 0), 7)
-    bed = c.tissue("resection_bed", -70.0, 25)   # post-operative fat and scar strands
+
+    def gland(name: str, tissue: int) -> tuple[int, int | None]:
+        # a resected gland's bed fills with the patient's fat, unlabelled (the shapes are
+        # drawn either way, so the other organs of a seed stay the same)
+        return (fat, None) if name in c.resected else (tissue, _L[name])
+
     for s, side in ((1, "L"), (-1, "R")):
         pr = np.array([u(11, 15), u(13, 18), u(18, 25)])
         par = Blob((s * 47, 17, -44), pr, (s * u(10, 30), 0, 0), random_harmonics(rng, 4, 0.1))
         gr = np.array([u(8, 12), u(11, 16), u(8, 12)])
         sub = Blob((s * 31, -22, -97), gr, (s * u(-20, 10), 0, 0), random_harmonics(rng, 3, 0.08))
-        # a resected gland's bed fills with fat and scar, unlabelled (the shapes are drawn
-        # either way, so the other organs of a seed stay the same)
-        gone = {n for n in (f"Parotid_{side}", f"Glnd_Submand_{side}") if n in c.resected}
-        label = None if f"Parotid_{side}" in gone else _L[f"Parotid_{side}"]
-        tissue = bed if f"Parotid_{side}" in gone else parotid
+        tissue, label = gland(f"Parotid_{side}", parotid)
         c.paint(par, tissue, label, within=[muscle, fat])
         # deep lobe reaching medially behind the ramus
         c.paint(Blob((s * 38, 10, -48), pr * (0.5, 0.5, 0.6)), tissue, label,
                 within=[muscle, fat])
-        c.paint(sub, bed if f"Glnd_Submand_{side}" in gone else submand,
-                None if f"Glnd_Submand_{side}" in gone else _L[f"Glnd_Submand_{side}"],
-                within=[muscle, fat])
+        c.paint(sub, *gland(f"Glnd_Submand_{side}", submand), within=[muscle, fat])
 
     # --- airway, hyoid, larynx, vessels -------------------------------------------------
     airway = smooth_curve([(0, -38, -30), (0, -20, -40), (0, -10, -58), (0, -8, -80),

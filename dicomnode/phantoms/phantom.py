@@ -197,7 +197,7 @@ def make_phantom(region: str, seed: int = 0, *, slices: int | None = None, matri
     resected
         Head and neck only: glands left out, as after their surgery (``Parotid_L``,
         ``Parotid_R``, ``Glnd_Submand_L``, ``Glnd_Submand_R``); their bed is drawn as
-        post-operative fat and scar, everything else as without the option.
+        the patient's fat, everything else as without the option.
 
     Returns
     -------

@@ -55,8 +55,9 @@ def test_a_resected_gland_is_gone_and_nothing_else_changes() -> None:
     assert np.array_equal(whole.labels[~bed], operated.labels[~bed])
     near = ndimage.binary_dilation(bed, iterations=4)     # the kernel blurs its edge
     assert np.array_equal(whole.hu[~near], operated.hu[~near])
-    # its bed: post-operative fat and scar, below the gland's HU
-    assert operated.hu[bed].mean() < whole.hu[bed].mean() - 25
+    # its bed fills with fat, well below the gland's HU
+    # (median: at this small matrix the kernel blurs much of the bed with its neighbours)
+    assert np.median(operated.hu[bed]) < min(-45.0, np.median(whole.hu[bed]) - 25)
 
 
 def test_abdomen_tumours_lie_inside_the_liver_with_instances() -> None:
