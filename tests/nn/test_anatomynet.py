@@ -77,9 +77,10 @@ def test_each_organ_keeps_its_largest_component_and_no_voxel_has_two_organs() ->
     assert postprocess(np.zeros((2, 4, 4), dtype=np.uint8)).max() == 0
 
 
-def _toy_segmenter() -> HeadNeckSegmenter:
+def _toy_segmenter(side_channel: bool = False) -> HeadNeckSegmenter:
     torch.manual_seed(0)
-    return HeadNeckSegmenter(AnatomyNet(10, 4), AnatomyNet(10, 4), torch.device("cpu"),
+    return HeadNeckSegmenter(AnatomyNet(10, 4), AnatomyNet(10, 4, side_channel=side_channel),
+                             torch.device("cpu"),
                              roi_coarse=(8, 16, 16), roi_fine=(8, 32, 32))
 
 
@@ -129,8 +130,7 @@ def test_a_mirrored_reading_swaps_each_pair_and_undoes_itself() -> None:
 
 def test_stage_two_averages_its_reading_with_the_mirrored_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    seg = _toy_segmenter()
-    seg.fine_net = AnatomyNet(10, 4, side_channel=True)
+    seg = _toy_segmenter(side_channel=True)
     hu = np.full((24, 64, 64), -1000, dtype=np.int16)
     hu[:, 16:48, 16:48] = 40
     fine_inputs: list[torch.Tensor] = []
