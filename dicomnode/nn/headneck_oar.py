@@ -98,6 +98,9 @@ class HeadNeckOptions(Options):
     focal_weight: float = field(default=0.5, metadata={
         "help": "Weight of the focal term beside soft Dice (AnatomyNet: 0.5)."})
     focal_gamma: float = field(default=2.0, metadata={"help": "Focal exponent (AnatomyNet: 2)."})
+    absent_voxels: float = field(default=0.0, metadata={
+        "help": "Stage 2: an organ annotated in a case but absent from a patch costs "
+                "P / (P + this), P its probability mass in voxels (0: off)."})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field whose value is wrong."""
@@ -118,6 +121,9 @@ class HeadNeckOptions(Options):
         if self.focal_weight < 0 or self.focal_gamma < 0:
             raise ValueError(f"Invalid 'focal_weight' value '{self.focal_weight}' - focal "
                              "weight and gamma must be >= 0")
+        if self.absent_voxels < 0:
+            raise ValueError(f"Invalid 'absent_voxels' value '{self.absent_voxels}' - must "
+                             "be >= 0")
 
 
 @dataclass
@@ -484,7 +490,8 @@ class HeadNeckRecipe(ModelRecipe):
     def loss(self, stage: Stage, options: Options) -> nn.Module:
         """Soft Dice + focal, unannotated organs merged into background."""
         assert isinstance(options, HeadNeckOptions)
-        return DiceFocalLoss(options.focal_weight, options.focal_gamma)
+        return DiceFocalLoss(options.focal_weight, options.focal_gamma,
+                             absent_voxels=options.absent_voxels if stage.name == "fine" else 0)
 
     def segmenter(self, nets: Mapping[str, nn.Module], config: Mapping[str, Any],
                   device: torch.device, **overrides: Any) -> HeadNeckSegmenter:

@@ -107,9 +107,13 @@ class DiceFocalLoss(nn.Module):
     """AnatomyNet's loss: soft Dice over the organs plus ``focal_weight`` times focal loss.
 
     Dice is computed per class over the whole batch and averaged over the organs that
-    appear in the batch's annotation: an organ no patch holds has no overlap to score
-    (its false positives are the focal term's to punish), and a constant 1 per absent
-    organ would only hide how well the others are learned. The focal term
+    appear in the batch's annotation: an organ no patch holds has no overlap to score,
+    and a constant 1 per absent organ would only hide how well the others are learned.
+    With ``absent_voxels`` > 0, an organ annotated in a sample but absent from its patch
+    (a resected gland's bed, say) adds ``P / (P + absent_voxels)``, ``P`` the organ's
+    probability mass in the patch, summed over such organs and averaged over the
+    samples: a false organ the size of a small one costs as much as a missed organ,
+    where the focal term alone (averaged over every voxel) hardly weighs it. The focal term
     ``-(1 - p_t)^gamma log p_t`` is averaged over voxels. Both use
     :func:`marginal_probabilities`, so an organ missing from a case's annotation is
     neither rewarded nor punished there.
@@ -122,16 +126,23 @@ class DiceFocalLoss(nn.Module):
         Focal exponent (the paper: 2).
     eps : float
         Dice smoothing in voxels.
+    absent_voxels : float
+        Probability mass (in voxels) at which an annotated organ missing from a patch
+        costs 0.5; 0 leaves such organs to the focal term.
     """
 
-    def __init__(self, focal_weight: float = 0.5, gamma: float = 2.0, eps: float = 1.0) -> None:
+    def __init__(self, focal_weight: float = 0.5, gamma: float = 2.0, eps: float = 1.0,
+                 absent_voxels: float = 0.0) -> None:
         super().__init__()
         if focal_weight < 0 or gamma < 0:
             raise ValueError(f"Invalid 'focal_weight'/'gamma' values '{focal_weight}', "
                              f"'{gamma}' - must be >= 0")
+        if absent_voxels < 0:
+            raise ValueError(f"Invalid 'absent_voxels' value '{absent_voxels}' - must be >= 0")
         self.focal_weight = focal_weight
         self.gamma = gamma
         self.eps = eps
+        self.absent_voxels = absent_voxels
 
     def forward(self, logits: torch.Tensor,
                 target: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -147,12 +158,18 @@ class DiceFocalLoss(nn.Module):
         num_classes = logits.shape[1]
         probs = marginal_probabilities(logits, present)
         onehot = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
-        dims = (0, *range(2, logits.ndim))
-        inter = (probs * onehot).sum(dims)
-        truth = onehot.sum(dims)
-        dice = (2 * inter + self.eps) / (probs.sum(dims) + truth + self.eps)  # [C]
+        voxels = tuple(range(2, logits.ndim))
+        mass, truth_each = probs.sum(voxels), onehot.sum(voxels)     # [B, C] each
+        inter = (probs * onehot).sum((0, *voxels))
+        truth = truth_each.sum(0)
+        dice = (2 * inter + self.eps) / (mass.sum(0) + truth + self.eps)  # [C]
         organs = (truth[1:] > 0).float()
         dice_loss = ((1 - dice[1:]) * organs).sum() / organs.sum().clamp_min(1)
         p_true = (probs * onehot).sum(1).clamp_min(1e-6)
         focal = (-(1 - p_true) ** self.gamma * torch.log(p_true)).mean()
-        return dice_loss + self.focal_weight * focal
+        loss = dice_loss + self.focal_weight * focal
+        if self.absent_voxels > 0:
+            empty = present[:, 1:] & (truth_each[:, 1:] == 0)
+            cost = mass[:, 1:] / (mass[:, 1:] + self.absent_voxels) * empty
+            loss = loss + cost.sum() / logits.shape[0]
+        return loss

@@ -53,3 +53,30 @@ def test_an_unannotated_organ_is_neither_taught_nor_punished() -> None:
     assert float(probs[:, 2].max()) == 0.0
     with pytest.raises(ValueError, match="'focal_weight'"):
         DiceFocalLoss(focal_weight=-1)
+
+
+def test_an_annotated_organ_predicted_where_the_patch_has_none_costs_with_absent_voxels() -> None:
+    """A resected gland's bed: the organ is annotated (as absent), the patch holds none of
+    it, and a network that paints it there pays a Dice-sized price, not a per-voxel one."""
+    from dicomnode.nn.losses import DiceFocalLoss
+
+    target = torch.zeros(2, 4, 8, 8, dtype=torch.long)
+    target[0, 1:3, 2:5, 2:5] = 1
+    target[1, 1:3, 2:5, 2:5] = 1
+    logits = _logits_for(target, 3)
+    present = torch.tensor([[True, True, True], [True, True, True]])
+    clean = DiceFocalLoss(absent_voxels=10.0)
+    assert float(clean(logits, (target, present))) == pytest.approx(0, abs=2e-3)
+    # class 2 painted over 18 voxels of sample 1, where it is annotated and absent
+    painted = logits.clone()
+    painted[1, 2, 1:3, 5:8, 5:8] = 40.0
+    without = float(DiceFocalLoss()(painted, (target, present)))
+    with_term = float(DiceFocalLoss(absent_voxels=10.0)(painted, (target, present)))
+    # 18 voxels of mass against 10: 18 / 28 for sample 1, averaged over the two samples
+    assert with_term - without == pytest.approx(18 / 28 / 2, abs=0.01)
+    # where class 2 is not annotated, the same paint costs nothing more
+    unannotated = torch.tensor([[True, True, True], [True, True, False]])
+    assert float(DiceFocalLoss(absent_voxels=10.0)(painted, (target, unannotated))) == \
+        pytest.approx(float(DiceFocalLoss()(painted, (target, unannotated))), abs=1e-6)
+    with pytest.raises(ValueError, match="'absent_voxels'"):
+        DiceFocalLoss(absent_voxels=-1)
