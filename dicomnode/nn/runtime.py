@@ -326,12 +326,14 @@ def resample_to_spacing(volume: torch.Tensor | np.ndarray, spacing: Sequence[flo
 
 @dataclass
 class Segmentation:
-    """A segmenter's output: uint8 labels on the input grid, seconds per step, and the
-    box stage 2 read (None when stage 1 found nothing)."""
+    """A segmenter's output: uint8 labels on the input grid, seconds per step, the box
+    stage 2 read (None when stage 1 found nothing) and, from segmenters that keep
+    probabilities, each label's mean probability over the voxels it was given."""
 
     labels: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     box: tuple[slice, slice, slice] | None = None
+    confidence: dict[int, float] = field(default_factory=dict)
 
 
 def box_on_input(mask: np.ndarray, shape: Sequence[int], spacing: Sequence[float],

@@ -180,3 +180,17 @@ def test_the_organs_box_keeps_every_sizeable_group_and_drops_strays() -> None:
     assert box[0] == slice(5 - margin[0], 35 + margin[0])
     assert box[1] == slice(10 - margin[1], 42 + margin[1])
     assert box[2] == slice(15 - margin[2], 45 + margin[2])
+
+
+def test_each_organs_confidence_is_its_mean_probability_over_its_voxels() -> None:
+    from dicomnode.nn.anatomynet import organ_confidence
+
+    probs = torch.zeros(10, 2, 4, 4)
+    probs[0] = 1.0
+    labels = np.zeros((2, 4, 4), dtype=np.uint8)
+    labels[0, :2, :2] = 6
+    probs[6, 0, :2, :2] = torch.tensor([[0.9, 0.7], [0.5, 0.9]])
+    labels[1, 3, 3] = 3
+    probs[3, 1, 3, 3] = 0.95
+    assert organ_confidence(probs, labels) == pytest.approx({6: 0.75, 3: 0.95})
+    assert organ_confidence(probs, np.zeros_like(labels)) == {}

@@ -68,6 +68,8 @@ def test_a_planning_phantom_gives_the_nine_organs_on_their_sides(
     assert result.measurements["absent"] == []
     volumes = result.measurements["volumes_ml"]
     assert volumes["Bone_Mandible"] > 30 and volumes["OpticChiasm"] < 2
+    confidence = result.measurements["confidence"]
+    assert set(confidence) == set(volumes) and 0.5 < min(confidence.values()) <= 1
     truth = phantom.labels  # type: ignore[attr-defined]
     for value in (1, 3, 6, 7):
         found, true = result.label_map == value, truth == value
@@ -116,6 +118,30 @@ def test_a_resected_parotid_is_left_out_and_named(pipeline: HeadNeckOarPipeline)
     assert "Parotid_L" not in result.structures.values()
     assert not (result.label_map == 6).any()
     assert {"BrainStem", "Bone_Mandible", "Parotid_R"} <= set(result.structures.values())
+
+
+def test_a_gland_read_with_little_confidence_is_left_out_and_named(
+        pipeline: HeadNeckOarPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fat of a resected gland's bed can pass for gland in places; read with less
+    confidence than MIN_CONFIDENCE, the gland is named absent and its voxels dropped."""
+    from dicomnode.nn.runtime import Segmentation
+    from dicomnode.pipelines import headneck_oar
+
+    monkeypatch.setattr(headneck_oar, "MIN_CONFIDENCE", {"Parotid_L": 0.8, "Parotid_R": 0.8})
+    labels = np.zeros((40, 64, 64), dtype=np.uint8)
+    labels[10:30, 40:60, 20:44] = 3                     # mandible, 24 ml at 2.5 x 1 x 1
+    labels[10:20, 5:20, 5:20] = 7                       # Parotid_R, 5.6 ml
+    labels[10:20, 5:20, 45:60] = 6                      # Parotid_L, 5.6 ml, unsure
+    sure = 0.9
+    segmentation = Segmentation(labels, {}, None, {3: 0.95, 7: sure, 6: 0.7})
+    result = pipeline.report(segmentation, StandInVolume(labels.astype(np.int16),
+                                                         (2.5, 1.0, 1.0)), {}, {})
+    assert result.ok, result.reason
+    assert "Parotid_L" in result.measurements["absent"]
+    assert "Parotid_R" not in result.measurements["absent"]
+    assert not (result.label_map == 6).any() and (result.label_map == 7).sum() == 2250
+    assert result.measurements["confidence"]["Parotid_R"] == pytest.approx(sure)
+    assert "Parotid_L" in result.reason
 
 
 def test_organs_above_the_field_of_view_are_left_out_and_named(
