@@ -526,10 +526,10 @@ class OrganProbabilities:
 def organ_confidence(probs: torch.Tensor, labels: np.ndarray) -> dict[int, float]:
     """Each organ's mean probability over the voxels it was given.
 
-    A gland the network is sure of reads about 0.9 (its rim, where the probability
-    falls to one half, pulls the mean down); tissue that only looks like it in places,
-    such as the fat in a resected gland's bed, reads lower. The pipeline leaves such
-    an organ out rather than draw it.
+    An organ the network is sure of reads about 0.9 (its rim, where the probability
+    falls to one half, pulls the mean down); tissue that looks like it only in places
+    can read lower, and the pipeline leaves an organ under its ``MIN_CONFIDENCE`` out
+    rather than draw it.
 
     Parameters
     ----------
