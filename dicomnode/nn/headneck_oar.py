@@ -101,6 +101,10 @@ class HeadNeckOptions(Options):
     absent_voxels: float = field(default=0.0, metadata={
         "help": "Stage 2: an organ annotated in a case but absent from a patch costs "
                 "P / (P + this), P its probability mass in voxels (0: off)."})
+    absent_scope: str = field(default="patch", metadata={
+        "help": "Which organs --absent-voxels charges: 'patch' (any annotated organ "
+                "missing from the patch) or 'case' (only one missing from the whole "
+                "case, a resected gland)."})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field whose value is wrong."""
@@ -124,6 +128,9 @@ class HeadNeckOptions(Options):
         if self.absent_voxels < 0:
             raise ValueError(f"Invalid 'absent_voxels' value '{self.absent_voxels}' - must "
                              "be >= 0")
+        if self.absent_scope not in ("patch", "case"):
+            raise ValueError(f"Invalid 'absent_scope' value '{self.absent_scope}' - must be "
+                             "'patch' or 'case'")
 
 
 @dataclass
@@ -231,13 +238,14 @@ class _PatchSampler:
         return self.options.gland_weight if value in GLANDS else 1.0
 
     def __call__(self, rng: np.random.Generator
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``([B, C, D, H, W] image, ([B, D, H, W] labels, [B, classes] present))``.
 
         Coarse: one channel, labels 0/1 (organ); fine: the image and the side channel,
-        the nine organs' labels.
+        the nine organs' labels, and with ``absent_scope`` 'case' a third ``[B, classes]``
+        tensor: the organs each case annotates and does not hold (its resected glands).
         """
-        images, labels, present = [], [], []
+        images, labels, present, gone = [], [], [], []
         for _ in range(self.batch_size):
             case = self.cases[int(rng.integers(len(self.cases)))]
             image, target = self._grids(case)
@@ -262,10 +270,15 @@ class _PatchSampler:
                 side = side_map(self.size, FINE_SPACING[2], (image.shape[2] - 1) / 2 - start[2])
                 channels.append(side)
                 present.append(torch.from_numpy(case.present))
+                held = np.array([True] + [bool(len(v)) for v in case.organ_voxels])
+                gone.append(torch.from_numpy(case.present & ~held))
             else:
                 present.append(torch.tensor([True, bool(case.present[1:].any())]))
             images.append(torch.stack(channels))
             labels.append(lab)
+        if self.stage == "fine" and self.options.absent_scope == "case":
+            return torch.stack(images), (torch.stack(labels), torch.stack(present),
+                                         torch.stack(gone))
         return torch.stack(images), (torch.stack(labels), torch.stack(present))
 
 

@@ -113,7 +113,10 @@ class DiceFocalLoss(nn.Module):
     (a resected gland's bed, say) adds ``P / (P + absent_voxels)``, ``P`` the organ's
     probability mass in the patch, summed over such organs and averaged over the
     samples: a false organ the size of a small one costs as much as a missed organ,
-    where the focal term alone (averaged over every voxel) hardly weighs it. The focal term
+    where the focal term alone (averaged over every voxel) hardly weighs it. A target
+    that also carries ``gone`` (organs annotated and absent from the whole case) limits
+    that cost to those organs, so that a patch beside an intact organ is not charged
+    for its rim at the per-voxel rate a bed is. The focal term
     ``-(1 - p_t)^gamma log p_t`` is averaged over voxels. Both use
     :func:`marginal_probabilities`, so an organ missing from a case's annotation is
     neither rewarded nor punished there.
@@ -145,11 +148,14 @@ class DiceFocalLoss(nn.Module):
         self.absent_voxels = absent_voxels
 
     def forward(self, logits: torch.Tensor,
-                target: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Loss of ``logits`` ``[B, C, ...]`` against ``target`` ``[B, ...]`` or
-        ``(target, present)`` with ``present`` ``[B, C]`` (default: all annotated)."""
+                target: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Loss of ``logits`` ``[B, C, ...]`` against ``target`` ``[B, ...]``,
+        ``(target, present)`` or ``(target, present, gone)``, ``present`` and ``gone``
+        ``[B, C]`` (default: all annotated; ``gone``: see the class)."""
+        gone = None
         if isinstance(target, tuple):
-            labels, present = target
+            labels, present, *rest = target
+            gone = rest[0] if rest else None
         else:
             labels = target
             present = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
@@ -170,6 +176,8 @@ class DiceFocalLoss(nn.Module):
         loss = dice_loss + self.focal_weight * focal
         if self.absent_voxels > 0:
             empty = present[:, 1:] & (truth_each[:, 1:] == 0)
+            if gone is not None:
+                empty = empty & gone[:, 1:]
             cost = mass[:, 1:] / (mass[:, 1:] + self.absent_voxels) * empty
             loss = loss + cost.sum() / logits.shape[0]
         return loss

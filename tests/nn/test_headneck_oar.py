@@ -131,6 +131,27 @@ def test_a_resected_glands_empty_bed_is_sampled_where_its_partner_lies_mirrored(
     assert unknown is not None and not any(len(b) for b in unknown.empty_beds)
 
 
+def test_with_absent_scope_case_the_sampler_names_the_organs_a_case_lacks() -> None:
+    recipe = HeadNeckRecipe()
+    case = _toy_case(present=(2, 3, 6, 7))
+    case.labels[8:16, 25:35, 14:20] = 7       # a right parotid; the left one resected
+    fine = next(s for s in recipe.stages if s.name == "fine")
+    sizes = {"fine_slices": 4, "fine_patch": 16, "coarse_slices": 8, "coarse_patch": 16}
+    options = make_options(recipe, {**sizes, "absent_scope": "case"})
+    prepared = recipe.prepare(case, options)
+    assert prepared is not None
+    _, (_, present, gone) = recipe.sampler(fine, [prepared], options, 4)(
+        np.random.default_rng(0))
+    assert gone.shape == present.shape == (4, NUM_CLASSES)
+    assert gone[:, 6].all() and not gone[:, [0, 2, 3, 7]].any()    # held: not gone
+    assert not gone[:, [1, 4, 5, 8, 9]].any()          # not contoured: unknown, not gone
+    _, target = recipe.sampler(fine, [prepared], make_options(recipe, sizes), 4)(
+        np.random.default_rng(0))
+    assert len(target) == 2
+    with pytest.raises(ValueError, match="'absent_scope'"):
+        make_options(recipe, {"absent_scope": "batch"})
+
+
 def test_scores_are_perfect_for_the_truth_and_distances_in_millimetres() -> None:
     case = _toy_case()
     row = score_case(case.labels.copy(), case)

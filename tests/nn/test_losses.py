@@ -80,3 +80,24 @@ def test_an_annotated_organ_predicted_where_the_patch_has_none_costs_with_absent
         pytest.approx(float(DiceFocalLoss()(painted, (target, unannotated))), abs=1e-6)
     with pytest.raises(ValueError, match="'absent_voxels'"):
         DiceFocalLoss(absent_voxels=-1)
+
+
+def test_with_gone_given_only_an_organ_absent_from_the_whole_case_costs_with_absent_voxels(
+        ) -> None:
+    """A patch beside an intact organ is not a resected organ's bed: with ``gone`` the
+    absent-organ cost falls on the organs the case lacks, not on every patch that misses
+    an organ."""
+    from dicomnode.nn.losses import DiceFocalLoss
+
+    target = torch.zeros(2, 4, 8, 8, dtype=torch.long)
+    target[:, 1:3, 2:5, 2:5] = 1
+    logits = _logits_for(target, 3)
+    logits[1, 2, 1:3, 5:8, 5:8] = 40.0          # class 2 painted where sample 1 has none
+    present = torch.ones(2, 3, dtype=torch.bool)
+    loss = DiceFocalLoss(absent_voxels=10.0)
+    patch_scope = float(loss(logits, (target, present)))
+    intact = torch.zeros(2, 3, dtype=torch.bool)                  # class 2 elsewhere
+    resected = torch.tensor([[False, False, False], [False, False, True]])
+    assert float(loss(logits, (target, present, intact))) == \
+        pytest.approx(float(DiceFocalLoss()(logits, (target, present))), abs=1e-6)
+    assert float(loss(logits, (target, present, resected))) == pytest.approx(patch_scope)
