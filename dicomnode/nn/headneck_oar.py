@@ -270,13 +270,14 @@ class _PatchSampler:
                 side = side_map(self.size, FINE_SPACING[2], (image.shape[2] - 1) / 2 - start[2])
                 channels.append(side)
                 present.append(torch.from_numpy(case.present))
-                held = np.array([True] + [bool(len(v)) for v in case.organ_voxels])
-                gone.append(torch.from_numpy(case.present & ~held))
+                if self.options.absent_scope == "case":
+                    held = np.array([True] + [bool(len(v)) for v in case.organ_voxels])
+                    gone.append(torch.from_numpy(case.present & ~held))
             else:
                 present.append(torch.tensor([True, bool(case.present[1:].any())]))
             images.append(torch.stack(channels))
             labels.append(lab)
-        if self.stage == "fine" and self.options.absent_scope == "case":
+        if gone:
             return torch.stack(images), (torch.stack(labels), torch.stack(present),
                                          torch.stack(gone))
         return torch.stack(images), (torch.stack(labels), torch.stack(present))
