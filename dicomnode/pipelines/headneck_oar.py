@@ -47,9 +47,10 @@ MIN_ML: dict[str, float] = {
 #: Lowest mean probability over its voxels (``measurements["confidence"]``) at which an
 #: organ counts as found; below it the organ is left out and named absent. Meant for the
 #: glands that surgery removes, whose bed the shipped weights may read as gland with
-#: less confidence than a gland. Empty for 0.4.1: it reads a resected parotid's bed as
-#: surely as a parotid (0.88-0.89 against 0.88-0.91 on validation phantoms), so no
-#: threshold separates them (see the model card's limitations).
+#: less confidence than a gland. Empty for 0.4.2: it leaves a resected gland's bed under
+#: ``MIN_ML`` by itself, and what little bed it draws (confidence 0.67-0.72 on phantoms)
+#: is no surer than the least sure real parotid's 0.79 by a margin a threshold could rely
+#: on (see the model card).
 MIN_CONFIDENCE: dict[str, float] = {}
 
 
